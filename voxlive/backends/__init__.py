@@ -1,0 +1,1 @@
+"""Compute backends: one runtime each, mirroring each other file for file."""

@@ -1,0 +1,108 @@
+"""Mistral decoder with GQA, delay-conditioned FFN norm and tied LM head, in PyTorch.
+
+Two entry points: ``forward`` runs many positions of one sequence (the prompt prefill, teacher
+forcing), ``step`` runs one position of each of a batch of sequences. In ``step`` every weight
+matrix is read once for the whole batch; only attention, whose cache is per sequence, loops.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from ...config import ModelConfig
+from .cache import RingKVCache
+from .layers import Rope, attend_chunk, rms_norm
+
+
+@dataclass
+class DecoderLayer:
+    attention_norm: torch.Tensor
+    wqkv: torch.Tensor  # [(heads + 2 * kv_heads) * head_dim, dim]: wq | wk | wv fused
+    wo: torch.Tensor
+    ffn_norm: torch.Tensor
+    ada0: torch.Tensor  # ada_rms_norm_t_cond.0 [t_cond_dim, dim]
+    ada2: torch.Tensor  # ada_rms_norm_t_cond.2 [dim, t_cond_dim]
+    w13: torch.Tensor  # [2 * hidden, dim]: gate (w1) | up (w3)
+    w2: torch.Tensor
+
+
+class Decoder:
+    def __init__(self, config: ModelConfig, embedding: torch.Tensor, layers: list[DecoderLayer],
+                 norm: torch.Tensor, device: torch.device):
+        self.c = config.decoder
+        self.embedding = embedding  # [vocab, dim], also the LM head
+        self.layers = layers
+        self.norm = norm
+        self.rope = Rope(self.c.head_dim, self.c.rope_theta, device)
+
+    def new_cache(self, dtype, device) -> RingKVCache:
+        c = self.c
+        return RingKVCache(c.n_layers, c.n_kv_heads, c.sliding_window, c.head_dim, dtype=dtype, device=device)
+
+    def ffn_scales(self, delay_tokens: int) -> torch.Tensor:
+        """Per-layer FFN-norm scale ``1 + W2 gelu(W1 t_cond)`` [n_layers, dim] for a delay (once per stream).
+
+        t_cond is the sinusoidal embedding of the delay in tokens, computed in float32.
+        """
+        half = self.c.dim // 2
+        device = self.embedding.device
+        inv_freq = torch.exp(-math.log(10000.0) * torch.arange(half, dtype=torch.float32, device=device) / half)
+        angle = delay_tokens * inv_freq
+        t_cond = torch.cat((angle.cos(), angle.sin())).to(self.embedding.dtype)
+        return torch.stack([1 + F.linear(F.gelu(F.linear(t_cond, L.ada0)), L.ada2) for L in self.layers])
+
+    def _sizes(self):
+        c = self.c
+        return c.n_heads * c.head_dim, c.n_kv_heads * c.head_dim
+
+    def forward(self, x: torch.Tensor, cache: RingKVCache, scales: torch.Tensor) -> torch.Tensor:
+        """x [n, dim] (audio + token embeddings) at positions cache.length.. -> final hidden [n, dim]."""
+        c = self.c
+        n = x.shape[0]
+        qd, kvd = self._sizes()
+        cos, sin = self.rope.angles(torch.arange(cache.length, cache.length + n, device=x.device))
+        for i, L in enumerate(self.layers):
+            h = rms_norm(x, L.attention_norm, c.norm_eps)
+            q, k, v = F.linear(h, L.wqkv).split((qd, kvd, kvd), dim=-1)
+            q = Rope.apply(q.view(n, c.n_heads, c.head_dim), cos, sin)
+            k = Rope.apply(k.view(n, c.n_kv_heads, c.head_dim), cos, sin)
+            v = v.view(n, c.n_kv_heads, c.head_dim)
+            a = attend_chunk(q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1), cache, i)
+            x = x + F.linear(a, L.wo)
+            x = x + self._ffn(L, rms_norm(x, L.ffn_norm, c.norm_eps) * scales[i])
+        cache.advance(n)
+        return rms_norm(x, self.norm, c.norm_eps)
+
+    def step(self, x: torch.Tensor, caches: list[RingKVCache], scales: torch.Tensor) -> torch.Tensor:
+        """One position for each of B sequences: x [B, dim], scales [B, n_layers, dim] -> hidden [B, dim]."""
+        c = self.c
+        B = x.shape[0]
+        qd, kvd = self._sizes()
+        positions = torch.tensor([cache.length for cache in caches], device=x.device)
+        cos, sin = self.rope.angles(positions)
+        for i, L in enumerate(self.layers):
+            h = rms_norm(x, L.attention_norm, c.norm_eps)
+            q, k, v = F.linear(h, L.wqkv).split((qd, kvd, kvd), dim=-1)
+            q = Rope.apply(q.view(B, c.n_heads, c.head_dim), cos, sin)
+            k = Rope.apply(k.view(B, c.n_kv_heads, c.head_dim), cos, sin)
+            v = v.view(B, c.n_kv_heads, c.head_dim)
+            a = torch.cat([
+                attend_chunk(q[b, :, None], k[b, :, None], v[b, :, None], cache, i)
+                for b, cache in enumerate(caches)
+            ])
+            x = x + F.linear(a, L.wo)
+            x = x + self._ffn(L, rms_norm(x, L.ffn_norm, c.norm_eps) * scales[:, i])
+        for cache in caches:
+            cache.advance(1)
+        return rms_norm(x, self.norm, c.norm_eps)
+
+    def _ffn(self, L: DecoderLayer, h: torch.Tensor) -> torch.Tensor:
+        gate, up = F.linear(h, L.w13).split(self.c.hidden_dim, dim=-1)
+        return F.linear(F.silu(gate) * up, L.w2)
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return F.linear(hidden, self.embedding)

@@ -1,0 +1,95 @@
+"""Causal audio encoder (conv stem + transformer with a sliding window) and the adapter, in PyTorch.
+
+The encoder runs on as many frames at once as have arrived: a chunk of frames is a batch of GEMMs,
+compute-bound, instead of one weight-bandwidth-bound pass per 80 ms.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from ...config import ModelConfig
+from .cache import RingKVCache
+from .layers import Rope, attend_chunk, rms_norm
+
+
+@dataclass
+class EncoderLayer:
+    attention_norm: torch.Tensor
+    wqkv: torch.Tensor  # [3 * heads * head_dim, dim]: wq | wk | wv fused, one GEMM
+    bqkv: torch.Tensor  # biases of wq and wv, zeros for wk (which has none)
+    wo: torch.Tensor
+    bo: torch.Tensor
+    ffn_norm: torch.Tensor
+    w13: torch.Tensor  # [2 * hidden, dim]: gate (w1) | up (w3)
+    w2: torch.Tensor
+    b2: torch.Tensor
+
+
+@dataclass
+class ConvState:
+    """The causal convolutions' left context: last 2 mel frames and last conv1 output."""
+
+    mel_tail: torch.Tensor  # [n_mels, 2]
+    conv1_tail: torch.Tensor  # [dim, 1]
+
+
+class Encoder:
+    def __init__(self, config: ModelConfig, conv: list[tuple[torch.Tensor, torch.Tensor]],
+                 layers: list[EncoderLayer], norm: torch.Tensor, device: torch.device):
+        self.c = config.encoder
+        self.conv = conv
+        self.layers = layers
+        self.norm = norm
+        self.rope = Rope(self.c.head_dim, self.c.rope_theta, device)
+
+    def new_conv_state(self, dtype, device) -> ConvState:
+        # Zeros: the causal convolutions are left-padded with zeros at the start of a stream.
+        return ConvState(torch.zeros(self.c.n_mels, 2, dtype=dtype, device=device),
+                         torch.zeros(self.c.dim, 1, dtype=dtype, device=device))
+
+    def new_cache(self, dtype, device) -> RingKVCache:
+        c = self.c
+        return RingKVCache(c.n_layers, c.n_heads, c.sliding_window, c.head_dim, dtype=dtype, device=device)
+
+    def stem(self, mel: torch.Tensor, state: ConvState) -> torch.Tensor:
+        """mel [n_mels, 2k] -> [k, dim]: conv1 (k3, s1) + GELU, conv2 (k3, s2) + GELU, causal."""
+        (w1, b1), (w2, b2) = self.conv
+        x = torch.cat((state.mel_tail, mel), dim=1)
+        state.mel_tail = x[:, -2:].clone()
+        x = F.gelu(F.conv1d(x[None], w1, b1))[0]
+        x = torch.cat((state.conv1_tail, x), dim=1)
+        state.conv1_tail = x[:, -1:].clone()
+        x = F.gelu(F.conv1d(x[None], w2, b2, stride=2))[0]
+        return x.transpose(0, 1)
+
+    def transformer(self, x: torch.Tensor, cache: RingKVCache) -> torch.Tensor:
+        """x [n, dim] at positions cache.length.. -> [n, dim], through every block and the final norm."""
+        c = self.c
+        n = x.shape[0]
+        cos, sin = self.rope.angles(torch.arange(cache.length, cache.length + n, device=x.device))
+        for i, L in enumerate(self.layers):
+            h = rms_norm(x, L.attention_norm, c.norm_eps)
+            q, k, v = F.linear(h, L.wqkv, L.bqkv).view(n, 3, c.n_heads, c.head_dim).unbind(1)
+            q, k = Rope.apply(q, cos, sin), Rope.apply(k, cos, sin)
+            a = attend_chunk(q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1), cache, i)
+            x = x + F.linear(a, L.wo, L.bo)
+            h = rms_norm(x, L.ffn_norm, c.norm_eps)
+            gate, up = F.linear(h, L.w13).split(c.hidden_dim, dim=-1)
+            x = x + F.linear(F.silu(gate) * up, L.w2, L.b2)
+        cache.advance(n)
+        return rms_norm(x, self.norm, c.norm_eps)
+
+
+class Adapter:
+    """Groups of ``downsample_factor`` encoder frames -> one decoder embedding (Linear, GELU, Linear)."""
+
+    def __init__(self, w0: torch.Tensor, w2: torch.Tensor, downsample_factor: int):
+        self.w0, self.w2, self.factor = w0, w2, downsample_factor
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.reshape(x.shape[0] // self.factor, -1)
+        return F.linear(F.gelu(F.linear(x, self.w0)), self.w2)

@@ -1,0 +1,70 @@
+"""Tensor maths shared by the encoder and the decoder: RMSNorm, interleaved RoPE, windowed attention."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .cache import RingKVCache
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """RMSNorm computed in float32 (as the reference does), scaled in the activation dtype."""
+    xf = x.float()
+    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * xf.to(x.dtype)
+
+
+class Rope:
+    """Interleaved ("GPT-J", traditional) rotary embedding on the raw Mistral q/k weights.
+
+    Pairs (x[2i], x[2i+1]) of each head are rotated by angle ``pos * theta ** (-2i / head_dim)``.
+    Angles are computed in float32 from absolute positions, so a stream hours long keeps exact
+    positions.
+    """
+
+    def __init__(self, head_dim: int, theta: float, device: torch.device):
+        self.inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32, device=device) / head_dim))
+
+    def angles(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin of shape [n, 1, head_dim/2] for positions [n] (broadcast over heads)."""
+        freqs = positions.to(torch.float32)[:, None] * self.inv_freq[None, :]
+        return freqs.cos()[:, None, :], freqs.sin()[:, None, :]
+
+    @staticmethod
+    def apply(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """x [n, heads, head_dim] -> rotated, same dtype."""
+        pairs = x.float().unflatten(-1, (-1, 2))
+        a, b = pairs[..., 0], pairs[..., 1]
+        return torch.stack((a * cos - b * sin, a * sin + b * cos), dim=-1).flatten(-2).to(x.dtype)
+
+
+def attend_chunk(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: RingKVCache, layer: int) -> torch.Tensor:
+    """Causal sliding-window attention of n new positions of ONE sequence over its cache and themselves.
+
+    q [heads, n, d], k/v [kv_heads, n, d] for positions cache.length .. +n. Position i attends to
+    positions j with i - window < j <= i. Writes k/v into the cache; returns [n, heads * d].
+    """
+    n, window = q.shape[1], cache.window
+    start = cache.length
+    device = q.device
+    if n == 1:
+        cache.write(layer, k, v)
+        m = min(start + 1, window)
+        out = F.scaled_dot_product_attention(
+            q[None], cache.k[layer, :, :m][None], cache.v[layer, :, :m][None], enable_gqa=True
+        )
+        return out[0].transpose(0, 1).reshape(n, -1)
+    qpos = torch.arange(start, start + n, device=device)
+    old = cache.valid_slots()
+    if old:
+        kpos = torch.cat((cache.slot_positions(device), qpos))
+        keys = torch.cat((cache.k[layer, :, :old], k), dim=1)
+        values = torch.cat((cache.v[layer, :, :old], v), dim=1)
+    else:
+        kpos, keys, values = qpos, k, v
+    delta = qpos[:, None] - kpos[None, :]
+    mask = (delta >= 0) & (delta < window)
+    out = F.scaled_dot_product_attention(q[None], keys[None], values[None], attn_mask=mask, enable_gqa=True)
+    cache.write(layer, k, v)
+    return out[0].transpose(0, 1).reshape(n, -1)

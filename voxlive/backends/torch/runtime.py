@@ -1,0 +1,241 @@
+"""The PyTorch runtime: owns the weights, creates per-stream state, encodes audio, runs decode steps.
+
+This is the whole contract a backend offers to the backend-neutral streaming logic
+(``voxlive.session``): ``new_state``, ``encode``, ``add_embeddings``, ``take_embeddings``,
+``prefill``, ``decode`` (batched) and ``logits``. Token ids in and out are plain ints; audio in is
+numpy log-mel frames.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from ...checkpoint import Checkpoint, CheckpointError
+from ...config import ModelConfig
+from .cache import RingKVCache
+from .decoder import Decoder, DecoderLayer
+from .encoder import Adapter, ConvState, Encoder, EncoderLayer
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def pick_device(device: str | None) -> torch.device:
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {device!r} requested but CUDA is not available")
+    if dev.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"device {device!r} requested but MPS is not available")
+    return dev
+
+
+def pick_dtype(dtype: str | None, device: torch.device) -> torch.dtype:
+    if dtype is None:
+        return torch.float16 if device.type == "mps" else torch.bfloat16
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+    return DTYPES[dtype]
+
+
+@dataclass
+class TorchState:
+    """Everything one stream keeps between calls; drop it and the stream is gone."""
+
+    conv: ConvState
+    encoder_cache: RingKVCache
+    decoder_cache: RingKVCache
+    ffn_scales: torch.Tensor  # [n_layers, dim], from the stream's delay
+    pending: list[torch.Tensor] = field(default_factory=list)  # audio embeddings not yet decoded
+
+    @property
+    def position(self) -> int:
+        return self.decoder_cache.length
+
+
+class _Weights:
+    """Reads native tensors into preallocated buffers of the target dtype and device, one at a time."""
+
+    _FILE_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
+
+    def __init__(self, ckpt: Checkpoint, dtype: torch.dtype, device: torch.device):
+        self.file, self.dtype, self.device = ckpt.weights, dtype, device
+
+    def _fill(self, out: torch.Tensor, name: str) -> None:
+        info = self.file.tensors[name]
+        src_dtype = self._FILE_DTYPES[info.dtype]
+        if out.device.type == "cpu" and src_dtype == out.dtype and out.is_contiguous():
+            # Straight from the file into the final buffer: no intermediate copy.
+            self.file.read_into(name, out.view(torch.uint8).numpy() if out.dtype != torch.float32 else out.numpy())
+            return
+        raw = torch.from_numpy(self.file.read(name))
+        if info.dtype == "BF16":
+            raw = raw.view(torch.bfloat16)
+        out.copy_(raw.view(out.shape))
+
+    def get(self, name: str) -> torch.Tensor:
+        shape = self.file.tensors[name].shape
+        out = torch.empty(shape, dtype=self.dtype, device=self.device)
+        self._fill(out, name)
+        return out
+
+    def fused(self, names: list[str | tuple[int, ...]]) -> torch.Tensor:
+        """Concatenation along dim 0 of several tensors, filled in place; a shape means zeros."""
+        shapes = [n if isinstance(n, tuple) else self.file.tensors[n].shape for n in names]
+        out = torch.empty((sum(s[0] for s in shapes), *shapes[0][1:]), dtype=self.dtype, device=self.device)
+        row = 0
+        for name, shape in zip(names, shapes):
+            part = out[row:row + shape[0]]
+            if isinstance(name, tuple):
+                part.zero_()
+            else:
+                self._fill(part, name)
+            row += shape[0]
+        return out
+
+
+class TorchRuntime:
+    backend = "torch"
+
+    def __init__(self, ckpt: Checkpoint, *, device: str | None = None, dtype: str | None = None):
+        self.config: ModelConfig = ckpt.config
+        self.device = pick_device(device)
+        self.dtype = pick_dtype(dtype, self.device)
+        c = self.config
+        w = _Weights(ckpt, self.dtype, self.device)
+        p = "mm_streams_embeddings.embedding_module."
+        e = p + "whisper_encoder."
+        try:
+            with torch.inference_mode():
+                conv = [(w.get(f"{e}conv_layers.{i}.conv.weight"), w.get(f"{e}conv_layers.{i}.conv.bias"))
+                        for i in range(2)]
+                enc_layers = []
+                for i in range(c.encoder.n_layers):
+                    L = f"{e}transformer.layers.{i}."
+                    a = L + "attention."
+                    enc_layers.append(EncoderLayer(
+                        attention_norm=w.get(L + "attention_norm.weight"),
+                        wqkv=w.fused([a + "wq.weight", a + "wk.weight", a + "wv.weight"]),
+                        bqkv=w.fused([a + "wq.bias", (c.encoder.n_heads * c.encoder.head_dim,), a + "wv.bias"]),
+                        wo=w.get(a + "wo.weight"),
+                        bo=w.get(a + "wo.bias"),
+                        ffn_norm=w.get(L + "ffn_norm.weight"),
+                        w13=w.fused([L + "feed_forward.w1.weight", L + "feed_forward.w3.weight"]),
+                        w2=w.get(L + "feed_forward.w2.weight"),
+                        b2=w.get(L + "feed_forward.w2.bias"),
+                    ))
+                self.encoder = Encoder(c, conv, enc_layers, w.get(e + "transformer.norm.weight"), self.device)
+                self.adapter = Adapter(w.get(p + "audio_language_projection.0.weight"),
+                                       w.get(p + "audio_language_projection.2.weight"), c.downsample_factor)
+                dec_layers = []
+                for i in range(c.decoder.n_layers):
+                    L = f"layers.{i}."
+                    a = L + "attention."
+                    dec_layers.append(DecoderLayer(
+                        attention_norm=w.get(L + "attention_norm.weight"),
+                        wqkv=w.fused([a + "wq.weight", a + "wk.weight", a + "wv.weight"]),
+                        wo=w.get(a + "wo.weight"),
+                        ffn_norm=w.get(L + "ffn_norm.weight"),
+                        ada0=w.get(L + "ada_rms_norm_t_cond.0.weight"),
+                        ada2=w.get(L + "ada_rms_norm_t_cond.2.weight"),
+                        w13=w.fused([L + "feed_forward.w1.weight", L + "feed_forward.w3.weight"]),
+                        w2=w.get(L + "feed_forward.w2.weight"),
+                    ))
+                self.decoder = Decoder(c, w.get(p + "tok_embeddings.weight"), dec_layers, w.get("norm.weight"),
+                                       self.device)
+        except OSError as err:
+            raise CheckpointError(f"{ckpt.weights.path}: read error: {err}") from err
+        # Encode at most about one encoder window of frames at a time: bounded attention memory
+        # on long files, and still large GEMMs.
+        self.encode_block_tokens = max(1, c.encoder.sliding_window // (2 * c.downsample_factor))
+
+    # -- per-stream state -------------------------------------------------------------------------
+
+    @torch.inference_mode()
+    def new_state(self, delay_tokens: int) -> TorchState:
+        return TorchState(
+            conv=self.encoder.new_conv_state(self.dtype, self.device),
+            encoder_cache=self.encoder.new_cache(self.dtype, self.device),
+            decoder_cache=self.decoder.new_cache(self.dtype, self.device),
+            ffn_scales=self.decoder.ffn_scales(delay_tokens),
+        )
+
+    # -- audio ------------------------------------------------------------------------------------
+
+    @torch.inference_mode()
+    def encode(self, state: TorchState, mel: np.ndarray) -> int:
+        """Encode whole tokens of log-mel frames [n_mels, k * 8]; queue k audio embeddings. Returns k."""
+        per_token = 2 * self.config.downsample_factor
+        if mel.shape[1] % per_token:
+            raise ValueError(f"encode takes whole tokens of {per_token} mel frames, got {mel.shape[1]}")
+        total = mel.shape[1] // per_token
+        block = self.encode_block_tokens * per_token
+        for start in range(0, mel.shape[1], block):
+            x = torch.from_numpy(np.ascontiguousarray(mel[:, start:start + block])).to(self.device, self.dtype)
+            x = self.encoder.stem(x, state.conv)
+            x = self.encoder.transformer(x, state.encoder_cache)
+            state.pending.append(self.adapter(x))
+        return total
+
+    def add_embeddings(self, state: TorchState, embeds: np.ndarray) -> None:
+        """Queue externally computed audio embeddings [n, dim] (teacher forcing, research)."""
+        state.pending.append(torch.from_numpy(np.asarray(embeds, dtype=np.float32)).to(self.device, self.dtype))
+
+    def take_embeddings(self, state: TorchState) -> np.ndarray:
+        """All queued audio embeddings as float32 numpy [n, dim], removing them from the queue."""
+        out = self._pop(state, sum(t.shape[0] for t in state.pending))
+        return out.float().cpu().numpy()
+
+    def _pop(self, state: TorchState, n: int) -> torch.Tensor:
+        queue = state.pending
+        if sum(t.shape[0] for t in queue) < n:
+            raise RuntimeError("decoding a position whose audio has not been encoded")
+        got, taken = [], 0
+        while taken < n:
+            head = queue[0]
+            need = n - taken
+            if head.shape[0] <= need:
+                got.append(queue.pop(0))
+                taken += head.shape[0]
+            else:
+                got.append(head[:need])
+                queue[0] = head[need:]
+                taken = n
+        return got[0] if len(got) == 1 else torch.cat(got)
+
+    # -- decoder ----------------------------------------------------------------------------------
+
+    def _embed(self, tokens) -> torch.Tensor:
+        return self.decoder.embedding[torch.as_tensor(tokens, device=self.device)]
+
+    @torch.inference_mode()
+    def _forward(self, state: TorchState, tokens: list[int], block: int = 256) -> torch.Tensor:
+        """Final hidden states [n, dim] of n positions: audio embedding + token embedding each."""
+        outs = []
+        for s in range(0, len(tokens), block):
+            chunk = tokens[s:s + block]
+            x = self._pop(state, len(chunk)) + self._embed(chunk)
+            outs.append(self.decoder.forward(x, state.decoder_cache, state.ffn_scales))
+        return torch.cat(outs)
+
+    @torch.inference_mode()
+    def prefill(self, state: TorchState, tokens: list[int]) -> int:
+        """Run the prompt; return the greedy token predicted at its last position."""
+        hidden = self._forward(state, tokens)
+        return int(self.decoder.logits(hidden[-1]).argmax())
+
+    @torch.inference_mode()
+    def logits(self, state: TorchState, tokens: list[int]) -> np.ndarray:
+        """Teacher-forced logits [n, vocab] float32 for n positions."""
+        return self.decoder.logits(self._forward(state, tokens)).float().cpu().numpy()
+
+    @torch.inference_mode()
+    def decode(self, states: list[TorchState], tokens: list[int]) -> list[int]:
+        """One decode step for a batch of streams: each consumes one audio embedding and its last token."""
+        x = torch.cat([self._pop(s, 1) for s in states]) + self._embed(tokens)
+        scales = states[0].ffn_scales[None] if len(states) == 1 else torch.stack([s.ffn_scales for s in states])
+        hidden = self.decoder.step(x, [s.decoder_cache for s in states], scales)
+        return self.decoder.logits(hidden).argmax(-1).tolist()

@@ -1,0 +1,98 @@
+"""``voxlive.load`` and the Model: the public face of a loaded checkpoint on one backend."""
+
+from __future__ import annotations
+
+import os
+from typing import Callable
+
+import numpy as np
+
+from .audio import SAMPLE_RATE, load_audio
+from .checkpoint import open_checkpoint
+from .session import Stream
+from .tokens import Tokenizer
+from .transcript import Transcript
+
+BACKENDS = ("auto", "torch", "mlx")
+QUANTIZE = (None, "int8", "int4", "int6")
+
+
+class Model:
+    def __init__(self, runtime, tokenizer: Tokenizer, source: str):
+        self.runtime = runtime
+        self.tokenizer = tokenizer
+        self.config = runtime.config
+        self.source = source
+
+    @property
+    def backend(self) -> str:
+        return self.runtime.backend
+
+    def stream(self, *, delay_ms: int | None = None) -> Stream:
+        """A live stream: ``feed(pcm)`` float32 16 kHz mono chunks of any size, then ``finish()``."""
+        return Stream(self.runtime, self.tokenizer, self.config, delay_ms=delay_ms)
+
+    def transcribe(self, audio, *, delay_ms: int | None = None, chunk_seconds: float = 30.0,
+                   progress: Callable[[float, float], None] | None = None) -> Transcript:
+        """Transcribe a whole file (path, encoded bytes, or float32 16 kHz mono array).
+
+        This is the streaming algorithm fed ``chunk_seconds`` at a time (the encoder runs on each
+        whole chunk at once), so its tokens are those of any live stream of the same audio.
+        ``progress(done_seconds, total_seconds)`` is called after each chunk.
+        """
+        pcm = load_audio(audio)
+        stream = self.stream(delay_ms=delay_ms)
+        step = max(1, int(chunk_seconds * SAMPLE_RATE))
+        total = len(pcm) / SAMPLE_RATE
+        for start in range(0, len(pcm), step):
+            stream.feed(pcm[start:start + step])
+            if progress:
+                progress(min(start + step, len(pcm)) / SAMPLE_RATE, total)
+        return stream.finish()
+
+    # -- whisper-style low level, for research and verification -------------------------------
+
+    def embed_audio(self, mel: np.ndarray) -> np.ndarray:
+        """Encoder + adapter on log-mel frames [n_mels, frames] -> [frames // 8, dim] float32.
+
+        The frames are taken as the start of a stream (causal convolutions left-padded with zeros,
+        positions from 0); their count must be a whole number of tokens (a multiple of 8, i.e. audio
+        padded to a multiple of 1280 samples).
+        """
+        mel = np.asarray(mel, dtype=np.float32)
+        n_mels = self.config.audio.n_mels
+        if mel.ndim != 2 or mel.shape[0] != n_mels:
+            raise ValueError(f"mel must be [{n_mels}, frames], got shape {mel.shape}")
+        state = self.runtime.new_state(self.config.delay_tokens(None))
+        self.runtime.encode(state, mel)
+        return self.runtime.take_embeddings(state)
+
+    def logits(self, token_ids, audio_embeds: np.ndarray, *, delay_ms: int | None = None) -> np.ndarray:
+        """Teacher-forced logits [n, vocab] float32: position p sees audio_embeds[p] + embed(token_ids[p])."""
+        token_ids = [int(t) for t in token_ids]
+        audio_embeds = np.asarray(audio_embeds, dtype=np.float32)
+        if audio_embeds.ndim != 2 or audio_embeds.shape[1] != self.config.decoder.dim:
+            raise ValueError(f"audio_embeds must be [n, {self.config.decoder.dim}], got {audio_embeds.shape}")
+        if len(token_ids) > audio_embeds.shape[0]:
+            raise ValueError(f"{len(token_ids)} tokens but only {audio_embeds.shape[0]} audio embeddings")
+        state = self.runtime.new_state(self.config.delay_tokens(delay_ms))
+        self.runtime.add_embeddings(state, audio_embeds[:len(token_ids)])
+        return self.runtime.logits(state, token_ids)
+
+
+def load(source: str | os.PathLike | None = None, *, backend: str = "auto", device: str | None = None,
+         dtype: str | None = None, quantize: str | None = None) -> Model:
+    """Load a checkpoint (local directory or Hugging Face repo id; default the official model)."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if quantize not in QUANTIZE:
+        raise ValueError(f"quantize must be one of {QUANTIZE}, got {quantize!r}")
+    if backend == "mlx":
+        raise NotImplementedError("the MLX backend is not implemented yet; use backend='torch'")
+    if quantize is not None:
+        raise NotImplementedError(f"quantize={quantize!r} is not implemented yet; load without quantize")
+    from .backends.torch.runtime import TorchRuntime
+
+    ckpt = open_checkpoint(source)
+    runtime = TorchRuntime(ckpt, device=device, dtype=dtype)
+    return Model(runtime, Tokenizer(ckpt.tokenizer_path), str(ckpt.directory))

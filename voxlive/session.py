@@ -1,0 +1,141 @@
+"""Streaming transcription, backend-neutral: padding, prompt, delay, safe frontier, words.
+
+The stream is the left pad (``n_left_pad_tokens`` x 1280 zero samples), then the audio as it
+arrives, then at ``finish()`` the right pad (up to a whole token, plus ``delay + 1 + 10`` tokens of
+zeros), exactly as the offline reference pads a file. Mel frames are computed on the one
+160-sample grid of that padded signal; a token's 8 frames go to the encoder once all their samples
+(40 past the token's end) are in; decoder position ``p`` runs only once audio token ``p`` is
+encoded. Offline ``transcribe`` is this same algorithm fed in large chunks.
+
+EOS: the token is fed back and decoding continues (as vLLM does), so no audio is dropped after it.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .config import ModelConfig
+from .mel import MelStream
+from .tokens import Tokenizer
+from .transcript import Transcript, Word
+from .words import WordAssembler
+
+RIGHT_PAD_BUFFER_TOKENS = 10  # mistral-common's OFFLINE_STREAMING_BUFFER_TOKENS
+
+
+class Stream:
+    """One live transcription stream. Feed float32 16 kHz mono PCM of any chunk size."""
+
+    def __init__(self, runtime, tokenizer: Tokenizer, config: ModelConfig, *, delay_ms: int | None = None):
+        self.runtime = runtime
+        self.tokenizer = tokenizer
+        self.config = config
+        self.delay_tokens = config.delay_tokens(delay_ms)
+        self.delay_ms = self.delay_tokens * config.audio.ms_per_token
+        a = config.audio
+        self._per_token = a.samples_per_token
+        self._frames_per_token = a.mel_frames_per_token
+        self._mel = MelStream(global_log_mel_max=config.encoder.global_log_mel_max, n_mels=a.n_mels)
+        self._pending_mel = np.zeros((a.n_mels, 0), dtype=np.float32)
+        self.state = runtime.new_state(self.delay_tokens)
+        self.prompt = tokenizer.prompt(a.n_left_pad_tokens, self.delay_tokens)
+        self.encoded = 0  # audio tokens encoded (left pad included)
+        self.decoded = 0  # decoder positions run
+        self.tokens: list[int] = []
+        self.samples = 0  # input samples received
+        self.finished = False
+        self._words = WordAssembler(tokenizer, left_pad=a.n_left_pad_tokens, delay=self.delay_tokens,
+                                    seconds_per_token=a.ms_per_token / 1000)
+        self._new_words: list[Word] = []
+        self._push_samples(np.zeros(a.n_left_pad_tokens * self._per_token, dtype=np.float32))
+
+    # -- audio in ---------------------------------------------------------------------------------
+
+    @property
+    def duration(self) -> float:
+        return self.samples / self.config.audio.sample_rate
+
+    def push(self, pcm) -> None:
+        """Take audio and encode every token whose audio is complete; decode nothing yet."""
+        if self.finished:
+            raise RuntimeError("stream already finished")
+        pcm = np.asarray(pcm)
+        if pcm.ndim != 1:
+            raise ValueError(f"expected 1-D mono PCM, got shape {pcm.shape}")
+        if not np.issubdtype(pcm.dtype, np.floating):
+            raise ValueError(f"expected float PCM in [-1, 1], got dtype {pcm.dtype}")
+        pcm = pcm.astype(np.float32, copy=False)
+        if not np.isfinite(pcm).all():
+            raise ValueError("PCM contains NaN or infinity")
+        self.samples += pcm.shape[0]
+        self._push_samples(pcm)
+
+    def _push_samples(self, pcm: np.ndarray) -> None:
+        self._encode(self._mel.push(pcm))
+
+    def _encode(self, frames: np.ndarray) -> None:
+        mel = np.concatenate((self._pending_mel, frames), axis=1) if self._pending_mel.shape[1] else frames
+        whole = mel.shape[1] - mel.shape[1] % self._frames_per_token
+        if whole:
+            self.encoded += self.runtime.encode(self.state, mel[:, :whole])
+        self._pending_mel = mel[:, whole:]
+
+    # -- decoding ---------------------------------------------------------------------------------
+
+    def ready(self) -> bool:
+        """Whether a decode step can run now (its audio token is encoded)."""
+        return self.decoded >= len(self.prompt) and self.decoded < self.encoded
+
+    def prefill_if_ready(self) -> None:
+        if self.decoded == 0 and self.encoded >= len(self.prompt):
+            token = self.runtime.prefill(self.state, self.prompt)
+            self.decoded = len(self.prompt)
+            self._accept(token, len(self.prompt) - 1)
+
+    def _accept(self, token: int, position: int) -> None:
+        self.tokens.append(token)
+        self._new_words += self._words.push(token, position, self.duration)
+
+    def take_words(self) -> list[Word]:
+        words, self._new_words = self._new_words, []
+        return words
+
+    def feed(self, pcm) -> list[Word]:
+        """Take audio, decode every position it makes ready, return the words completed."""
+        self.push(pcm)
+        decode_ready([self])
+        return self.take_words()
+
+    def finish(self) -> Transcript:
+        """Right-pad, decode to the end, and return the whole stream's transcript."""
+        if not self.finished:
+            pad = -self.samples % self._per_token
+            pad += (self.delay_tokens + 1 + RIGHT_PAD_BUFFER_TOKENS) * self._per_token
+            self._push_samples(np.zeros(pad, dtype=np.float32))
+            self._encode(self._mel.finish())
+            self.finished = True
+            decode_ready([self])
+            self._new_words += self._words.flush(self.duration)
+        return self.transcript()
+
+    def transcript(self) -> Transcript:
+        return Transcript(text=self.tokenizer.decode(self.tokens), words=list(self._words.words),
+                          tokens=list(self.tokens), duration=self.duration, delay_ms=self.delay_ms)
+
+
+def decode_ready(streams: list[Stream]) -> None:
+    """Advance every stream through all positions its audio allows, in batched decode steps.
+
+    Streams join and leave the batch between steps as their audio runs out; each step reads the
+    decoder's weights once for the whole batch.
+    """
+    for s in streams:
+        s.prefill_if_ready()
+    while True:
+        batch = [s for s in streams if s.ready()]
+        if not batch:
+            return
+        tokens = batch[0].runtime.decode([s.state for s in batch], [s.tokens[-1] for s in batch])
+        for s, token in zip(batch, tokens):
+            s.decoded += 1
+            s._accept(token, s.decoded - 1)

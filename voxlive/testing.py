@@ -1,0 +1,175 @@
+"""Random-weight checkpoints in the real native layout, for tests and benchmarks.
+
+The real weights cannot be downloaded everywhere, but the compute of a model does not depend on
+its values: a full-size random checkpoint costs exactly what the real one costs, and a tiny one
+exercises every line of the loading and inference code. The writer streams tensors to disk one
+at a time, so the 8.9 GB full-size file never sits in memory whole.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .checkpoint import expected_native_tensors
+from .config import parse_config
+
+# Names of the special tokens at their ids in the Voxtral Realtime tokenizer. Other slots below
+# 1000 are fillers; the code looks every id up by name, as it must with the real file.
+SPECIAL_TOKENS = {
+    0: "<unk>", 1: "<s>", 2: "</s>", 3: "[INST]", 4: "[/INST]", 10: "[IMG]", 11: "<pad>",
+    12: "[IMG_BREAK]", 13: "[IMG_END]", 24: "[AUDIO]", 25: "[BEGIN_AUDIO]",
+    32: "[STREAMING_PAD]", 33: "[STREAMING_WORD]",
+}
+NUM_SPECIAL = 1000
+
+FULL = {
+    "dim": 3072, "n_layers": 26, "head_dim": 128, "hidden_dim": 9216, "n_heads": 32, "n_kv_heads": 8,
+    "vocab_size": 131072, "sliding_window": 8192,
+    "encoder": {"dim": 1280, "n_layers": 32, "head_dim": 64, "hidden_dim": 5120, "n_heads": 32,
+                "sliding_window": 750},
+}
+# Small enough for a test to run in seconds, with windows small enough that a few seconds of audio
+# overflow both the encoder's and the decoder's sliding windows.
+TINY = {
+    "dim": 96, "n_layers": 2, "head_dim": 24, "hidden_dim": 192, "n_heads": 4, "n_kv_heads": 2,
+    "vocab_size": 2048, "sliding_window": 40,
+    "encoder": {"dim": 64, "n_layers": 2, "head_dim": 16, "hidden_dim": 160, "n_heads": 4,
+                "sliding_window": 24},
+}
+SIZES = {"full": FULL, "tiny": TINY}
+
+
+def make_params(size: str = "tiny", **overrides) -> dict:
+    """params.json for a size preset; ``overrides`` replace decoder keys, ``encoder`` a dict of encoder keys."""
+    if size not in SIZES:
+        raise ValueError(f"size must be one of {sorted(SIZES)}, got {size!r}")
+    s = {**SIZES[size], **{k: v for k, v in overrides.items() if k != "encoder"}}
+    enc = {**SIZES[size]["encoder"], **overrides.get("encoder", {})}
+    return {
+        "dim": s["dim"], "n_layers": s["n_layers"], "head_dim": s["head_dim"], "hidden_dim": s["hidden_dim"],
+        "n_heads": s["n_heads"], "n_kv_heads": s["n_kv_heads"], "use_biases": False, "causal": True,
+        "rope_theta": 1e6, "norm_eps": 1e-5, "vocab_size": s["vocab_size"], "model_parallel": 1,
+        "tied_embeddings": True, "sliding_window": s["sliding_window"], "model_max_length": 131072,
+        "multimodal": {
+            "whisper_model_args": {
+                "encoder_args": {
+                    "audio_encoding_args": {
+                        "sampling_rate": 16000, "frame_rate": 12.5, "num_mel_bins": 128, "hop_length": 160,
+                        "window_size": 400, "chunk_length_s": None, "global_log_mel_max": 1.5,
+                        "transcription_format": "streaming",
+                    },
+                    "dim": enc["dim"], "n_layers": enc["n_layers"], "head_dim": enc["head_dim"],
+                    "hidden_dim": enc["hidden_dim"], "n_heads": enc["n_heads"], "vocab_size": s["vocab_size"],
+                    "n_kv_heads": enc["n_heads"], "use_biases": True, "use_cache": False, "rope_theta": 1e6,
+                    "causal": True, "norm_eps": 1e-5, "pos_embed": "rope", "max_source_positions": None,
+                    "ffn_type": "swiglu", "norm_type": "rms_norm", "sliding_window": enc["sliding_window"],
+                },
+                "downsample_args": {"downsample_factor": 4},
+            },
+        },
+        "ada_rms_norm_t_cond": True,
+        "ada_rms_norm_t_cond_dim": 32,
+    }
+
+
+AUDIO_SECTION = {
+    "sampling_rate": 16000,
+    "frame_rate": 12.5,
+    "audio_encoding_config": {"num_mel_bins": 128, "hop_length": 160, "window_size": 400},
+    "transcription_delay_ms": 480,
+    "streaming_look_ahead_ms": 2.5,
+    "streaming_look_back_ms": 52.5,
+    "streaming_n_left_pad_tokens": 32,
+    "transcription_format": "streaming",
+}
+
+
+def make_tekken(vocab_size: int) -> dict:
+    """tekken.json from the Tekken vocabulary mistral-common ships, with Voxtral's specials and audio."""
+    import mistral_common
+
+    src = Path(mistral_common.__file__).parent / "data" / "tekken_240911.json"
+    with open(src, encoding="utf-8") as f:
+        base = json.load(f)
+    n_vocab = vocab_size - NUM_SPECIAL
+    if not 256 <= n_vocab <= len(base["vocab"]):
+        raise ValueError(f"vocab_size must be in [{NUM_SPECIAL + 256}, {NUM_SPECIAL + len(base['vocab'])}]")
+    specials = [
+        {"rank": i, "token_str": SPECIAL_TOKENS.get(i, f"<SPECIAL_{i}>"), "is_control": True}
+        for i in range(max(SPECIAL_TOKENS) + 1)
+    ]
+    return {
+        "config": {**base["config"], "num_vocab_tokens": n_vocab, "default_vocab_size": vocab_size,
+                   "default_num_special_tokens": NUM_SPECIAL, "version": "v13"},
+        "vocab": base["vocab"][:n_vocab],
+        "special_tokens": specials,
+        "audio": AUDIO_SECTION,
+    }
+
+
+def _init(name: str, shape: tuple[int, ...], g: torch.Generator, adapter_scale: float) -> torch.Tensor:
+    """Values that keep activations O(1) through every layer, so the numbers stay meaningful."""
+    if name.endswith("norm.weight"):
+        return 1.0 + 0.1 * torch.randn(shape, generator=g)
+    if name.endswith(".bias"):
+        return 0.02 * torch.randn(shape, generator=g)
+    if name.endswith("tok_embeddings.weight"):
+        return torch.randn(shape, generator=g)
+    fan_in = int(np.prod(shape[1:]))
+    w = torch.randn(shape, generator=g) / fan_in**0.5
+    if name.endswith("audio_language_projection.2.weight"):
+        w *= adapter_scale
+    return w
+
+
+_SAFE_DTYPES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16"}
+
+
+def write_random_checkpoint(path, size: str = "tiny", seed: int = 0, *, dtype: str = "bfloat16",
+                            adapter_scale: float = 1.0, **overrides) -> Path:
+    """Write params.json, tekken.json and consolidated.safetensors with random weights to ``path``.
+
+    ``adapter_scale`` multiplies the adapter's output layer. With plain random weights the tied
+    embedding dominates greedy decoding, which then repeats one token whatever the audio; a large
+    scale lets the audio decide the tokens, so streaming-vs-offline tests compare something real.
+    ``overrides`` change params.json sizes (see :func:`make_params`).
+    """
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    params = make_params(size, **overrides)
+    tekken = make_tekken(params["vocab_size"])
+    config = parse_config(params, tekken["audio"])
+    torch_dtype = getattr(torch, dtype)
+    shapes = expected_native_tensors(config)
+
+    header, offset = {}, 0
+    itemsize = torch.tensor([], dtype=torch_dtype).element_size()
+    for name, shape in shapes.items():
+        n = int(np.prod(shape)) * itemsize
+        header[name] = {"dtype": _SAFE_DTYPES[torch_dtype], "shape": list(shape), "data_offsets": [offset, offset + n]}
+        offset += n
+    header["__metadata__"] = {"format": "pt", "voxlive_random_seed": str(seed)}
+    blob = json.dumps(header, separators=(",", ":")).encode()
+    blob += b" " * (-len(blob) % 8)
+
+    g = torch.Generator().manual_seed(seed)
+    tmp = path / "consolidated.safetensors.partial"
+    with open(tmp, "wb") as f:
+        f.write(struct.pack("<Q", len(blob)))
+        f.write(blob)
+        for name, shape in shapes.items():
+            t = _init(name, shape, g, adapter_scale).to(torch_dtype)
+            raw = t.view(torch.int16) if torch_dtype != torch.float32 else t
+            f.write(raw.numpy().tobytes())
+    tmp.replace(path / "consolidated.safetensors")
+    with open(path / "params.json", "w", encoding="utf-8") as f:
+        json.dump(params, f, indent=2)
+    with open(path / "tekken.json", "w", encoding="utf-8") as f:
+        json.dump(tekken, f)
+    return path
+

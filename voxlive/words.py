@@ -1,0 +1,72 @@
+"""Generated tokens -> words with timestamps, as soon as each word is complete.
+
+Timing. The decoder emits one token per audio token (80 ms). The token emitted at decoder position
+``p`` (p counts from 0 at BOS, which lines up with the first of the ``left_pad`` silent tokens) has
+heard the audio up to the end of token ``p`` and, by training, speaks about the audio ``delay``
+tokens earlier. So a text token at position ``p`` is placed on the 80 ms frame
+
+    start(p) = (p - left_pad - delay) * 0.08 s,   end(p) = start(p) + 0.08 s
+
+of the input audio, and a word spans from start(first token) to end(last token), clipped to
+[0, audio received]. The resolution is one token (80 ms). How far the model's own alignment
+strays from this has not been measured by this project (no real weights here).
+
+Word boundaries: a ``[STREAMING_WORD]`` token, whitespace at the start of (or inside) a text
+token's bytes, ``</s>``, and the end of the stream. A word is reported when the next boundary
+arrives, never earlier, so a reported word is final.
+"""
+
+from __future__ import annotations
+
+import re
+
+from .tokens import Tokenizer
+from .transcript import Word
+
+_SPACE = re.compile(rb"(\s+)")
+
+
+class WordAssembler:
+    def __init__(self, tokenizer: Tokenizer, *, left_pad: int, delay: int, seconds_per_token: float):
+        self.tok = tokenizer
+        self.offset = left_pad + delay
+        self.step = seconds_per_token
+        self._bytes = b""
+        self._first = self._last = -1
+        self.words: list[Word] = []
+
+    def push(self, token: int, position: int, limit: float) -> list[Word]:
+        """Add the token emitted at ``position``; return words completed by it.
+
+        ``limit`` is the duration of audio received so far: no time is placed after it.
+        """
+        done: list[Word] = []
+        if token in (self.tok.streaming_word, self.tok.eos):
+            self._close(done, limit)
+        elif self.tok.is_text(token):
+            for piece in _SPACE.split(self.tok.token_bytes(token)):
+                if not piece:
+                    continue
+                if piece[:1].isspace():
+                    self._close(done, limit)
+                    continue
+                if not self._bytes:
+                    self._first = position
+                self._bytes += piece
+                self._last = position
+        return done
+
+    def flush(self, limit: float) -> list[Word]:
+        done: list[Word] = []
+        self._close(done, limit)
+        return done
+
+    def _close(self, done: list[Word], limit: float) -> None:
+        if not self._bytes:
+            return
+        start = min(max(0.0, (self._first - self.offset) * self.step), limit)
+        end = min(max(start, (self._last + 1 - self.offset) * self.step), limit)
+        word = Word(self._bytes.decode("utf-8", errors="replace"), round(start, 3), round(end, 3))
+        self._bytes = b""
+        self.words.append(word)
+        done.append(word)
