@@ -1,0 +1,146 @@
+"""Streaming == offline, token for token, for any chunking; the safe frontier; batching; finish."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from voxlive.session import decode_ready
+
+SAMPLES_PER_TOKEN = 1280
+
+
+def _stream_tokens(model, audio, chunks, delay_ms=None):
+    s = model.stream(delay_ms=delay_ms)
+    words = []
+    pos = 0
+    for n in chunks:
+        words += s.feed(audio[pos:pos + n])
+        pos += n
+    words += s.feed(audio[pos:])
+    final = s.finish()
+    words += s.take_words()
+    return final, words
+
+
+def _random_chunks(rng, total):
+    sizes = []
+    while sum(sizes) < total:
+        kind = rng.integers(4)
+        if kind == 0:
+            sizes.append(int(rng.integers(1, 5)))  # tiny
+        elif kind == 1:
+            sizes.append(int(rng.integers(100, 2000)))  # around a token
+        elif kind == 2:
+            sizes.append(int(rng.integers(2000, 20000)))
+        else:
+            sizes.append(int(rng.integers(16000, 48000)))  # seconds
+    return sizes
+
+
+def test_greedy_tokens_depend_on_the_audio(varied_model, speech):
+    # Otherwise streaming == offline below would compare constant sequences and prove nothing.
+    tokens = varied_model.transcribe(speech).tokens
+    assert len(set(tokens)) >= 5
+    silence = varied_model.transcribe(np.zeros_like(speech)).tokens
+    assert sum(a != b for a, b in zip(tokens, silence)) >= len(tokens) // 4
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_streaming_equals_offline_for_random_chunkings(varied_model, speech, seed):
+    delay_ms = [480, 160, 960][seed % 3]
+    offline = varied_model.transcribe(speech, delay_ms=delay_ms)
+    rng = np.random.default_rng(seed)
+    streamed, words = _stream_tokens(varied_model, speech, _random_chunks(rng, len(speech)), delay_ms)
+    assert streamed.tokens == offline.tokens
+    assert streamed.text == offline.text
+    assert streamed.words == offline.words
+    assert words == streamed.words  # events delivered live are exactly the final words
+
+
+def test_one_token_per_audio_token(varied_model, speech):
+    delay = 6
+    t = varied_model.transcribe(speech)
+    n_audio = -(-len(speech) // SAMPLES_PER_TOKEN)
+    total_positions = 32 + n_audio + delay + 1 + 10
+    # positions 38 (last prompt position) .. total-1 each emit one token
+    assert len(t.tokens) == total_positions - (32 + delay)
+
+
+def test_never_decodes_audio_that_has_not_arrived(varied_model, speech):
+    s = varied_model.stream()
+    fed = 0
+    rng = np.random.default_rng(7)
+    while fed < len(speech):
+        n = int(rng.integers(1, 3000))
+        s.feed(speech[fed:fed + n])
+        fed = min(fed + n, len(speech))
+        padded = 32 * SAMPLES_PER_TOKEN + fed
+        # audio token p needs its 8 mel frames, the last of which reaches 40 samples past the token
+        complete = max(0, (padded - 40) // SAMPLES_PER_TOKEN)
+        assert s.encoded == complete
+        assert s.decoded == (complete if complete >= len(s.prompt) else 0)
+        assert len(s.tokens) == max(0, s.decoded - len(s.prompt) + 1)
+
+
+def test_batched_decode_equals_one_by_one(varied_model, speech):
+    audios = [speech, speech[::-1].copy(), 0.5 * speech[: len(speech) // 2]]
+    delays = [480, 240, 480]
+    expected = [varied_model.transcribe(a, delay_ms=d).tokens for a, d in zip(audios, delays)]
+    streams = [varied_model.stream(delay_ms=d) for d in delays]
+    step = 3000
+    for start in range(0, max(map(len, audios)), step):
+        for s, a in zip(streams, audios):
+            if start < len(a):
+                s.push(a[start:start + step])
+        decode_ready(streams)  # several streams share each decode step
+    for s, exp in zip(streams, expected):
+        assert s.finish().tokens == exp
+
+
+def test_finish_is_idempotent_and_feed_after_finish_fails(varied_model, speech):
+    s = varied_model.stream()
+    s.feed(speech[:20000])
+    a = s.finish()
+    b = s.finish()
+    assert a.tokens == b.tokens and a.text == b.text
+    with pytest.raises(RuntimeError, match="already finished"):
+        s.feed(speech[:100])
+
+
+def test_empty_and_tiny_streams(varied_model):
+    s = varied_model.stream()
+    assert s.finish().duration == 0
+    assert len(s.tokens) == 6 + 1 + 10  # the right pad alone still runs its positions
+    s = varied_model.stream()
+    s.feed(np.zeros(1, np.float32))
+    assert s.finish().duration == pytest.approx(1 / 16000)
+
+
+def test_bad_pcm_is_rejected_without_losing_the_stream(varied_model, speech):
+    s = varied_model.stream()
+    s.feed(speech[:16000])
+    before = list(s.tokens)
+    with pytest.raises(ValueError, match="1-D"):
+        s.feed(np.zeros((2, 100), np.float32))
+    with pytest.raises(ValueError, match="float"):
+        s.feed(np.zeros(100, np.int16))
+    with pytest.raises(ValueError, match="NaN"):
+        s.feed(np.array([0.0, np.nan], np.float32))
+    assert s.tokens == before
+    s.feed(speech[16000:])
+    assert s.finish().tokens == varied_model.transcribe(speech).tokens
+
+
+def test_long_audio_memory_is_bounded(varied_model):
+    # Ring caches: the state's buffers do not grow with the audio.
+    s = varied_model.stream()
+    rng = np.random.default_rng(0)
+    s.feed((0.1 * rng.standard_normal(16000 * 5)).astype(np.float32))
+    sizes = (s.state.encoder_cache.k.shape, s.state.decoder_cache.k.shape)
+    s.feed((0.1 * rng.standard_normal(16000 * 20)).astype(np.float32))
+    assert (s.state.encoder_cache.k.shape, s.state.decoder_cache.k.shape) == sizes
+    c = varied_model.config
+    assert sizes[0][2] == c.encoder.sliding_window and sizes[1][2] == c.decoder.sliding_window
+    assert s.decoded > c.decoder.sliding_window and s.state.encoder_cache.length > c.encoder.sliding_window
+    assert sum(t.shape[0] for t in s.state.pending) == 0

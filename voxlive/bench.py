@@ -1,0 +1,200 @@
+"""``voxlive bench``: load time, encoder ms per audio second, decoder ms per step, real-time factor
+and peak RSS; optionally the transformers reference on the same weights in the same run.
+
+Each engine runs in its own subprocess, one after the other, so each peak RSS is its own and two
+full-size models are never in memory at once.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from .audio import SAMPLE_RATE
+
+
+def random_checkpoint_dir(size: str = "full", seed: int = 0) -> Path:
+    """A random-weight checkpoint in the user cache, written on first use."""
+    base = Path(os.environ.get("VOXLIVE_CACHE", Path.home() / ".cache" / "voxlive"))
+    path = base / f"random-{size}-seed{seed}"
+    if not (path / "consolidated.safetensors").is_file():
+        from .testing import write_random_checkpoint
+
+        print(f"writing a {size}-size random checkpoint to {path} (once)...", file=sys.stderr)
+        write_random_checkpoint(path, size=size, seed=seed)
+    return path
+
+
+def bench_audio(seconds: float, seed: int = 0) -> np.ndarray:
+    """Noise shaped like speech loudness; compute per second does not depend on the content."""
+    rng = np.random.default_rng(seed)
+    n = int(seconds * SAMPLE_RATE)
+    envelope = 0.5 + 0.5 * np.sin(2 * np.pi * 3 * np.arange(n) / SAMPLE_RATE)
+    return (0.1 * envelope * rng.standard_normal(n)).astype(np.float32)
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+class _Timed:
+    """Wraps a runtime, accumulating wall time per method (the stream calls it through this)."""
+
+    def __init__(self, runtime, sync):
+        self._rt, self._sync = runtime, sync
+        self.seconds: dict[str, float] = {}
+        self.calls: dict[str, int] = {}
+
+    def __getattr__(self, name):
+        attr = getattr(self._rt, name)
+        if name not in ("encode", "prefill", "decode"):
+            return attr
+
+        def timed(*args, **kwargs):
+            t = time.perf_counter()
+            out = attr(*args, **kwargs)
+            self._sync()
+            self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - t
+            self.calls[name] = self.calls.get(name, 0) + 1
+            return out
+
+        return timed
+
+
+def run_voxlive(model_dir: str, seconds: float, dtype: str | None, device: str | None, chunk_ms: int | None,
+                delay_ms: int | None) -> dict:
+    import torch
+
+    from .model import load
+
+    t = time.perf_counter()
+    model = load(model_dir, device=device, dtype=dtype)
+    load_s = time.perf_counter() - t
+    dev = model.runtime.device
+    sync = (lambda: torch.cuda.synchronize(dev)) if dev.type == "cuda" else (lambda: None)
+    model.runtime = timed = _Timed(model.runtime, sync)
+    audio = bench_audio(seconds)
+    stream = model.stream(delay_ms=delay_ms)
+    step = len(audio) if not chunk_ms else SAMPLE_RATE * chunk_ms // 1000
+    t = time.perf_counter()
+    for start in range(0, len(audio), step):
+        stream.feed(audio[start:start + step])
+    transcript = stream.finish()
+    wall = time.perf_counter() - t
+    padded_seconds = stream.encoded * model.config.audio.ms_per_token / 1000
+    return {
+        "engine": "voxlive", "device": str(dev), "dtype": str(model.runtime.dtype).replace("torch.", ""),
+        "threads": torch.get_num_threads(), "load_s": load_s, "audio_s": seconds,
+        "chunk_ms": chunk_ms, "tokens": len(transcript.tokens),
+        "encoder_ms_per_audio_s": 1000 * timed.seconds.get("encode", 0) / padded_seconds,
+        "prefill_ms": 1000 * timed.seconds.get("prefill", 0),
+        "decode_ms_per_step": 1000 * timed.seconds.get("decode", 0) / max(1, timed.calls.get("decode", 0)),
+        "wall_s": wall, "rtf": wall / seconds, "peak_rss_mb": peak_rss_mb(),
+    }
+
+
+def run_reference(model_dir: str, seconds: float, dtype: str | None, delay_ms: int | None) -> dict:
+    import torch
+
+    from .config import load_config
+    from .reference import load_reference, reference_generate, reference_log_mel
+    from .tokens import Tokenizer
+
+    dtype = dtype or "bfloat16"
+    t = time.perf_counter()
+    ref = load_reference(model_dir, dtype=getattr(torch, dtype))
+    load_s = time.perf_counter() - t
+    config = load_config(Path(model_dir))
+    delay = config.delay_tokens(delay_ms)
+    tok = Tokenizer(Path(model_dir) / "tekken.json")
+    audio = bench_audio(seconds)
+    a = config.audio
+    right = -len(audio) % a.samples_per_token + (delay + 11) * a.samples_per_token
+    padded = np.pad(audio, (a.n_left_pad_tokens * a.samples_per_token, right))
+    t = time.perf_counter()
+    mel = reference_log_mel(padded)
+    tokens = reference_generate(ref, mel, tok.prompt(a.n_left_pad_tokens, delay), delay)
+    wall = time.perf_counter() - t
+    return {
+        "engine": "transformers", "device": "cpu", "dtype": dtype, "threads": torch.get_num_threads(),
+        "load_s": load_s, "audio_s": seconds, "tokens": len(tokens),
+        "ms_per_token": 1000 * wall / max(1, len(tokens)), "wall_s": wall, "rtf": wall / seconds,
+        "peak_rss_mb": peak_rss_mb(),
+    }
+
+
+def _subprocess(args: list[str]) -> dict:
+    out = subprocess.run([sys.executable, "-m", "voxlive.bench", *args], capture_output=True, text=True)
+    if out.returncode != 0:
+        raise RuntimeError(f"benchmark worker failed:\n{out.stderr[-4000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def report(results: list[dict]) -> str:
+    lines = []
+    for r in results:
+        lines.append(f"[{r['engine']}] {r['device']} {r['dtype']}, {r['threads']} threads, "
+                     f"{r['audio_s']:.0f} s of audio, {r['tokens']} tokens")
+        lines.append(f"  load            {r['load_s']:8.1f} s")
+        if r["engine"] == "voxlive":
+            lines.append(f"  encoder         {r['encoder_ms_per_audio_s']:8.1f} ms per audio second")
+            lines.append(f"  prefill         {r['prefill_ms']:8.1f} ms")
+            lines.append(f"  decoder         {r['decode_ms_per_step']:8.1f} ms per step (80 ms of audio)")
+        else:
+            lines.append(f"  whole pipeline  {r['ms_per_token']:8.1f} ms per token (80 ms of audio)")
+        lines.append(f"  real-time factor{r['rtf']:8.2f}   (wall {r['wall_s']:.1f} s)")
+        lines.append(f"  peak RSS        {r['peak_rss_mb']:8.0f} MB")
+    if len(results) == 2:
+        lines.append(f"speed-up vs transformers (whole pipeline, same weights): "
+                     f"{results[1]['wall_s'] / results[0]['wall_s']:.2f}x")
+    return "\n".join(lines)
+
+
+def bench(model: str | None, *, random_weights: bool, seconds: float, dtype: str | None, device: str | None,
+          chunk_ms: int | None, delay_ms: int | None, reference: bool) -> list[dict]:
+    if random_weights:
+        model_dir = str(random_checkpoint_dir("full"))
+    else:
+        from .checkpoint import resolve
+
+        model_dir = str(resolve(model))
+    common = ["--model", model_dir, "--seconds", str(seconds)]
+    if dtype:
+        common += ["--dtype", dtype]
+    if delay_ms:
+        common += ["--delay-ms", str(delay_ms)]
+    mine = common + (["--device", device] if device else []) + (["--chunk-ms", str(chunk_ms)] if chunk_ms else [])
+    results = [_subprocess(["voxlive", *mine])]
+    if reference:
+        results.append(_subprocess(["reference", *common]))
+    return results
+
+
+def _worker(argv: list[str]) -> None:
+    import argparse
+
+    p = argparse.ArgumentParser(prog="python -m voxlive.bench")
+    p.add_argument("engine", choices=["voxlive", "reference"])
+    p.add_argument("--model", required=True)
+    p.add_argument("--seconds", type=float, required=True)
+    p.add_argument("--dtype")
+    p.add_argument("--device")
+    p.add_argument("--chunk-ms", type=int)
+    p.add_argument("--delay-ms", type=int)
+    a = p.parse_args(argv)
+    if a.engine == "voxlive":
+        r = run_voxlive(a.model, a.seconds, a.dtype, a.device, a.chunk_ms, a.delay_ms)
+    else:
+        r = run_reference(a.model, a.seconds, a.dtype, a.delay_ms)
+    print(json.dumps(r))
+
+
+if __name__ == "__main__":
+    _worker(sys.argv[1:])
