@@ -26,6 +26,16 @@ NUM_DELAY = 6
 SR = 16000
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    # The tiny model gains nothing from intra-op threads, and on a shared, busy machine they oversubscribe
+    # the cores (5x slower); restored afterwards so other test modules are unaffected.
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="module")
 def ckpt(tmp_path_factory):
     # adapter_scale makes the audio, not the tied embedding, decide the greedy tokens.
@@ -313,3 +323,23 @@ def test_bf16_checkpoint_converts_bit_exactly(tmp_path, ckpt, inputs):
     assert model.dtype == torch.bfloat16 and model.model.time_embedding.inv_freq.dtype == torch.float32
     _, mel, prompt = inputs
     assert len(R.reference_generate(model, mel, prompt, NUM_DELAY)) == mel.shape[1] // 8 - len(prompt)
+
+
+def test_full_size_names_and_shapes_on_meta():
+    # The real model's sizes: every native tensor maps to a transformers parameter of the same shape,
+    # and every parameter is covered (no weights read: the model is built on the meta device).
+    from voxlive.config import parse_config
+    from voxlive.testing import AUDIO_SECTION, make_params
+
+    cfg = parse_config(make_params("full"), AUDIO_SECTION)
+    with torch.device("meta"):
+        model = hfm.VoxtralRealtimeForConditionalGeneration(R.hf_config(cfg))
+    shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    native_shapes = expected_native_tensors(cfg)
+    assert len(native_shapes) == 711
+    mapped = {R.native_to_hf_name(n): s for n, s in native_shapes.items()}
+    assert set(shapes) == set(mapped) | {"lm_head.weight"}
+    for k, s in mapped.items():
+        assert shapes[k] == s, k
+    assert shapes["lm_head.weight"] == (131072, 3072)
+    assert sum(p.numel() for p in model.parameters()) == sum(int(np.prod(s)) for s in native_shapes.values())

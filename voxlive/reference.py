@@ -206,18 +206,20 @@ def _read(ckpt: Checkpoint, name: str) -> torch.Tensor:
     return t
 
 
-def convert_weights(ckpt: Checkpoint, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
+def convert_weights(ckpt: Checkpoint, dtype: torch.dtype = torch.float32, *,
+                    device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
     """Native tensors -> the state dict transformers 5.x expects (q/k rows permuted, see module doc).
 
     ``lm_head.weight`` is the very same tensor object as the embedding (tied). Every native tensor is
-    used exactly once; a native name without a rule or two names mapping to one key raise.
+    used exactly once; a native name without a rule or two names mapping to one key raise. Each tensor
+    is moved to ``device`` as it is converted (no second full copy on the host).
     """
     out: dict[str, torch.Tensor] = {}
     for name in ckpt.weights.tensors:
         key = native_to_hf_name(name)
         if key in out:
             raise ValueError(f"two native tensors map to {key!r}")
-        t = _read(ckpt, name).to(dtype)
+        t = _read(ckpt, name).to(device=device, dtype=dtype)
         heads = _rope_heads(name, ckpt.config)
         if heads is not None:
             t = rotate_half_order(t, heads)
@@ -242,11 +244,7 @@ def load_reference(source_dir, dtype: torch.dtype = torch.float32, *, device: st
 
     ckpt = _checkpoint(source_dir)
     config = hf_config(ckpt.config, attn_implementation=attn_implementation)
-    state = convert_weights(ckpt, dtype)
-    if torch.device(device).type != "cpu":
-        embed = state[EMBED].to(device)
-        state = {k: v.to(device) for k, v in state.items() if k not in (EMBED, LM_HEAD)}
-        state[EMBED] = state[LM_HEAD] = embed
+    state = convert_weights(ckpt, dtype, device=device)
     with torch.device("meta"):
         model = VoxtralRealtimeForConditionalGeneration(config)
     model.load_state_dict(state, strict=True, assign=True)

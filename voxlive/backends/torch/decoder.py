@@ -64,12 +64,12 @@ class Decoder:
         c = self.c
         n = x.shape[0]
         qd, kvd = self._sizes()
-        cos, sin = self.rope.angles(torch.arange(cache.length, cache.length + n, device=x.device))
+        rotation = self.rope.angles(torch.arange(cache.length, cache.length + n, device=x.device))
         for i, L in enumerate(self.layers):
             h = rms_norm(x, L.attention_norm, c.norm_eps)
             q, k, v = F.linear(h, L.wqkv).split((qd, kvd, kvd), dim=-1)
-            q = Rope.apply(q.view(n, c.n_heads, c.head_dim), cos, sin)
-            k = Rope.apply(k.view(n, c.n_kv_heads, c.head_dim), cos, sin)
+            q = Rope.apply(q.view(n, c.n_heads, c.head_dim), rotation)
+            k = Rope.apply(k.view(n, c.n_kv_heads, c.head_dim), rotation)
             v = v.view(n, c.n_kv_heads, c.head_dim)
             a = attend_chunk(q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1), cache, i)
             x = x + F.linear(a, L.wo)
@@ -83,12 +83,12 @@ class Decoder:
         B = x.shape[0]
         qd, kvd = self._sizes()
         positions = torch.tensor([cache.length for cache in caches], device=x.device)
-        cos, sin = self.rope.angles(positions)
+        rotation = self.rope.angles(positions)
         for i, L in enumerate(self.layers):
             h = rms_norm(x, L.attention_norm, c.norm_eps)
             q, k, v = F.linear(h, L.wqkv).split((qd, kvd, kvd), dim=-1)
-            q = Rope.apply(q.view(B, c.n_heads, c.head_dim), cos, sin)
-            k = Rope.apply(k.view(B, c.n_kv_heads, c.head_dim), cos, sin)
+            q = Rope.apply(q.view(B, c.n_heads, c.head_dim), rotation)
+            k = Rope.apply(k.view(B, c.n_kv_heads, c.head_dim), rotation)
             v = v.view(B, c.n_kv_heads, c.head_dim)
             a = torch.cat([
                 attend_chunk(q[b, :, None], k[b, :, None], v[b, :, None], cache, i)

@@ -70,11 +70,11 @@ class Encoder:
         """x [n, dim] at positions cache.length.. -> [n, dim], through every block and the final norm."""
         c = self.c
         n = x.shape[0]
-        cos, sin = self.rope.angles(torch.arange(cache.length, cache.length + n, device=x.device))
+        rotation = self.rope.angles(torch.arange(cache.length, cache.length + n, device=x.device))
         for i, L in enumerate(self.layers):
             h = rms_norm(x, L.attention_norm, c.norm_eps)
             q, k, v = F.linear(h, L.wqkv, L.bqkv).view(n, 3, c.n_heads, c.head_dim).unbind(1)
-            q, k = Rope.apply(q, cos, sin), Rope.apply(k, cos, sin)
+            q, k = Rope.apply(q, rotation), Rope.apply(k, rotation)
             a = attend_chunk(q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1), cache, i)
             x = x + F.linear(a, L.wo, L.bo)
             h = rms_norm(x, L.ffn_norm, c.norm_eps)

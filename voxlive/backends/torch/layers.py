@@ -26,17 +26,16 @@ class Rope:
     def __init__(self, head_dim: int, theta: float, device: torch.device):
         self.inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32, device=device) / head_dim))
 
-    def angles(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos, sin of shape [n, 1, head_dim/2] for positions [n] (broadcast over heads)."""
+    def angles(self, positions: torch.Tensor) -> torch.Tensor:
+        """Unit complex rotations [n, 1, head_dim/2] for positions [n] (broadcast over heads)."""
         freqs = positions.to(torch.float32)[:, None] * self.inv_freq[None, :]
-        return freqs.cos()[:, None, :], freqs.sin()[:, None, :]
+        return torch.polar(torch.ones_like(freqs), freqs)[:, None, :]
 
     @staticmethod
-    def apply(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        """x [n, heads, head_dim] -> rotated, same dtype."""
-        pairs = x.float().unflatten(-1, (-1, 2))
-        a, b = pairs[..., 0], pairs[..., 1]
-        return torch.stack((a * cos - b * sin, a * sin + b * cos), dim=-1).flatten(-2).to(x.dtype)
+    def apply(x: torch.Tensor, rotation: torch.Tensor) -> torch.Tensor:
+        """x [n, heads, head_dim] -> rotated (each pair as one complex number), same dtype."""
+        pairs = torch.view_as_complex(x.float().unflatten(-1, (-1, 2)))
+        return torch.view_as_real(pairs * rotation).flatten(-2).to(x.dtype)
 
 
 def attend_chunk(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: RingKVCache, layer: int) -> torch.Tensor:
