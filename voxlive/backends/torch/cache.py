@@ -43,9 +43,11 @@ class RingKVCache:
             self.v[layer, :, slot] = v[:, 0]
             return
         keep = min(n, self.window)
-        slots = torch.remainder(torch.arange(self.length + n - keep, self.length + n, device=k.device), self.window)
-        self.k[layer].index_copy_(1, slots, k[:, n - keep:])
-        self.v[layer].index_copy_(1, slots, v[:, n - keep:])
+        first = (self.length + n - keep) % self.window
+        head = min(keep, self.window - first)  # slots first.. up to the end of the ring, then from 0
+        for dst, src in ((self.k[layer], k[:, n - keep:]), (self.v[layer], v[:, n - keep:])):
+            dst[:, first:first + head] = src[:, :head]
+            dst[:, :keep - head] = src[:, head:]
 
     def advance(self, n: int) -> None:
         self.length += n
