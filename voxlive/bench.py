@@ -68,6 +68,47 @@ class _Timed:
         return timed
 
 
+def torch_floors(runtime, repeats: int = 3) -> dict:
+    """What one decode step cannot beat on this machine, measured on the loaded weights themselves.
+
+    gemv_floor_ms: every decoder matrix (and the LM head) multiplied by one vector with stock
+    ``F.linear``, nothing else: the step minus attention, norms and Python. memory_floor_ms: the
+    decoder's weight bytes over the bandwidth of a plain read (a sum over the embedding matrix).
+    """
+    import torch
+    import torch.nn.functional as F
+
+    d = runtime.decoder
+    c = d.c
+    x = torch.randn(1, c.dim, dtype=runtime.dtype, device=runtime.device)
+    a = torch.randn(1, c.n_heads * c.head_dim, dtype=runtime.dtype, device=runtime.device)
+    h = torch.randn(1, c.hidden_dim, dtype=runtime.dtype, device=runtime.device)
+    weights = [d.embedding] + [w for L in d.layers for w in (L.wqkv, L.wo, L.w13, L.w2)]
+    nbytes = sum(w.numel() * w.element_size() for w in weights)
+
+    def gemvs():
+        F.linear(x, d.embedding)
+        for L in d.layers:
+            F.linear(x, L.wqkv), F.linear(a, L.wo), F.linear(x, L.w13), F.linear(h, L.w2)
+
+    def best(fn):
+        times = []
+        for _ in range(repeats):
+            t = time.perf_counter()
+            fn()
+            if runtime.device.type == "cuda":
+                torch.cuda.synchronize(runtime.device)
+            times.append(time.perf_counter() - t)
+        return min(times)
+
+    with torch.inference_mode():
+        gemv = best(gemvs)
+        read = best(lambda: d.embedding.sum(dtype=torch.float32))
+    bandwidth = d.embedding.numel() * d.embedding.element_size() / read
+    return {"decoder_weight_gb": nbytes / 1e9, "gemv_floor_ms": 1000 * gemv,
+            "read_gb_per_s": bandwidth / 1e9, "memory_floor_ms": 1000 * nbytes / bandwidth}
+
+
 def run_voxlive(model_dir: str, seconds: float, dtype: str | None, device: str | None, chunk_ms: int | None,
                 delay_ms: int | None) -> dict:
     import torch
@@ -89,7 +130,8 @@ def run_voxlive(model_dir: str, seconds: float, dtype: str | None, device: str |
     transcript = stream.finish()
     wall = time.perf_counter() - t
     padded_seconds = stream.encoded * model.config.audio.ms_per_token / 1000
-    return {
+    floors = torch_floors(timed._rt) if model.backend == "torch" else {}
+    return {**floors,
         "engine": "voxlive", "device": str(dev), "dtype": str(model.runtime.dtype).replace("torch.", ""),
         "threads": torch.get_num_threads(), "load_s": load_s, "audio_s": seconds,
         "chunk_ms": chunk_ms, "tokens": len(transcript.tokens),
@@ -109,7 +151,7 @@ def run_reference(model_dir: str, seconds: float, dtype: str | None, delay_ms: i
 
     dtype = dtype or "bfloat16"
     t = time.perf_counter()
-    ref = load_reference(model_dir, dtype=getattr(torch, dtype))
+    ref = load_reference(model_dir, dtype=getattr(torch, dtype), attn_implementation="sdpa")
     load_s = time.perf_counter() - t
     config = load_config(Path(model_dir))
     delay = config.delay_tokens(delay_ms)
@@ -147,6 +189,11 @@ def report(results: list[dict]) -> str:
             lines.append(f"  encoder         {r['encoder_ms_per_audio_s']:8.1f} ms per audio second")
             lines.append(f"  prefill         {r['prefill_ms']:8.1f} ms")
             lines.append(f"  decoder         {r['decode_ms_per_step']:8.1f} ms per step (80 ms of audio)")
+            if "gemv_floor_ms" in r:
+                lines.append(f"    GEMV floor    {r['gemv_floor_ms']:8.1f} ms ({r['decode_ms_per_step'] / r['gemv_floor_ms']:.2f}x): "
+                             f"stock F.linear over the {r['decoder_weight_gb']:.2f} GB of decoder weights")
+                lines.append(f"    memory floor  {r['memory_floor_ms']:8.1f} ms ({r['decode_ms_per_step'] / r['memory_floor_ms']:.2f}x): "
+                             f"the same bytes at a plain read's {r['read_gb_per_s']:.1f} GB/s")
         else:
             lines.append(f"  whole pipeline  {r['ms_per_token']:8.1f} ms per token (80 ms of audio)")
         lines.append(f"  real-time factor{r['rtf']:8.2f}   (wall {r['wall_s']:.1f} s)")

@@ -1,0 +1,93 @@
+"""The ``voxlive`` command, run as a real subprocess on a tiny checkpoint."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import soundfile as sf
+
+import voxlive
+
+
+def run(*args, timeout=300):
+    return subprocess.run([sys.executable, "-m", "voxlive.cli", *map(str, args)], capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def test_transcribe_formats_match_the_api(varied_dir, varied_model, speech, tmp_path):
+    wav = tmp_path / "speech.wav"
+    sf.write(wav, speech, 16000, subtype="FLOAT")
+    expected = varied_model.transcribe(speech, delay_ms=240)
+    r = run("transcribe", wav, "--model", varied_dir, "--dtype", "float32", "--format", "json", "--delay-ms", 240)
+    assert r.returncode == 0, r.stderr
+    data = json.loads(r.stdout)
+    assert data["text"] == expected.text and data["delay_ms"] == 240
+    assert [w["text"] for w in data["words"]] == [w.text for w in expected.words]
+    r = run("transcribe", wav, "--model", varied_dir, "--dtype", "float32", "--format", "text", "--delay-ms", 240)
+    assert r.stdout == expected.format("text")
+
+
+def test_output_dir_and_a_bad_file_among_good_ones(varied_dir, speech, tmp_path):
+    good = tmp_path / "good.wav"
+    sf.write(good, speech, 16000)
+    bad = tmp_path / "bad.wav"
+    bad.write_bytes(b"this is not audio at all" * 100)
+    out = tmp_path / "out"
+    r = run("transcribe", good, bad, "--model", varied_dir, "--format", "srt", "--output-dir", out)
+    assert r.returncode == 1
+    assert "bad.wav" in r.stderr and "cannot decode" in r.stderr
+    srt = (out / "good.srt").read_text()
+    assert srt.startswith("1\n00:00:") or srt == ""
+    assert not (out / "bad.srt").exists()
+    vtt = run("transcribe", good, "--model", varied_dir, "--format", "vtt", "--output-dir", out)
+    assert vtt.returncode == 0 and (out / "good.vtt").read_text().startswith("WEBVTT")
+
+
+def test_progress_bar_on_long_files(varied_dir, tmp_path):
+    wav = tmp_path / "long.wav"
+    rng = np.random.default_rng(0)
+    sf.write(wav, (0.05 * rng.standard_normal(16000 * 35)).astype(np.float32), 16000)
+    r = run("transcribe", wav, "--model", varied_dir)
+    assert r.returncode == 0, r.stderr
+    assert "long.wav" in r.stderr and "35.0/35.0" in r.stderr
+    r = run("transcribe", wav, "--model", varied_dir, "--quiet")
+    assert r.stderr == ""
+
+
+def test_clear_errors(varied_dir, tmp_path):
+    r = run("transcribe", tmp_path / "missing.wav", "--model", varied_dir)
+    assert r.returncode == 2 and "missing.wav: no such file" in r.stderr
+    wav = tmp_path / "a.wav"
+    sf.write(wav, np.zeros(1600, np.float32), 16000)
+    r = run("transcribe", wav, "--model", varied_dir, "--delay-ms", 500)
+    assert r.returncode == 2 and "delay_ms must be a multiple of 80" in r.stderr
+    r = run("transcribe", wav, "--model", tmp_path / "nowhere")
+    assert r.returncode == 2 and "no such directory" in r.stderr
+    for line in r.stderr.splitlines():
+        assert "Traceback" not in line
+
+
+def test_listen_without_an_input_device_says_so(varied_dir):
+    try:
+        import sounddevice
+
+        has_input = any(d["max_input_channels"] > 0 for d in sounddevice.query_devices())
+    except (ImportError, OSError):
+        has_input = False
+    if has_input:
+        import pytest
+
+        pytest.skip("this machine has a real microphone")
+    r = run("listen", "--model", varied_dir, timeout=60)
+    assert r.returncode == 2
+    assert r.stderr.startswith("voxlive: ") and ("input device" in r.stderr or "PortAudio" in r.stderr)
+    assert "Traceback" not in r.stderr
+
+
+def test_version_and_public_api():
+    assert voxlive.__version__
+    for name in ("load", "log_mel", "Transcript", "Word"):
+        assert hasattr(voxlive, name)

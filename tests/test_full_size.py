@@ -1,0 +1,35 @@
+"""The full-size model (random weights): loads in bf16 within ~10 GB of RSS and transcribes.
+
+Needs ~9 GB of RAM, ~9 GB of disk and minutes, so it only runs with VOXLIVE_FULL_TESTS=1
+(`voxlive bench --random-weights` exercises the same path and reports its numbers).
+"""
+
+from __future__ import annotations
+
+import os
+import resource
+
+import numpy as np
+import pytest
+
+pytestmark = pytest.mark.skipif(os.environ.get("VOXLIVE_FULL_TESTS") != "1",
+                                reason="full-size model: set VOXLIVE_FULL_TESTS=1 (needs ~10 GB RAM)")
+
+
+def test_full_size_load_memory_and_streaming():
+    import voxlive
+    from voxlive.bench import random_checkpoint_dir
+
+    model = voxlive.load(random_checkpoint_dir("full"), device="cpu", dtype="bfloat16")
+    rss_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    assert rss_gb < 10.5, f"peak RSS {rss_gb:.1f} GB after load"
+    c = model.config
+    assert (c.decoder.dim, c.decoder.n_layers, c.encoder.n_layers, c.decoder.vocab_size) == (3072, 26, 32, 131072)
+    rng = np.random.default_rng(0)
+    audio = (0.1 * rng.standard_normal(16000 * 2)).astype(np.float32)
+    offline = model.transcribe(audio)
+    s = model.stream()
+    for start in range(0, len(audio), 7000):
+        s.feed(audio[start:start + 7000])
+    assert s.finish().tokens == offline.tokens
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20 < 10.5
