@@ -55,50 +55,39 @@ class Decoder:
         t_cond = torch.cat((angle.cos(), angle.sin())).to(self.embedding.dtype)
         return torch.stack([1 + F.linear(F.gelu(F.linear(t_cond, L.ada0)), L.ada2) for L in self.layers])
 
-    def _sizes(self):
+    def _qkv(self, L: DecoderLayer, x: torch.Tensor, rotation: torch.Tensor):
+        """Normed, projected and rotated q, k, v of n positions, each [heads, n, head_dim]."""
         c = self.c
-        return c.n_heads * c.head_dim, c.n_kv_heads * c.head_dim
+        n = x.shape[0]
+        qd, kvd = c.n_heads * c.head_dim, c.n_kv_heads * c.head_dim
+        q, k, v = F.linear(rms_norm(x, L.attention_norm, c.norm_eps), L.wqkv).split((qd, kvd, kvd), dim=-1)
+        q = Rope.apply(q.view(n, c.n_heads, c.head_dim), rotation)
+        k = Rope.apply(k.view(n, c.n_kv_heads, c.head_dim), rotation)
+        return q.transpose(0, 1), k.transpose(0, 1), v.view(n, c.n_kv_heads, c.head_dim).transpose(0, 1)
 
     def forward(self, x: torch.Tensor, cache: RingKVCache, scales: torch.Tensor) -> torch.Tensor:
         """x [n, dim] (audio + token embeddings) at positions cache.length.. -> final hidden [n, dim]."""
-        c = self.c
         n = x.shape[0]
-        qd, kvd = self._sizes()
         rotation = self.rope.angles(torch.arange(cache.length, cache.length + n, device=x.device))
         for i, L in enumerate(self.layers):
-            h = rms_norm(x, L.attention_norm, c.norm_eps)
-            q, k, v = F.linear(h, L.wqkv).split((qd, kvd, kvd), dim=-1)
-            q = Rope.apply(q.view(n, c.n_heads, c.head_dim), rotation)
-            k = Rope.apply(k.view(n, c.n_kv_heads, c.head_dim), rotation)
-            v = v.view(n, c.n_kv_heads, c.head_dim)
-            a = attend_chunk(q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1), cache, i)
-            x = x + F.linear(a, L.wo)
-            x = x + self._ffn(L, rms_norm(x, L.ffn_norm, c.norm_eps) * scales[i])
+            q, k, v = self._qkv(L, x, rotation)
+            x = x + F.linear(attend_chunk(q, k, v, cache, i), L.wo)
+            x = x + self._ffn(L, rms_norm(x, L.ffn_norm, self.c.norm_eps) * scales[i])
         cache.advance(n)
-        return rms_norm(x, self.norm, c.norm_eps)
+        return rms_norm(x, self.norm, self.c.norm_eps)
 
     def step(self, x: torch.Tensor, caches: list[RingKVCache], scales: torch.Tensor) -> torch.Tensor:
         """One position for each of B sequences: x [B, dim], scales [B, n_layers, dim] -> hidden [B, dim]."""
-        c = self.c
-        B = x.shape[0]
-        qd, kvd = self._sizes()
-        positions = torch.tensor([cache.length for cache in caches], device=x.device)
-        rotation = self.rope.angles(positions)
+        rotation = self.rope.angles(torch.tensor([cache.length for cache in caches], device=x.device))
         for i, L in enumerate(self.layers):
-            h = rms_norm(x, L.attention_norm, c.norm_eps)
-            q, k, v = F.linear(h, L.wqkv).split((qd, kvd, kvd), dim=-1)
-            q = Rope.apply(q.view(B, c.n_heads, c.head_dim), rotation)
-            k = Rope.apply(k.view(B, c.n_kv_heads, c.head_dim), rotation)
-            v = v.view(B, c.n_kv_heads, c.head_dim)
-            a = torch.cat([
-                attend_chunk(q[b, :, None], k[b, :, None], v[b, :, None], cache, i)
-                for b, cache in enumerate(caches)
-            ])
+            q, k, v = self._qkv(L, x, rotation)
+            a = torch.cat([attend_chunk(q[:, b, None], k[:, b, None], v[:, b, None], cache, i)
+                           for b, cache in enumerate(caches)])
             x = x + F.linear(a, L.wo)
-            x = x + self._ffn(L, rms_norm(x, L.ffn_norm, c.norm_eps) * scales[:, i])
+            x = x + self._ffn(L, rms_norm(x, L.ffn_norm, self.c.norm_eps) * scales[:, i])
         for cache in caches:
             cache.advance(1)
-        return rms_norm(x, self.norm, c.norm_eps)
+        return rms_norm(x, self.norm, self.c.norm_eps)
 
     def _ffn(self, L: DecoderLayer, h: torch.Tensor) -> torch.Tensor:
         gate, up = F.linear(h, L.w13).split(self.c.hidden_dim, dim=-1)
