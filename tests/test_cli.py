@@ -40,7 +40,7 @@ def test_output_dir_and_a_bad_file_among_good_ones(varied_dir, speech, tmp_path)
     assert r.returncode == 1
     assert "bad.wav" in r.stderr and "cannot decode" in r.stderr
     srt = (out / "good.srt").read_text()
-    assert srt.startswith("1\n00:00:") or srt == ""
+    assert srt.startswith("1\n00:00:0")  # this random model does emit words on speech
     assert not (out / "bad.srt").exists()
     vtt = run("transcribe", good, "--model", varied_dir, "--format", "vtt", "--output-dir", out)
     assert vtt.returncode == 0 and (out / "good.vtt").read_text().startswith("WEBVTT")
