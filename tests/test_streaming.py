@@ -144,3 +144,42 @@ def test_long_audio_memory_is_bounded(varied_model):
     assert sizes[0][2] == c.encoder.sliding_window and sizes[1][2] == c.decoder.sliding_window
     assert s.decoded > c.decoder.sliding_window and s.state.encoder_cache.length > c.encoder.sliding_window
     assert sum(t.shape[0] for t in s.state.pending) == 0
+
+
+class _EosEvery:
+    """The real runtime, but every 5th generated token is replaced by </s>; records decode inputs."""
+
+    def __init__(self, runtime, eos):
+        self.rt, self.eos, self.inputs, self.count = runtime, eos, [], 0
+
+    def __getattr__(self, name):
+        return getattr(self.rt, name)
+
+    def _maybe_eos(self, tokens):
+        out = []
+        for t in tokens:
+            self.count += 1
+            out.append(self.eos if self.count % 5 == 0 else t)
+        return out
+
+    def prefill(self, state, tokens):
+        return self._maybe_eos([self.rt.prefill(state, tokens)])[0]
+
+    def decode(self, states, tokens):
+        self.inputs += tokens
+        return self._maybe_eos(self.rt.decode(states, tokens))
+
+
+def test_eos_is_fed_back_and_no_audio_is_lost(varied_model, speech):
+    from voxlive.session import Stream
+
+    eos = varied_model.tokenizer.eos
+    rt = _EosEvery(varied_model.runtime, eos)
+    s = Stream(rt, varied_model.tokenizer, varied_model.config)
+    for start in range(0, len(speech), 5000):
+        s.feed(speech[start:start + 5000])
+    t = s.finish()
+    assert len(t.tokens) == len(varied_model.transcribe(speech).tokens)  # every position still decoded
+    assert t.tokens.count(eos) >= len(t.tokens) // 5
+    assert rt.inputs == t.tokens[:-1]  # each token, EOS included, is the next step's input
+    assert t.duration == pytest.approx(len(speech) / 16000)
