@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from ...config import ModelConfig
 from .cache import RingKVCache
 from .layers import Rope, attend_chunk, rms_norm
+from .weights import WeightReader
 
 
 @dataclass
@@ -38,6 +39,25 @@ class Decoder:
         self.layers = layers
         self.norm = norm
         self.rope = Rope(self.c.head_dim, self.c.rope_theta, device)
+
+    @classmethod
+    def from_weights(cls, w: WeightReader, config: ModelConfig, device: torch.device) -> Decoder:
+        layers = []
+        for i in range(config.decoder.n_layers):
+            L = f"layers.{i}."
+            a = L + "attention."
+            layers.append(DecoderLayer(
+                attention_norm=w.get(L + "attention_norm.weight"),
+                wqkv=w.fused([a + "wq.weight", a + "wk.weight", a + "wv.weight"]),
+                wo=w.get(a + "wo.weight"),
+                ffn_norm=w.get(L + "ffn_norm.weight"),
+                ada0=w.get(L + "ada_rms_norm_t_cond.0.weight"),
+                ada2=w.get(L + "ada_rms_norm_t_cond.2.weight"),
+                w13=w.fused([L + "feed_forward.w1.weight", L + "feed_forward.w3.weight"]),
+                w2=w.get(L + "feed_forward.w2.weight"),
+            ))
+        embedding = w.get("mm_streams_embeddings.embedding_module.tok_embeddings.weight")
+        return cls(config, embedding, layers, w.get("norm.weight"), device)
 
     def new_cache(self, dtype, device) -> RingKVCache:
         c = self.c

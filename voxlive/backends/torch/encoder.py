@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from ...config import ModelConfig
 from .cache import RingKVCache
 from .layers import Rope, attend_chunk, rms_norm
+from .weights import WeightReader
 
 
 @dataclass
@@ -45,6 +46,27 @@ class Encoder:
         self.layers = layers
         self.norm = norm
         self.rope = Rope(self.c.head_dim, self.c.rope_theta, device)
+
+    @classmethod
+    def from_weights(cls, w: WeightReader, config: ModelConfig, device: torch.device) -> Encoder:
+        e = "mm_streams_embeddings.embedding_module.whisper_encoder."
+        conv = [(w.get(f"{e}conv_layers.{i}.conv.weight"), w.get(f"{e}conv_layers.{i}.conv.bias")) for i in range(2)]
+        layers = []
+        for i in range(config.encoder.n_layers):
+            L = f"{e}transformer.layers.{i}."
+            a = L + "attention."
+            layers.append(EncoderLayer(
+                attention_norm=w.get(L + "attention_norm.weight"),
+                wqkv=w.fused([a + "wq.weight", a + "wk.weight", a + "wv.weight"]),
+                bqkv=w.fused([a + "wq.bias", (config.encoder.n_heads * config.encoder.head_dim,), a + "wv.bias"]),
+                wo=w.get(a + "wo.weight"),
+                bo=w.get(a + "wo.bias"),
+                ffn_norm=w.get(L + "ffn_norm.weight"),
+                w13=w.fused([L + "feed_forward.w1.weight", L + "feed_forward.w3.weight"]),
+                w2=w.get(L + "feed_forward.w2.weight"),
+                b2=w.get(L + "feed_forward.w2.bias"),
+            ))
+        return cls(config, conv, layers, w.get(e + "transformer.norm.weight"), device)
 
     def new_conv_state(self, dtype, device) -> ConvState:
         # Zeros: the causal convolutions are left-padded with zeros at the start of a stream.
@@ -89,6 +111,11 @@ class Adapter:
 
     def __init__(self, w0: torch.Tensor, w2: torch.Tensor, downsample_factor: int):
         self.w0, self.w2, self.factor = w0, w2, downsample_factor
+
+    @classmethod
+    def from_weights(cls, w: WeightReader, config: ModelConfig) -> Adapter:
+        p = "mm_streams_embeddings.embedding_module.audio_language_projection."
+        return cls(w.get(p + "0.weight"), w.get(p + "2.weight"), config.downsample_factor)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         x = x.reshape(x.shape[0] // self.factor, -1)

@@ -16,8 +16,9 @@ import torch
 from ...checkpoint import Checkpoint, CheckpointError
 from ...config import ModelConfig
 from .cache import RingKVCache
-from .decoder import Decoder, DecoderLayer
-from .encoder import Adapter, ConvState, Encoder, EncoderLayer
+from .decoder import Decoder
+from .encoder import Adapter, ConvState, Encoder
+from .weights import WeightReader
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -56,47 +57,6 @@ class TorchState:
         return self.decoder_cache.length
 
 
-class _Weights:
-    """Reads native tensors into preallocated buffers of the target dtype and device, one at a time."""
-
-    _FILE_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
-
-    def __init__(self, ckpt: Checkpoint, dtype: torch.dtype, device: torch.device):
-        self.file, self.dtype, self.device = ckpt.weights, dtype, device
-
-    def _fill(self, out: torch.Tensor, name: str) -> None:
-        info = self.file.tensors[name]
-        src_dtype = self._FILE_DTYPES[info.dtype]
-        if out.device.type == "cpu" and src_dtype == out.dtype and out.is_contiguous():
-            # Straight from the file into the final buffer: no intermediate copy.
-            self.file.read_into(name, out.view(torch.uint8).numpy() if out.dtype != torch.float32 else out.numpy())
-            return
-        raw = torch.from_numpy(self.file.read(name))
-        if info.dtype == "BF16":
-            raw = raw.view(torch.bfloat16)
-        out.copy_(raw.view(out.shape))
-
-    def get(self, name: str) -> torch.Tensor:
-        shape = self.file.tensors[name].shape
-        out = torch.empty(shape, dtype=self.dtype, device=self.device)
-        self._fill(out, name)
-        return out
-
-    def fused(self, names: list[str | tuple[int, ...]]) -> torch.Tensor:
-        """Concatenation along dim 0 of several tensors, filled in place; a shape means zeros."""
-        shapes = [n if isinstance(n, tuple) else self.file.tensors[n].shape for n in names]
-        out = torch.empty((sum(s[0] for s in shapes), *shapes[0][1:]), dtype=self.dtype, device=self.device)
-        row = 0
-        for name, shape in zip(names, shapes):
-            part = out[row:row + shape[0]]
-            if isinstance(name, tuple):
-                part.zero_()
-            else:
-                self._fill(part, name)
-            row += shape[0]
-        return out
-
-
 class TorchRuntime:
     backend = "torch"
 
@@ -104,52 +64,17 @@ class TorchRuntime:
         self.config: ModelConfig = ckpt.config
         self.device = pick_device(device)
         self.dtype = pick_dtype(dtype, self.device)
-        c = self.config
-        w = _Weights(ckpt, self.dtype, self.device)
-        p = "mm_streams_embeddings.embedding_module."
-        e = p + "whisper_encoder."
+        w = WeightReader(ckpt, self.dtype, self.device)
         try:
             with torch.inference_mode():
-                conv = [(w.get(f"{e}conv_layers.{i}.conv.weight"), w.get(f"{e}conv_layers.{i}.conv.bias"))
-                        for i in range(2)]
-                enc_layers = []
-                for i in range(c.encoder.n_layers):
-                    L = f"{e}transformer.layers.{i}."
-                    a = L + "attention."
-                    enc_layers.append(EncoderLayer(
-                        attention_norm=w.get(L + "attention_norm.weight"),
-                        wqkv=w.fused([a + "wq.weight", a + "wk.weight", a + "wv.weight"]),
-                        bqkv=w.fused([a + "wq.bias", (c.encoder.n_heads * c.encoder.head_dim,), a + "wv.bias"]),
-                        wo=w.get(a + "wo.weight"),
-                        bo=w.get(a + "wo.bias"),
-                        ffn_norm=w.get(L + "ffn_norm.weight"),
-                        w13=w.fused([L + "feed_forward.w1.weight", L + "feed_forward.w3.weight"]),
-                        w2=w.get(L + "feed_forward.w2.weight"),
-                        b2=w.get(L + "feed_forward.w2.bias"),
-                    ))
-                self.encoder = Encoder(c, conv, enc_layers, w.get(e + "transformer.norm.weight"), self.device)
-                self.adapter = Adapter(w.get(p + "audio_language_projection.0.weight"),
-                                       w.get(p + "audio_language_projection.2.weight"), c.downsample_factor)
-                dec_layers = []
-                for i in range(c.decoder.n_layers):
-                    L = f"layers.{i}."
-                    a = L + "attention."
-                    dec_layers.append(DecoderLayer(
-                        attention_norm=w.get(L + "attention_norm.weight"),
-                        wqkv=w.fused([a + "wq.weight", a + "wk.weight", a + "wv.weight"]),
-                        wo=w.get(a + "wo.weight"),
-                        ffn_norm=w.get(L + "ffn_norm.weight"),
-                        ada0=w.get(L + "ada_rms_norm_t_cond.0.weight"),
-                        ada2=w.get(L + "ada_rms_norm_t_cond.2.weight"),
-                        w13=w.fused([L + "feed_forward.w1.weight", L + "feed_forward.w3.weight"]),
-                        w2=w.get(L + "feed_forward.w2.weight"),
-                    ))
-                self.decoder = Decoder(c, w.get(p + "tok_embeddings.weight"), dec_layers, w.get("norm.weight"),
-                                       self.device)
+                self.encoder = Encoder.from_weights(w, self.config, self.device)
+                self.adapter = Adapter.from_weights(w, self.config)
+                self.decoder = Decoder.from_weights(w, self.config, self.device)
         except OSError as err:
             raise CheckpointError(f"{ckpt.weights.path}: read error: {err}") from err
         # Encode at most about one encoder window of frames at a time: bounded attention memory
         # on long files, and still large GEMMs.
+        c = self.config
         self.encode_block_tokens = max(1, c.encoder.sliding_window // (2 * c.downsample_factor))
 
     # -- per-stream state -------------------------------------------------------------------------
