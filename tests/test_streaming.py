@@ -79,7 +79,7 @@ def test_never_decodes_audio_that_has_not_arrived(varied_model, speech):
         # audio token p needs its 8 mel frames, the last of which reaches 40 samples past the token
         complete = max(0, (padded - 40) // SAMPLES_PER_TOKEN)
         assert s.encoded == complete
-        assert s.decoded == (complete if complete >= len(s.prompt) else 0)
+        assert s.decoded == complete  # every position runs as soon as its audio is encoded
         assert len(s.tokens) == max(0, s.decoded - len(s.prompt) + 1)
 
 
@@ -162,8 +162,9 @@ class _EosEvery:
             out.append(self.eos if self.count % 5 == 0 else t)
         return out
 
-    def prefill(self, state, tokens):
-        return self._maybe_eos([self.rt.prefill(state, tokens)])[0]
+    def prefill(self, state, tokens, predict=True):
+        token = self.rt.prefill(state, tokens, predict=predict)
+        return self._maybe_eos([token])[0] if predict else None
 
     def decode(self, states, tokens):
         self.inputs += tokens
@@ -183,3 +184,22 @@ def test_eos_is_fed_back_and_no_audio_is_lost(varied_model, speech):
     assert t.tokens.count(eos) >= len(t.tokens) // 5
     assert rt.inputs == t.tokens[:-1]  # each token, EOS included, is the next step's input
     assert t.duration == pytest.approx(len(speech) / 16000)
+
+
+def test_streams_forked_from_the_fresh_stream_are_independent(varied_model, speech):
+    from voxlive.session import Stream
+
+    direct = Stream(varied_model.runtime, varied_model.tokenizer, varied_model.config)
+    assert direct.decoded == 32  # the left pad's prompt positions run at creation
+    direct.feed(speech)
+    expected = direct.finish().tokens
+
+    a, b = varied_model.stream(), varied_model.stream()
+    a.feed(speech[:30000])
+    b.feed(speech[::-1].copy())  # a different stream in between must not disturb a
+    a.feed(speech[30000:])
+    assert a.finish().tokens == expected
+    c = varied_model.stream()  # the fresh stream it forks from is unchanged
+    c.feed(speech)
+    assert c.finish().tokens == expected
+    assert b.finish().tokens != expected

@@ -23,14 +23,23 @@ class Model:
         self.tokenizer = tokenizer
         self.config = runtime.config
         self.source = source
+        self._fresh_streams: dict[int, Stream] = {}  # delay in tokens -> a new stream to fork
+
+    def stream(self, *, delay_ms: int | None = None) -> Stream:
+        """A live stream: ``feed(pcm)`` float32 16 kHz mono chunks of any size, then ``finish()``.
+
+        Streams start as a fork of one fresh stream per delay, whose silent left pad (2.56 s) is
+        encoded and decoded once per model instead of once per stream.
+        """
+        delay = self.config.delay_tokens(delay_ms)
+        if delay not in self._fresh_streams:
+            ms = delay * self.config.audio.ms_per_token
+            self._fresh_streams[delay] = Stream(self.runtime, self.tokenizer, self.config, delay_ms=ms)
+        return self._fresh_streams[delay].fork()
 
     @property
     def backend(self) -> str:
         return self.runtime.backend
-
-    def stream(self, *, delay_ms: int | None = None) -> Stream:
-        """A live stream: ``feed(pcm)`` float32 16 kHz mono chunks of any size, then ``finish()``."""
-        return Stream(self.runtime, self.tokenizer, self.config, delay_ms=delay_ms)
 
     def transcribe(self, audio, *, delay_ms: int | None = None, chunk_seconds: float = 30.0,
                    progress: Callable[[float, float], None] | None = None) -> Transcript:

@@ -12,6 +12,8 @@ EOS: the token is fed back and decoding continues (as vLLM does), so no audio is
 
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 
 from .config import ModelConfig
@@ -48,6 +50,21 @@ class Stream:
                                     seconds_per_token=a.ms_per_token / 1000)
         self._new_words: list[Word] = []
         self._push_samples(np.zeros(a.n_left_pad_tokens * self._per_token, dtype=np.float32))
+        self.prefill_ready()
+
+    def fork(self) -> Stream:
+        """An independent copy that goes on from this point.
+
+        Every new stream of a given delay starts from the same state (the silent left pad encoded
+        and its prompt positions run), so ``Model.stream`` computes that once and forks it.
+        """
+        new = copy.copy(self)
+        new.state = self.runtime.clone_state(self.state)
+        new._mel = copy.deepcopy(self._mel)
+        new.tokens = list(self.tokens)
+        new._words = self._words.copy()
+        new._new_words = list(self._new_words)
+        return new
 
     # -- audio in ---------------------------------------------------------------------------------
 
@@ -86,11 +103,20 @@ class Stream:
         """Whether a decode step can run now (its audio token is encoded)."""
         return self.decoded >= len(self.prompt) and self.decoded < self.encoded
 
-    def prefill_if_ready(self) -> None:
-        if self.decoded == 0 and self.encoded >= len(self.prompt):
-            token = self.runtime.prefill(self.state, self.prompt)
-            self.decoded = len(self.prompt)
-            self._accept(token, len(self.prompt) - 1)
+    def prefill_ready(self) -> None:
+        """Run the prompt positions whose audio is encoded.
+
+        The first ``n_left_pad_tokens`` of them see only the silent left pad, so they run as soon
+        as the stream is created; the last ``delay + 1`` wait for real audio, and the last of all
+        predicts the first token.
+        """
+        end = min(self.encoded, len(self.prompt))
+        if self.decoded < end:
+            done = end == len(self.prompt)
+            token = self.runtime.prefill(self.state, self.prompt[self.decoded:end], predict=done)
+            self.decoded = end
+            if done:
+                self._accept(token, end - 1)
 
     def _accept(self, token: int, position: int) -> None:
         self.tokens.append(token)
@@ -130,7 +156,7 @@ def decode_ready(streams: list[Stream]) -> None:
     decoder's weights once for the whole batch.
     """
     for s in streams:
-        s.prefill_if_ready()
+        s.prefill_ready()
     while True:
         batch = [s for s in streams if s.ready()]
         if not batch:

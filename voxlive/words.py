@@ -35,6 +35,12 @@ class WordAssembler:
         self._first = self._last = -1
         self.words: list[Word] = []
 
+    def copy(self) -> WordAssembler:
+        new = WordAssembler.__new__(WordAssembler)
+        new.__dict__.update(self.__dict__)
+        new.words = list(self.words)
+        return new
+
     def push(self, token: int, position: int, limit: float) -> list[Word]:
         """Add the token emitted at ``position``; return words completed by it.
 

@@ -21,6 +21,16 @@ class RingKVCache:
         self.v = torch.empty(n_layers, n_kv_heads, window, head_dim, dtype=dtype, device=device)
         self.length = 0  # positions written so far == absolute position of the next one
 
+    def clone(self) -> RingKVCache:
+        """A copy; only the slots written so far are copied (and touched)."""
+        new = RingKVCache.__new__(RingKVCache)
+        new.window, new.length = self.window, self.length
+        new.k, new.v = torch.empty_like(self.k), torch.empty_like(self.v)
+        n = self.valid_slots()
+        new.k[:, :, :n] = self.k[:, :, :n]
+        new.v[:, :, :n] = self.v[:, :, :n]
+        return new
+
     def valid_slots(self) -> int:
         return min(self.length, self.window)
 

@@ -88,6 +88,17 @@ class TorchRuntime:
             ffn_scales=self.decoder.ffn_scales(delay_tokens),
         )
 
+    @torch.inference_mode()
+    def clone_state(self, state: TorchState) -> TorchState:
+        """An independent copy (fork) of a stream's state."""
+        return TorchState(
+            conv=ConvState(state.conv.mel_tail.clone(), state.conv.conv1_tail.clone()),
+            encoder_cache=state.encoder_cache.clone(),
+            decoder_cache=state.decoder_cache.clone(),
+            ffn_scales=state.ffn_scales,  # never written
+            pending=list(state.pending),  # queued tensors are never written in place
+        )
+
     # -- audio ------------------------------------------------------------------------------------
 
     @torch.inference_mode()
@@ -147,10 +158,10 @@ class TorchRuntime:
         return torch.cat(outs)
 
     @torch.inference_mode()
-    def prefill(self, state: TorchState, tokens: list[int]) -> int:
-        """Run the prompt; return the greedy token predicted at its last position."""
+    def prefill(self, state: TorchState, tokens: list[int], *, predict: bool = True) -> int | None:
+        """Run prompt positions; with ``predict``, return the greedy token at the last of them."""
         hidden = self._forward(state, tokens)
-        return int(self.decoder.logits(hidden[-1]).argmax())
+        return int(self.decoder.logits(hidden[-1]).argmax()) if predict else None
 
     @torch.inference_mode()
     def logits(self, state: TorchState, tokens: list[int]) -> np.ndarray:
