@@ -106,9 +106,9 @@ class Stream:
     def prefill_ready(self) -> None:
         """Run the prompt positions whose audio is encoded.
 
-        The first ``n_left_pad_tokens`` of them see only the silent left pad, so they run as soon
-        as the stream is created; the last ``delay + 1`` wait for real audio, and the last of all
-        predicts the first token.
+        Those over the silent left pad run as soon as the stream is created (all but the last,
+        whose last mel frame reaches 2.5 ms into the audio); the rest wait for real audio, and the
+        last of all predicts the first token.
         """
         end = min(self.encoded, len(self.prompt))
         if self.decoded < end:
