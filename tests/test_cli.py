@@ -91,3 +91,14 @@ def test_version_and_public_api():
     assert voxlive.__version__
     for name in ("load", "log_mel", "Transcript", "Word"):
         assert hasattr(voxlive, name)
+
+
+def test_bench_reports_both_engines(varied_dir):
+    r = run("bench", "--model", varied_dir, "--seconds", 2, "--dtype", "float32", "--reference")
+    assert r.returncode == 0, r.stderr
+    out = r.stdout
+    for needle in ("[voxlive] cpu float32", "ms per audio second", "ms per step", "GEMV floor", "memory floor",
+                   "stream start", "[transformers] cpu float32", "ms per token", "real-time factor", "peak RSS",
+                   "speed-up vs transformers"):
+        assert needle in out, needle
+    assert run("bench").returncode == 2  # neither --model nor --random-weights
