@@ -163,8 +163,12 @@ def test_missing_files_and_sources(tiny_dir, tmp_path):
 
 def test_hub_download_failure_is_clear(monkeypatch, tmp_path):
     # The real download code runs; with the hub unreachable (offline mode) it must say what failed.
+    import huggingface_hub.constants
+
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)  # read at import time
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hf" / "hub"))
     with pytest.raises(CheckpointError, match="could not download voxlive-test/does-not-exist"):
         resolve("voxlive-test/does-not-exist")
 
