@@ -68,7 +68,7 @@ class _Timed:
         return timed
 
 
-def torch_floors(runtime, repeats: int = 3) -> dict:
+def torch_floors(runtime, sync, repeats: int = 3) -> dict:
     """What one decode step cannot beat on this machine, measured on the loaded weights themselves.
 
     gemv_floor_ms: every decoder matrix (and the LM head) multiplied by one vector with stock
@@ -96,8 +96,7 @@ def torch_floors(runtime, repeats: int = 3) -> dict:
         for _ in range(repeats):
             t = time.perf_counter()
             fn()
-            if runtime.device.type == "cuda":
-                torch.cuda.synchronize(runtime.device)
+            sync()
             times.append(time.perf_counter() - t)
         return min(times)
 
@@ -136,7 +135,7 @@ def run_voxlive(model_dir: str, seconds: float, dtype: str | None, device: str |
     transcript = stream.finish()
     wall = time.perf_counter() - t - next_stream_s
     padded_seconds = stream.encoded * model.config.audio.ms_per_token / 1000
-    floors = torch_floors(timed._rt) if model.backend == "torch" else {}
+    floors = torch_floors(timed._rt, sync) if model.backend == "torch" else {}
     return {**floors,
         "engine": "voxlive", "device": str(dev), "dtype": str(model.runtime.dtype).replace("torch.", ""),
         "threads": torch.get_num_threads(), "load_s": load_s, "audio_s": seconds,

@@ -33,8 +33,7 @@ class Model:
         """
         delay = self.config.delay_tokens(delay_ms)
         if delay not in self._fresh_streams:
-            ms = delay * self.config.audio.ms_per_token
-            self._fresh_streams[delay] = Stream(self.runtime, self.tokenizer, self.config, delay_ms=ms)
+            self._fresh_streams[delay] = Stream(self.runtime, self.tokenizer, self.config, delay_ms=delay_ms)
         return self._fresh_streams[delay].fork()
 
     @property

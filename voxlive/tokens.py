@@ -22,7 +22,6 @@ class Tokenizer:
         self.streaming_pad = get("[STREAMING_PAD]")
         self.streaming_word = get("[STREAMING_WORD]")
         self.num_special = self._tek.num_special_tokens
-        self.vocab_size = self._tek.n_words
 
     def prompt(self, n_left_pad_tokens: int, n_delay_tokens: int) -> list[int]:
         """``[BOS] + [STREAMING_PAD] * (left pad + delay)``: one id per audio token of the prefill."""

@@ -52,10 +52,6 @@ class TorchState:
     ffn_scales: torch.Tensor  # [n_layers, dim], from the stream's delay
     pending: list[torch.Tensor] = field(default_factory=list)  # audio embeddings not yet decoded
 
-    @property
-    def position(self) -> int:
-        return self.decoder_cache.length
-
 
 class TorchRuntime:
     backend = "torch"
