@@ -83,17 +83,26 @@ def test_never_decodes_audio_that_has_not_arrived(varied_model, speech):
         assert len(s.tokens) == max(0, s.decoded - len(s.prompt) + 1)
 
 
-def test_batched_decode_equals_one_by_one(varied_model, speech):
+def test_batched_encode_and_decode_equal_one_by_one(varied_model, speech, monkeypatch):
     audios = [speech, speech[::-1].copy(), 0.5 * speech[: len(speech) // 2]]
     delays = [480, 240, 480]
+    steps = [3000, 1700, 5100]  # streams with different numbers of new tokens share encoder passes
     expected = [varied_model.transcribe(a, delay_ms=d).tokens for a, d in zip(audios, delays)]
     streams = [varied_model.stream(delay_ms=d) for d in delays]
-    step = 3000
-    for start in range(0, max(map(len, audios)), step):
-        for s, a in zip(streams, audios):
-            if start < len(a):
-                s.push(a[start:start + step])
-        decode_ready(streams)  # several streams share each decode step
+    runtime = varied_model.runtime
+    batch_sizes = []
+    real_encode_batch = runtime.encode_batch
+
+    def spy(states, mels):
+        batch_sizes.append(len(states))
+        return real_encode_batch(states, mels)
+
+    monkeypatch.setattr(runtime, "encode_batch", spy)
+    for i in range(max(-(-len(a) // step) for a, step in zip(audios, steps))):
+        for s, a, step in zip(streams, audios, steps):
+            s.push(a[i * step:(i + 1) * step])
+        decode_ready(streams)  # several streams share each encoder pass and decode step
+    assert max(batch_sizes) == 3
     for s, exp in zip(streams, expected):
         assert s.finish().tokens == exp
 

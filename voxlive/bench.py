@@ -54,15 +54,16 @@ class _Timed:
 
     def __getattr__(self, name):
         attr = getattr(self._rt, name)
-        if name not in ("encode", "prefill", "decode"):
+        if name not in ("encode", "encode_batch", "prefill", "decode"):
             return attr
+        key = "encode" if name == "encode_batch" else name
 
         def timed(*args, **kwargs):
             t = time.perf_counter()
             out = attr(*args, **kwargs)
             self._sync()
-            self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - t
-            self.calls[name] = self.calls.get(name, 0) + 1
+            self.seconds[key] = self.seconds.get(key, 0.0) + time.perf_counter() - t
+            self.calls[key] = self.calls.get(key, 0) + 1
             return out
 
         return timed

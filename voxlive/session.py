@@ -50,6 +50,7 @@ class Stream:
                                     seconds_per_token=a.ms_per_token / 1000)
         self._new_words: list[Word] = []
         self._push_samples(np.zeros(a.n_left_pad_tokens * self._per_token, dtype=np.float32))
+        encode_ready([self])
         self.prefill_ready()
 
     def fork(self) -> Stream:
@@ -73,7 +74,7 @@ class Stream:
         return self.samples / self.config.audio.sample_rate
 
     def push(self, pcm) -> None:
-        """Take audio and encode every token whose audio is complete; decode nothing yet."""
+        """Take audio; compute its mel frames. Encoding and decoding wait for ``decode_ready``."""
         if self.finished:
             raise RuntimeError("stream already finished")
         pcm = np.asarray(pcm)
@@ -88,14 +89,22 @@ class Stream:
         self._push_samples(pcm)
 
     def _push_samples(self, pcm: np.ndarray) -> None:
-        self._encode(self._mel.push(pcm))
+        self._add_frames(self._mel.push(pcm))
 
-    def _encode(self, frames: np.ndarray) -> None:
-        mel = np.concatenate((self._pending_mel, frames), axis=1) if self._pending_mel.shape[1] else frames
-        whole = mel.shape[1] - mel.shape[1] % self._frames_per_token
-        if whole:
-            self.encoded += self.runtime.encode(self.state, mel[:, :whole])
-        self._pending_mel = mel[:, whole:]
+    def _add_frames(self, frames: np.ndarray) -> None:
+        if frames.shape[1]:
+            self._pending_mel = np.concatenate((self._pending_mel, frames), axis=1)
+
+    def _take_whole_tokens(self) -> np.ndarray:
+        """The mel frames of every audio token complete and not yet encoded (removed from the queue)."""
+        whole = self._pending_mel.shape[1] - self._pending_mel.shape[1] % self._frames_per_token
+        mel, self._pending_mel = self._pending_mel[:, :whole], self._pending_mel[:, whole:]
+        return mel
+
+    @property
+    def backlog(self) -> int:
+        """Audio tokens received (whole, left pad included) and not yet decoded."""
+        return self.encoded + self._pending_mel.shape[1] // self._frames_per_token - self.decoded
 
     # -- decoding ---------------------------------------------------------------------------------
 
@@ -122,6 +131,11 @@ class Stream:
         self.tokens.append(token)
         self._new_words += self._words.push(token, position, self.duration)
 
+    @property
+    def partial_word(self) -> str:
+        """The text of the word being spoken: tokens emitted since the last word boundary."""
+        return self._words.partial
+
     def take_words(self) -> list[Word]:
         words, self._new_words = self._new_words, []
         return words
@@ -138,7 +152,7 @@ class Stream:
             pad = -self.samples % self._per_token
             pad += (self.delay_tokens + 1 + RIGHT_PAD_BUFFER_TOKENS) * self._per_token
             self._push_samples(np.zeros(pad, dtype=np.float32))
-            self._encode(self._mel.finish())
+            self._add_frames(self._mel.finish())
             self.finished = True
             decode_ready([self])
             self._new_words += self._words.flush(self.duration)
@@ -149,19 +163,36 @@ class Stream:
                           tokens=list(self.tokens), duration=self.duration, delay_ms=self.delay_ms)
 
 
-def decode_ready(streams: list[Stream]) -> None:
-    """Advance every stream through all positions its audio allows, in batched decode steps.
+def encode_ready(streams: list[Stream]) -> None:
+    """Encode every complete audio token of the streams, all streams in one batched encoder pass."""
+    work = [(s, s._take_whole_tokens()) for s in streams]
+    work = [(s, mel) for s, mel in work if mel.shape[1]]
+    if work:
+        counts = work[0][0].runtime.encode_batch([s.state for s, _ in work], [mel for _, mel in work])
+        for (s, _), n in zip(work, counts):
+            s.encoded += n
 
-    Streams join and leave the batch between steps as their audio runs out; each step reads the
+
+def decode_step(streams: list[Stream]) -> list[Stream]:
+    """One batched decode step for every stream that is ready; returns those that advanced.
+
+    Streams join and leave the batch between steps as their audio allows; each step reads the
     decoder's weights once for the whole batch.
     """
-    for s in streams:
-        s.prefill_ready()
-    while True:
-        batch = [s for s in streams if s.ready()]
-        if not batch:
-            return
+    batch = [s for s in streams if s.ready()]
+    if batch:
         tokens = batch[0].runtime.decode([s.state for s in batch], [s.tokens[-1] for s in batch])
         for s, token in zip(batch, tokens):
             s.decoded += 1
             s._accept(token, s.decoded - 1)
+    return batch
+
+
+def decode_ready(streams: list[Stream]) -> None:
+    """Encode the streams' new audio, run their prompt positions, then batched decode steps until
+    no stream has a position whose audio is in."""
+    encode_ready(streams)
+    for s in streams:
+        s.prefill_ready()
+    while decode_step(streams):
+        pass

@@ -41,6 +41,11 @@ class WordAssembler:
         new.words = list(self.words)
         return new
 
+    @property
+    def partial(self) -> str:
+        """Text of the word in progress (not yet closed by a boundary)."""
+        return self._bytes.decode("utf-8", errors="ignore")
+
     def push(self, token: int, position: int, limit: float) -> list[Word]:
         """Add the token emitted at ``position``; return words completed by it.
 

@@ -1,7 +1,8 @@
 """Causal audio encoder (conv stem + transformer with a sliding window) and the adapter, in PyTorch.
 
-The encoder runs on as many frames at once as have arrived: a chunk of frames is a batch of GEMMs,
-compute-bound, instead of one weight-bandwidth-bound pass per 80 ms.
+The encoder runs on as many frames at once as have arrived, from as many streams as have audio: a
+chunk of frames is a batch of GEMMs, compute-bound, instead of one weight-bandwidth-bound pass per
+stream per 80 ms.
 """
 
 from __future__ import annotations
@@ -88,21 +89,33 @@ class Encoder:
         x = F.gelu(F.conv1d(x[None], w2, b2, stride=2))[0]
         return x.transpose(0, 1)
 
-    def transformer(self, x: torch.Tensor, cache: RingKVCache) -> torch.Tensor:
-        """x [n, dim] at positions cache.length.. -> [n, dim], through every block and the final norm."""
+    def transformer(self, xs: list[torch.Tensor], caches: list[RingKVCache]) -> torch.Tensor:
+        """Frames of several streams, xs[s] [n_s, dim] at positions caches[s].length.., through every
+        block and the final norm -> [sum n_s, dim], the streams' rows one after another.
+
+        Each weight matrix is read once for all streams' rows; only attention, whose cache is per
+        stream, loops.
+        """
         c = self.c
+        sizes = [x.shape[0] for x in xs]
+        x = xs[0] if len(xs) == 1 else torch.cat(xs)
         n = x.shape[0]
-        rotation = self.rope.angles(torch.arange(cache.length, cache.length + n, device=x.device))
+        device = x.device
+        rotation = self.rope.angles(torch.cat([torch.arange(cache.length, cache.length + k, device=device)
+                                               for cache, k in zip(caches, sizes)]))
         for i, L in enumerate(self.layers):
             h = rms_norm(x, L.attention_norm, c.norm_eps)
             q, k, v = F.linear(h, L.wqkv, L.bqkv).view(n, 3, c.n_heads, c.head_dim).unbind(1)
             q, k = Rope.apply(q, rotation), Rope.apply(k, rotation)
-            a = attend_chunk(q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1), cache, i)
-            x = x + F.linear(a, L.wo, L.bo)
+            q, k, v = q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1)
+            a = [attend_chunk(qs, ks, vs, cache, i) for qs, ks, vs, cache
+                 in zip(q.split(sizes, 1), k.split(sizes, 1), v.split(sizes, 1), caches)]
+            x = x + F.linear(a[0] if len(a) == 1 else torch.cat(a), L.wo, L.bo)
             h = rms_norm(x, L.ffn_norm, c.norm_eps)
             gate, up = F.linear(h, L.w13).split(c.hidden_dim, dim=-1)
             x = x + F.linear(F.silu(gate) * up, L.w2, L.b2)
-        cache.advance(n)
+        for cache, k in zip(caches, sizes):
+            cache.advance(k)
         return rms_norm(x, self.norm, c.norm_eps)
 
 

@@ -1,7 +1,7 @@
 """The PyTorch runtime: owns the weights, creates per-stream state, encodes audio, runs decode steps.
 
 This is the whole contract a backend offers to the backend-neutral streaming logic
-(``voxlive.session``): ``new_state``, ``encode``, ``add_embeddings``, ``take_embeddings``,
+(``voxlive.session``): ``new_state``, ``clone_state``, ``encode`` (and ``encode_batch`` for several streams), ``add_embeddings``, ``take_embeddings``,
 ``prefill``, ``decode`` (batched) and ``logits``. Token ids in and out are plain ints; audio in is
 numpy log-mel frames.
 """
@@ -97,20 +97,34 @@ class TorchRuntime:
 
     # -- audio ------------------------------------------------------------------------------------
 
-    @torch.inference_mode()
     def encode(self, state: TorchState, mel: np.ndarray) -> int:
         """Encode whole tokens of log-mel frames [n_mels, k * 8]; queue k audio embeddings. Returns k."""
+        return self.encode_batch([state], [mel])[0]
+
+    @torch.inference_mode()
+    def encode_batch(self, states: list[TorchState], mels: list[np.ndarray]) -> list[int]:
+        """``encode`` for several streams at once: one pass of the encoder weights for all their frames.
+
+        Long inputs go in rounds of at most ``encode_block_tokens`` per stream (bounded attention
+        memory); each round batches every stream that still has frames.
+        """
         per_token = 2 * self.config.downsample_factor
-        if mel.shape[1] % per_token:
-            raise ValueError(f"encode takes whole tokens of {per_token} mel frames, got {mel.shape[1]}")
-        total = mel.shape[1] // per_token
+        for mel in mels:
+            if mel.shape[1] % per_token:
+                raise ValueError(f"encode takes whole tokens of {per_token} mel frames, got {mel.shape[1]}")
         block = self.encode_block_tokens * per_token
-        for start in range(0, mel.shape[1], block):
-            x = torch.from_numpy(np.ascontiguousarray(mel[:, start:start + block])).to(self.device, self.dtype)
-            x = self.encoder.stem(x, state.conv)
-            x = self.encoder.transformer(x, state.encoder_cache)
-            state.pending.append(self.adapter(x))
-        return total
+        rounds = max((mel.shape[1] + block - 1) // block for mel in mels) if mels else 0
+        for r in range(rounds):
+            chunks = [(s, mel[:, r * block:(r + 1) * block]) for s, mel in zip(states, mels)
+                      if mel.shape[1] > r * block]
+            xs = [self.encoder.stem(self._tensor(mel), s.conv) for s, mel in chunks]
+            out = self.adapter(self.encoder.transformer(xs, [s.encoder_cache for s, _ in chunks]))
+            for (s, _), embeds in zip(chunks, out.split([x.shape[0] // self.adapter.factor for x in xs])):
+                s.pending.append(embeds)
+        return [mel.shape[1] // per_token for mel in mels]
+
+    def _tensor(self, mel: np.ndarray) -> torch.Tensor:
+        return torch.from_numpy(np.ascontiguousarray(mel)).to(self.device, self.dtype)
 
     def add_embeddings(self, state: TorchState, embeds: np.ndarray) -> None:
         """Queue externally computed audio embeddings [n, dim] (teacher forcing, research)."""
