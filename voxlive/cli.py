@@ -1,4 +1,4 @@
-"""The ``voxlive`` command: transcribe, listen, bench."""
+"""The ``voxlive`` command: transcribe, listen, serve, bench."""
 
 from __future__ import annotations
 
@@ -119,6 +119,21 @@ def cmd_bench(a) -> int:
     return 0
 
 
+def cmd_serve(a) -> int:
+    from .checkpoint import DEFAULT_MODEL
+    from .server import serve
+
+    if a.max_sessions < 1:
+        print("voxlive serve: --max-sessions must be at least 1", file=sys.stderr)
+        return 2
+    model = _load(a)
+    model.config.delay_tokens(a.delay_ms)  # a bad default delay fails before the server starts
+    serve(model, model_id=a.model or DEFAULT_MODEL, host=a.host, port=a.port, max_sessions=a.max_sessions,
+          api_key=a.api_key, delay_ms=a.delay_ms, max_message_bytes=a.max_message_kb * 1024,
+          max_upload_mb=a.max_upload_mb)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="voxlive", description="Live speech-to-text with Voxtral Mini 4B Realtime")
     sub = p.add_subparsers(dest="command", required=True)
@@ -136,6 +151,16 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--input", help="input device index or name (default: the system default)")
     m.add_argument("--format", default="text", choices=FORMATS, help="also print the whole transcript at the end")
     m.set_defaults(run=cmd_listen)
+
+    v = sub.add_parser("serve", help="serve live transcription over WebSocket and HTTP, with a web page")
+    _model_args(v)
+    v.add_argument("--host", default="127.0.0.1", help="interface to bind (default: loopback only)")
+    v.add_argument("--port", type=int, default=8000)
+    v.add_argument("--max-sessions", type=int, default=16, help="concurrent streams and uploads")
+    v.add_argument("--api-key", help="require this key (Bearer header, or ?token= for browsers) on all but /health")
+    v.add_argument("--max-message-kb", type=int, default=4096, help="largest WebSocket message accepted")
+    v.add_argument("--max-upload-mb", type=float, default=200.0, help="largest file accepted by the upload route")
+    v.set_defaults(run=cmd_serve)
 
     b = sub.add_parser("bench", help="measure speed: load, encoder, decoder step, RTF, peak RSS")
     b.add_argument("--model", help="checkpoint directory or Hugging Face repo id")

@@ -45,7 +45,8 @@ class Stream:
         self.decoded = 0  # decoder positions run
         self.tokens: list[int] = []
         self.samples = 0  # input samples received
-        self.finished = False
+        self.finished = False  # end_audio() called: no more audio
+        self._flushed = False
         self._words = WordAssembler(tokenizer, left_pad=a.n_left_pad_tokens, delay=self.delay_tokens,
                                     seconds_per_token=a.ms_per_token / 1000)
         self._new_words: list[Word] = []
@@ -146,16 +147,26 @@ class Stream:
         decode_ready([self])
         return self.take_words()
 
-    def finish(self) -> Transcript:
-        """Right-pad, decode to the end, and return the whole stream's transcript."""
+    def end_audio(self) -> None:
+        """No more audio: queue the right pad. Decoding it is left to ``decode_ready``/``decode_step``."""
         if not self.finished:
             pad = -self.samples % self._per_token
             pad += (self.delay_tokens + 1 + RIGHT_PAD_BUFFER_TOKENS) * self._per_token
             self._push_samples(np.zeros(pad, dtype=np.float32))
             self._add_frames(self._mel.finish())
             self.finished = True
-            decode_ready([self])
+
+    def finish(self) -> Transcript:
+        """Right-pad, decode to the end, and return the whole stream's transcript."""
+        self.end_audio()
+        decode_ready([self])
+        return self.complete()
+
+    def complete(self) -> Transcript:
+        """Once the right pad is decoded: release the last word and return the whole transcript."""
+        if not self._flushed:
             self._new_words += self._words.flush(self.duration)
+            self._flushed = True
         return self.transcript()
 
     def transcript(self) -> Transcript:

@@ -1,0 +1,116 @@
+"""``WS /v1/realtime``: vLLM's realtime transcription protocol, so its clients work unchanged.
+
+Client events: ``session.update`` {model}, ``input_audio_buffer.append`` {audio: base64 PCM16
+16 kHz mono}, ``input_audio_buffer.commit`` {final}. Server events: ``session.created``,
+``transcription.delta`` {delta}, ``transcription.done`` {text, usage}, ``error`` {error, code}.
+
+As in vLLM, ``commit`` without ``final`` starts (or continues) an utterance and ``commit`` with
+``final: true`` ends it; after ``transcription.done`` the connection can start another. Audio
+appended before the first commit is kept, not dropped. voxlive adds fields that clients ignore:
+``lag`` (seconds of audio received and not yet transcribed) on deltas, ``words`` with timestamps
+on ``transcription.done``. Text deltas are the generated tokens' bytes decoded incrementally, so
+their concatenation is exactly the final text.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import codecs
+import json
+import time
+import uuid
+
+from starlette.websockets import WebSocket
+
+from .connection import Connection, pcm16_to_float
+from .engine import Session, SessionOver
+
+
+class RealtimeConnection(Connection):
+    async def run(self) -> None:
+        await self.send({"type": "session.created", "id": f"sess-{uuid.uuid4().hex}",
+                         "created": int(time.time())})
+        while True:
+            message = await self.ws.receive()
+            if message["type"] == "websocket.disconnect":
+                return
+            if message.get("text") is None:
+                await self.error("expected JSON text messages, got a binary frame", "invalid_event")
+                continue
+            try:
+                event = json.loads(message["text"])
+            except json.JSONDecodeError:
+                await self.error("Invalid JSON", "invalid_json")
+                continue
+            if not isinstance(event, dict):
+                await self.error("an event must be a JSON object", "invalid_event")
+                continue
+            await self.handle(event)
+
+    async def handle(self, event: dict) -> None:
+        kind = event.get("type")
+        if kind == "session.update":
+            model = event.get("model")
+            if model is not None and not isinstance(model, str):
+                await self.error("session.update: model must be a string", "invalid_event")
+        elif kind == "input_audio_buffer.append":
+            audio = event.get("audio")
+            try:
+                pcm = pcm16_to_float(base64.b64decode(audio, validate=True) if isinstance(audio, str) else None)
+            except (ValueError, binascii.Error) as err:
+                await self.error(f"Invalid audio data: {err}", "invalid_audio")
+                return
+            session = await self.current()
+            try:
+                await session.append(pcm)
+            except SessionOver as err:
+                self.session = None
+                await self.error(str(err), "processing_error")
+        elif kind == "input_audio_buffer.commit":
+            session = await self.current()
+            if event.get("final"):
+                session.end()
+                self.session = None  # its sender delivers transcription.done; a later append starts anew
+        else:
+            await self.error(f"Unknown event type: {kind}", "unknown_event")
+
+    async def current(self) -> Session:
+        """The utterance in progress, opening one (and its sender) if there is none."""
+        if self.session is None:
+            self.session = await self.open()
+            self.spawn(self.deliver(self.session))
+        return self.session
+
+    async def deliver(self, session: Session) -> None:
+        utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        tokenizer = self.model.tokenizer
+        completion_tokens = 0
+        while True:
+            update = await session.next_update()
+            if update.error:
+                await self.error(update.error, "processing_error")
+                return
+            completion_tokens += len(update.tokens)
+            delta = utf8.decode(b"".join(tokenizer.token_bytes(t) for t in update.tokens),
+                                final=update.transcript is not None)
+            if delta:
+                await self.send({"type": "transcription.delta", "delta": delta, "lag": update.lag})
+            if update.transcript is not None:
+                t = update.transcript
+                prompt_tokens = session.stream.decoded - completion_tokens
+                await self.send({
+                    "type": "transcription.done", "text": t.text,
+                    "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+                              "total_tokens": prompt_tokens + completion_tokens},
+                    "words": t.to_dict()["words"], "duration": round(t.duration, 3),
+                })
+                return
+
+    async def error(self, message: str, code: str) -> None:
+        await self.send({"type": "error", "error": message, "code": code})
+
+
+async def realtime_endpoint(ws: WebSocket) -> None:
+    await RealtimeConnection(ws).serve()
+
