@@ -31,6 +31,7 @@ __all__ = [
     "resample",
     "to_mono",
     "decode_pcm16",
+    "frame_to_array",
 ]
 
 SAMPLE_RATE = 16000
@@ -238,7 +239,7 @@ def _decode_pyav(file: str | BinaryIO, name: str) -> tuple[np.ndarray, int]:
             for frame in container.decode(stream):
                 if not frame.samples:
                     continue
-                samples = _frame_to_array(frame, name)
+                samples = frame_to_array(frame, name)
                 if rate is None:
                     rate, channels = frame.sample_rate, samples.shape[1]
                 elif (frame.sample_rate, samples.shape[1]) != (rate, channels):
@@ -256,7 +257,7 @@ def _decode_pyav(file: str | BinaryIO, name: str) -> tuple[np.ndarray, int]:
     return np.concatenate(chunks), rate
 
 
-def _frame_to_array(frame: av.AudioFrame, name: str) -> np.ndarray:
+def frame_to_array(frame: av.AudioFrame, name: str) -> np.ndarray:
     """An FFmpeg audio frame (any sample format, planar or packed) -> [samples, channels] float32."""
     data = frame.to_ndarray()
     channels = frame.layout.nb_channels

@@ -9,6 +9,7 @@ import logging
 import numpy as np
 from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketState
 
+from ..audio import decode_pcm16
 from .engine import EngineBusy, Session, SessionOver
 from .settings import authorized, state_of
 
@@ -19,12 +20,10 @@ CLOSE_TRY_AGAIN = 1013  # server busy
 
 
 def pcm16_to_float(data: bytes | None) -> np.ndarray:
-    """PCM s16le bytes -> float32 in [-1, 1); a clear ValueError for anything else."""
+    """A PCM s16le message -> float32; a clear ValueError for an empty or odd-sized one."""
     if not data:
         raise ValueError("empty audio")
-    if len(data) % 2:
-        raise ValueError(f"PCM s16le needs an even number of bytes, got {len(data)}")
-    return np.frombuffer(data, dtype="<i2").astype(np.float32) / 32768.0
+    return decode_pcm16(data)
 
 
 class Closed(Exception):

@@ -11,7 +11,7 @@ import threading
 
 import numpy as np
 
-from ..audio import SAMPLE_RATE
+from ..audio import SAMPLE_RATE, frame_to_array, to_mono
 
 EBML_MAGIC = b"\x1a\x45\xdf\xa3"  # WebM / Matroska
 OGG_MAGIC = b"OggS"
@@ -71,20 +71,31 @@ class StreamDecoder:
 
     def _run(self) -> None:
         import av
+        import soxr
 
         error = None
         try:
             with av.open(self._pipe, mode="r") as container:
                 if not container.streams.audio:
                     raise ValueError("no audio stream in the data")
-                resampler = av.AudioResampler(format="fltp", layout="mono", rate=SAMPLE_RATE)
+                resampler = None
                 for frame in container.decode(audio=0):
-                    for out in resampler.resample(frame):
-                        self._on_pcm(out.to_ndarray()[0].astype(np.float32))
-                for out in resampler.resample(None):
-                    self._on_pcm(out.to_ndarray()[0].astype(np.float32))
+                    if not frame.samples:
+                        continue
+                    if resampler is None:
+                        rate = frame.sample_rate
+                        resampler = soxr.ResampleStream(rate, SAMPLE_RATE, 1, dtype="float32", quality="HQ")
+                    elif frame.sample_rate != rate:
+                        raise ValueError("sample rate changes mid-stream")
+                    self._emit(resampler.resample_chunk(to_mono(frame_to_array(frame, "stream"))))
+                if resampler is not None:
+                    self._emit(resampler.resample_chunk(np.zeros(0, dtype=np.float32), last=True))
         except Exception as err:  # noqa: BLE001 - any demuxer/codec failure is the client's data
             error = f"could not decode the audio stream: {err}"
         finally:
             self._pipe.close()
             self._on_done(error)
+
+    def _emit(self, pcm: np.ndarray) -> None:
+        if len(pcm):
+            self._on_pcm(np.ascontiguousarray(pcm, dtype=np.float32))
