@@ -69,7 +69,7 @@ class Session:
         self._done = False
         self._changed = asyncio.Event()
         self._drained = asyncio.Event()
-        self._wake_scheduled = False
+        self._last_lag = 0.0  # the lag the client was last told
 
     # -- asyncio side -----------------------------------------------------------------------------
 
@@ -119,8 +119,6 @@ class Session:
                 self._changed.clear()
             await self._changed.wait()
 
-    _last_lag = 0.0
-
     @property
     def finished(self) -> bool:
         return self._done
@@ -129,7 +127,10 @@ class Session:
 
     def _notify(self, *events: asyncio.Event) -> None:
         for event in events:
-            self.loop.call_soon_threadsafe(event.set)
+            try:
+                self.loop.call_soon_threadsafe(event.set)
+            except RuntimeError:  # the client's event loop is gone, and nobody is waiting
+                pass
 
 
 class Engine:
