@@ -102,3 +102,13 @@ def test_bench_reports_both_engines(varied_dir):
                    "speed-up vs transformers"):
         assert needle in out, needle
     assert run("bench").returncode == 2  # neither --model nor --random-weights
+
+
+def test_bench_streams_reports_each_count(varied_dir):
+    r = run("bench", "--model", varied_dir, "--seconds", 1, "--dtype", "float32", "--streams", "1,3")
+    assert r.returncode == 0, r.stderr
+    rows = [line.split() for line in r.stdout.splitlines()[2:]]
+    assert [row[0] for row in rows] == ["1", "3"]
+    assert all(float(row[4]) > 0 for row in rows)  # aggregate RTF
+    assert rows[0][5] == "1.00x"  # one stream against itself
+    assert run("bench", "--model", varied_dir, "--streams", "0").returncode == 2

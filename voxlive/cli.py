@@ -113,6 +113,8 @@ def cmd_bench(a) -> int:
     if not a.random_weights and not a.model:
         print("voxlive bench: give --model SRC or --random-weights", file=sys.stderr)
         return 2
+    if a.streams:
+        return _bench_streams(a)
     results = bench(a.model, random_weights=a.random_weights, seconds=a.seconds, dtype=a.dtype, device=a.device,
                     chunk_ms=a.chunk_ms, delay_ms=a.delay_ms, reference=a.reference)
     print(report(results))
@@ -131,6 +133,23 @@ def cmd_serve(a) -> int:
     serve(model, model_id=a.model or DEFAULT_MODEL, host=a.host, port=a.port, max_sessions=a.max_sessions,
           api_key=a.api_key, delay_ms=a.delay_ms, max_message_bytes=a.max_message_kb * 1024,
           max_upload_mb=a.max_upload_mb)
+    return 0
+
+
+def _bench_streams(a) -> int:
+    from .bench import random_checkpoint_dir
+    from .bench_streams import bench_streams, report_streams
+    from .model import load
+
+    try:
+        counts = sorted({int(n) for n in a.streams.split(",")})
+    except ValueError:
+        counts = []
+    if not counts or counts[0] < 1:
+        print("voxlive bench: --streams takes counts like 1,2,4,8,16", file=sys.stderr)
+        return 2
+    model = load(str(random_checkpoint_dir("full")) if a.random_weights else a.model, device=a.device, dtype=a.dtype)
+    print(report_streams(bench_streams(model, counts, seconds=a.seconds, delay_ms=a.delay_ms), a.seconds))
     return 0
 
 
@@ -171,6 +190,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--delay-ms", type=int)
     b.add_argument("--chunk-ms", type=int, help="feed the audio in chunks of this size (default: all at once)")
     b.add_argument("--reference", action="store_true", help="also run transformers on the same weights")
+    b.add_argument("--streams", help="instead: N concurrent streams through the server's engine, e.g. 1,2,4,8,16")
     b.set_defaults(run=cmd_bench)
     return p
 

@@ -1,0 +1,94 @@
+"""``voxlive bench --streams 1,2,4,8,16``: what batching buys the server.
+
+For each count N, N sessions go through the server's own engine (the scheduler thread, batched
+encoder passes and decode steps), each fed the same-length synthetic audio in 80 ms chunks as
+fast as the engine takes it. Reported per N: decode ms per batched step, encoder ms per audio
+second (all streams), wall time, aggregate real-time factor (wall / audio seconds of all streams:
+below 1 means N live streams keep up), and the gain over serving the N streams one after another
+(N x the wall time of one stream / the wall time of N).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+from .bench import bench_audio
+
+CHUNK_SECONDS = 0.08
+
+
+class _StepTimer:
+    """Times the runtime's batched calls from inside the engine thread."""
+
+    def __init__(self, runtime):
+        self.seconds = {"decode": 0.0, "encode": 0.0}
+        self.steps = 0
+        for name, key in (("decode", "decode"), ("encode_batch", "encode")):
+            real = getattr(runtime, name)
+            setattr(runtime, name, self._timed(real, key))
+
+    def _timed(self, real, key):
+        def timed(*args):
+            t = time.perf_counter()
+            out = real(*args)
+            self.seconds[key] += time.perf_counter() - t
+            self.steps += key == "decode"
+            return out
+
+        return timed
+
+    def reset(self):
+        self.seconds = {"decode": 0.0, "encode": 0.0}
+        self.steps = 0
+
+
+async def _serve(engine, pcm, n: int, delay_ms) -> float:
+    step = int(CHUNK_SECONDS * 16000)
+
+    async def one():
+        session = engine.open(delay_ms=delay_ms)
+        for start in range(0, len(pcm), step):
+            await session.append(pcm[start:start + step])
+        session.end()
+        while (await session.next_update()).transcript is None:
+            pass
+
+    t = time.perf_counter()
+    await asyncio.gather(*(one() for _ in range(n)))
+    return time.perf_counter() - t
+
+
+def bench_streams(model, counts: list[int], *, seconds: float, delay_ms=None) -> list[dict]:
+    from .server.engine import Engine
+
+    pcm = bench_audio(seconds)
+    timer = _StepTimer(model.runtime)
+    engine = Engine(model, max_sessions=max(counts), max_buffer_seconds=seconds + 1)
+    engine.start()
+    try:
+        asyncio.run(_serve(engine, pcm[:16000], 1, delay_ms))  # warm-up: the fresh stream's prefill
+        rows = []
+        for n in counts:
+            timer.reset()
+            wall = asyncio.run(_serve(engine, pcm, n, delay_ms))
+            audio = n * len(pcm) / 16000
+            rows.append({"streams": n, "wall_s": wall, "rtf": wall / audio,
+                         "decode_ms_per_step": 1000 * timer.seconds["decode"] / max(1, timer.steps),
+                         "encoder_ms_per_audio_s": 1000 * timer.seconds["encode"] / audio, "steps": timer.steps})
+    finally:
+        engine.stop()
+    single = next((r["wall_s"] for r in rows if r["streams"] == 1), None)
+    for r in rows:
+        r["gain_vs_sequential"] = single * r["streams"] / r["wall_s"] if single else None
+    return rows
+
+
+def report_streams(rows: list[dict], seconds: float) -> str:
+    lines = [f"{seconds:.0f} s of audio per stream, fed in 80 ms chunks through the server's engine",
+             "streams  decode ms/step  encoder ms/audio-s  wall s  aggregate RTF  gain vs one-by-one"]
+    for r in rows:
+        gain = f"{r['gain_vs_sequential']:.2f}x" if r["gain_vs_sequential"] else "-"
+        lines.append(f"{r['streams']:7d}  {r['decode_ms_per_step']:14.1f}  {r['encoder_ms_per_audio_s']:18.1f}"
+                     f"  {r['wall_s']:6.1f}  {r['rtf']:13.3f}  {gain:>18}")
+    return "\n".join(lines)
