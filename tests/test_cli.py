@@ -112,3 +112,38 @@ def test_bench_streams_reports_each_count(varied_dir):
     assert all(float(row[4]) > 0 for row in rows)  # aggregate RTF
     assert rows[0][5] == "1.00x"  # one stream against itself
     assert run("bench", "--model", varied_dir, "--streams", "0").returncode == 2
+
+
+def test_serve_runs_the_server_until_interrupted(varied_dir, varied_model, speech, tmp_path):
+    import signal
+    import time
+
+    import httpx
+    from serving import free_port
+
+    wav = tmp_path / "speech.wav"
+    sf.write(wav, speech, 16000, subtype="FLOAT")
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "voxlive.cli", "serve", "--model", str(varied_dir), "--dtype",
+                             "float32", "--port", str(port), "--api-key", "k", "--delay-ms", "240"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            assert proc.poll() is None, proc.stderr.read()
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/health").status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert time.monotonic() < deadline, "server did not come up"
+            time.sleep(0.2)
+        with open(wav, "rb") as f:
+            r = httpx.post(f"http://127.0.0.1:{port}/v1/audio/transcriptions", files={"file": f},
+                           headers={"Authorization": "Bearer k"}, timeout=120)
+        assert r.json()["text"] == varied_model.transcribe(speech, delay_ms=240).text.strip()  # --delay-ms is the default
+    finally:
+        proc.send_signal(signal.SIGINT)
+        proc.wait(timeout=60)
+    assert proc.returncode == 0
+    assert run("serve", "--model", varied_dir, "--max-sessions", 0).returncode == 2
