@@ -58,13 +58,13 @@ class WhisperLiveKitConnection(Connection):
         super().__init__(ws)
         self.words: list[Word] = []  # every word so far
         self.partial, self.lag = "", 0.0
+        self.decoder: StreamDecoder | None = None
 
     async def run(self) -> None:
         session = await self.open()
         await self.send({"type": "config", "useAudioWorklet": True, "mode": "full"})
         sender = asyncio.create_task(self.deliver(session))
         self.senders.add(sender)
-        decoder: StreamDecoder | None = None
         decoded: asyncio.Future | None = None
         while True:
             message = await self.ws.receive()
@@ -76,11 +76,11 @@ class WhisperLiveKitConnection(Connection):
                 continue
             if not data:
                 break
-            if decoder is None and not session.received and is_container(data):
+            if self.decoder is None and not session.received and is_container(data):
                 decoded = asyncio.get_running_loop().create_future()
-                decoder = self.start_decoder(session, decoded)
-            if decoder is not None:
-                decoder.feed(data)
+                self.decoder = self.start_decoder(session, decoded)
+            if self.decoder is not None:
+                self.decoder.feed(data)
                 if decoded.done():
                     break  # the stream cannot be decoded further: finish with what was
                 continue
@@ -90,8 +90,8 @@ class WhisperLiveKitConnection(Connection):
                 await self.error(f"not PCM s16le audio: {err}; frame ignored", "invalid_audio")
                 continue
             await session.append(pcm)
-        if decoder is not None:
-            decoder.close()
+        if self.decoder is not None:
+            self.decoder.close()
             error = await decoded
             if error:
                 await self.error(error, "invalid_audio")
@@ -122,6 +122,11 @@ class WhisperLiveKitConnection(Connection):
             await self.send(snapshot(self.words, self.partial, self.lag))
             if update.transcript is not None:
                 return
+
+    async def shutdown(self) -> None:
+        if self.decoder is not None:
+            self.decoder.close()  # its thread ends instead of waiting for bytes that will not come
+        await super().shutdown()
 
     async def error(self, message: str, code: str) -> None:
         await self.send(snapshot(self.words, self.partial, self.lag, error=message))
