@@ -5,8 +5,9 @@ streams PCM over ``WS /asr``; the file upload goes through ``/v1/audio/transcrip
 downloads through ``/v1/subtitles``. The server runs with an API key, which the page gets only from
 its own URL (``/?token=``), so every request passing proves the page forwards it.
 
-A screenshot of the page is saved to ``$VOXLIVE_ARTIFACTS_DIR/page.png`` (default ``artifacts/``
-at the repository root). Skipped when Chromium or Playwright is missing.
+Screenshots of the page are saved to ``$VOXLIVE_ARTIFACTS_DIR/page.png`` (after an upload, word
+times shown) and ``page-live.png`` (while the microphone streams); the default folder is
+``artifacts/`` at the repository root. Skipped when Chromium or Playwright is missing.
 """
 
 from __future__ import annotations
@@ -118,11 +119,11 @@ def _words(page) -> list[dict]:
         "els => els.map(e => ({text: e.textContent, start: +e.dataset.start, end: +e.dataset.end, title: e.title}))")
 
 
-def _screenshot(page, tmp_path) -> None:
-    page.screenshot(path=str(tmp_path / "page.png"), full_page=True)
+def _screenshot(page, tmp_path, name="page.png") -> None:
+    page.screenshot(path=str(tmp_path / name), full_page=True)
     folder = Path(os.environ.get("VOXLIVE_ARTIFACTS_DIR", REPO / "artifacts"))
     folder.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(tmp_path / "page.png", folder / "page.png")
+    shutil.copyfile(tmp_path / name, folder / name)
 
 
 def test_page_needs_the_key(server):
@@ -142,6 +143,14 @@ def test_page_needs_the_key(server):
 def test_microphone_streams_live(page, tmp_path):
     page.wait_for_function("window.AudioWorkletNode !== undefined")
     assert page.inner_text("#status") == "ready"
+    # Remember every word the page showed as pending (the word still being spoken).
+    page.evaluate("""() => {
+        window.pendingSeen = [];
+        new MutationObserver(() => {
+            const el = document.querySelector('#pending');
+            if (el && el.textContent) window.pendingSeen.push([el.textContent, getComputedStyle(el).fontStyle]);
+        }).observe(document.querySelector('#transcript'), {childList: true, subtree: true});
+    }""")
     page.click("#start")
     page.wait_for_function("document.querySelector('#status').textContent === 'listening'")
     assert page.is_enabled("#stop") and page.is_disabled("#start") and page.is_disabled("#upload")
@@ -149,6 +158,7 @@ def test_microphone_streams_live(page, tmp_path):
     page.wait_for_function("document.querySelectorAll('#transcript .w').length >= 5")
     assert page.inner_text("#status") == "listening"
     assert re.fullmatch(r"lag \d+\.\d s", page.inner_text("#lag"))
+    _screenshot(page, tmp_path, "page-live.png")
     time.sleep(1.0)  # a little more speech
     page.click("#stop")
     page.wait_for_function("document.querySelector('#status').textContent.startsWith('finished')")
@@ -166,6 +176,9 @@ def test_microphone_streams_live(page, tmp_path):
     assert re.fullmatch(r"lag \d+\.\d s", page.inner_text("#lag"))
     assert not page.is_visible("#error")
     assert page.query_selector("#pending") is None  # nothing is pending once the stream is over
+    pending = page.evaluate("window.pendingSeen")
+    assert pending, "no word in progress was ever shown"
+    assert all(style == "italic" for _, style in pending)
     assert page.is_enabled("#start") and page.is_disabled("#stop")
     assert page.is_enabled("#download-txt")
 
