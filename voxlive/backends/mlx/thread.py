@@ -4,25 +4,41 @@ MLX streams belong to the thread that created them: an array built on one thread
 another fails with "There is no Stream(gpu, N) in current thread". A server calls the runtime from
 a pool of threads, so every runtime method hands its work to this single thread and waits for it.
 It is one per process, not one per runtime, because the device (and its streams) is one per
-process; calls from the MLX thread itself run directly.
+process; calls from the MLX thread itself run directly. It is a daemon thread that never exits:
+a thread that has used MLX and exits at interpreter shutdown (as a ThreadPoolExecutor's worker
+does) aborts the process about one time in two ("terminate called without an active exception").
 """
 
 from __future__ import annotations
 
 import functools
+import queue
 import threading
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future
 
 
 class MLXThread:
     def __init__(self):
-        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="voxlive-mlx")
-        self._ident = self._pool.submit(threading.get_ident).result()
+        self._jobs: queue.SimpleQueue = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._serve, name="voxlive-mlx", daemon=True)
+        self._thread.start()
+
+    def _serve(self) -> None:
+        while True:
+            future, fn, args, kwargs = self._jobs.get()
+            if future.set_running_or_notify_cancel():
+                try:
+                    future.set_result(fn(*args, **kwargs))
+                except BaseException as e:  # handed to the caller, raised in its thread
+                    future.set_exception(e)
 
     def run(self, fn, *args, **kwargs):
-        if threading.get_ident() == self._ident:
+        """Call ``fn`` on the MLX thread and return its result (or raise its exception) here."""
+        if threading.current_thread() is self._thread:
             return fn(*args, **kwargs)
-        return self._pool.submit(fn, *args, **kwargs).result()
+        future: Future = Future()
+        self._jobs.put((future, fn, args, kwargs))
+        return future.result()
 
 
 _lock = threading.Lock()
