@@ -129,6 +129,15 @@ def test_batched_encode_and_decode_equal_one_by_one(mlx_model, speech):
         assert s.finish().tokens == exp
 
 
+def test_offline_decoding_runs_a_step_ahead(mlx_model, speech):
+    rt = mlx_model.runtime
+    before, steps = rt.steps_ahead_used, rt.decode_steps
+    n = len(mlx_model.transcribe(speech).tokens)
+    # every step but the first of each 30 s chunk and of the drain at finish() was started ahead
+    assert rt.decode_steps - steps == n - 1
+    assert rt.steps_ahead_used - before >= n - 4
+
+
 def test_step_ahead_is_dropped_when_the_token_fed_back_differs(mlx_model, varied_model, speech):
     # Every 5th token is replaced by </s> before it is fed back, so the step computed ahead on the
     # model's own token must be thrown away and redone: the result must equal torch's.

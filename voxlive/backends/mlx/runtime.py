@@ -107,7 +107,8 @@ class MLXRuntime:
         # Encode at most about one encoder window of frames at a time (as the PyTorch runtime does).
         self.encode_block_tokens = max(1, c.encoder.sliding_window // (2 * c.downsample_factor))
         self._ahead: _StepAhead | None = None
-        self._steps = 0
+        self.decode_steps = 0  # decode calls so far (the buffer cache is cleared every CLEAR_CACHE_STEPS)
+        self.steps_ahead_used = 0  # decode steps that found their work already started
 
     @on_mlx_thread
     def _load(self, w: WeightReader) -> None:
@@ -245,6 +246,7 @@ class MLXRuntime:
         if (ahead is not None and len(ahead.states) == len(states)
                 and all(a is b for a, b in zip(ahead.states, states)) and ahead.tokens == list(tokens)):
             out = ahead.next_tokens
+            self.steps_ahead_used += 1
         else:
             out = self._step(states, mx.array(tokens, dtype=mx.int32))
         for s in states:  # commit the step
@@ -257,7 +259,7 @@ class MLXRuntime:
         result = out.tolist()
         if self._ahead is not None:
             self._ahead.tokens = result
-        self._steps += 1
-        if self._steps % CLEAR_CACHE_STEPS == 0:
+        self.decode_steps += 1
+        if self.decode_steps % CLEAR_CACHE_STEPS == 0:
             mx.clear_cache()
         return result
