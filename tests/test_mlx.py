@@ -17,15 +17,16 @@ import pytest
 
 pytest.importorskip("mlx.core", reason="MLX is not installed (pip install 'mlx[cpu]' on Linux, 'mlx' on a Mac)")
 
-import voxlive  # noqa: E402
-from voxlive import mlx_layout  # noqa: E402
-from voxlive.checkpoint import CheckpointError, SafetensorsFile  # noqa: E402
-from voxlive.reference import offline_padded_audio  # noqa: E402
-from voxlive.session import Stream, decode_ready  # noqa: E402
-from voxlive.testing import write_random_checkpoint  # noqa: E402
+from conftest import VARIED_ADAPTER_SCALE
+from test_streaming import _EosEvery, _random_chunks, _stream_tokens
 
-from conftest import VARIED_ADAPTER_SCALE  # noqa: E402
-from test_streaming import _EosEvery, _random_chunks, _stream_tokens  # noqa: E402
+import voxlive
+from voxlive import mlx_layout
+from voxlive.checkpoint import CheckpointError, SafetensorsFile
+from voxlive.config import ConfigError
+from voxlive.reference import offline_padded_audio
+from voxlive.session import Stream, decode_ready
+from voxlive.testing import write_random_checkpoint
 
 # Sizes whose every matrix input is a multiple of MLX's default quantization group (64), so every
 # matrix but ada_rms_norm_t_cond.2 (32 inputs, as in the real model) is quantized.
@@ -255,6 +256,10 @@ def test_converted_layout_errors(quant_dir, tmp_path, varied_dir):
     tensors = {n: mx.array(f.read(n)) for n in f.tensors if n != "adapter.w_in.weight"}
     mx.save_safetensors(str(out / "model.safetensors"), tensors)
     with pytest.raises(CheckpointError, match="missing tensor 'adapter.w_in.weight'"):
+        voxlive.load(out, backend="mlx")
+    config = json.loads((out / "config.json").read_text())
+    (out / "config.json").write_text(json.dumps({**config, "quantization": {"group_size": 64, "bits": 7}}))
+    with pytest.raises(ConfigError, match="quantization must be"):
         voxlive.load(out, backend="mlx")
     assert not mlx_layout.is_converted(varied_dir)
 

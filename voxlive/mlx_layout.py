@@ -124,9 +124,10 @@ def load_converted_config(directory: Path) -> tuple[ModelConfig, dict | None]:
     config = parse_config(params, audio, params_name=str(directory / CONFIG_FILE),
                           tekken_name=str(directory / "tekken.json"))
     quant = params.get("quantization")
-    if quant is not None:
-        if not isinstance(quant, dict) or not {"group_size", "bits"} <= set(quant):
-            raise ConfigError(f"{directory / CONFIG_FILE}: quantization must be {{group_size, bits}}, got {quant!r}")
+    if quant is not None and not (isinstance(quant, dict) and quant.get("group_size") in (32, 64, 128)
+                                  and quant.get("bits") in (2, 3, 4, 5, 6, 8)):
+        raise ConfigError(f"{directory / CONFIG_FILE}: quantization must be {{group_size: 32|64|128, "
+                          f"bits: 2..6|8}}, got {quant!r}")
     return config, quant
 
 
