@@ -167,6 +167,22 @@ def test_calls_from_many_threads(mlx_model, speech):
     assert len(seen) > 1
 
 
+def test_mlx_work_runs_on_the_mlx_thread(mlx_model, monkeypatch):
+    decoder = mlx_model.runtime.decoder
+    names = []
+    original = decoder.ffn_scales
+
+    def recording(delay):
+        names.append(threading.current_thread().name)
+        return original(delay)
+
+    monkeypatch.setattr(decoder, "ffn_scales", recording)
+    mlx_model.runtime.new_state(6)
+    with ThreadPoolExecutor(2) as pool:
+        pool.submit(mlx_model.runtime.new_state, 6).result()
+    assert names == ["voxlive-mlx", "voxlive-mlx"]
+
+
 def test_memory_is_bounded_on_long_audio(mlx_model):
     s = mlx_model.stream()
     rng = np.random.default_rng(0)
