@@ -112,16 +112,19 @@ def torch_floors(runtime, sync, repeats: int = 3) -> dict:
 
 
 def run_voxlive(model_dir: str, seconds: float, dtype: str | None, device: str | None, chunk_ms: int | None,
-                delay_ms: int | None) -> dict:
+                delay_ms: int | None, backend: str = "auto", quantize: str | None = None) -> dict:
     import torch
 
     from .model import load
 
     t = time.perf_counter()
-    model = load(model_dir, device=device, dtype=dtype)
+    model = load(model_dir, backend=backend, device=device, dtype=dtype, quantize=quantize)
     load_s = time.perf_counter() - t
     dev = model.runtime.device
-    sync = (lambda: torch.cuda.synchronize(dev)) if dev.type == "cuda" else (lambda: None)
+    if model.backend == "mlx":
+        sync = model.runtime.synchronize  # MLX returns before queued work is done
+    else:
+        sync = (lambda: torch.cuda.synchronize(dev)) if dev.type == "cuda" else (lambda: None)
     model.runtime = timed = _Timed(model.runtime, sync)
     audio = bench_audio(seconds)
     t = time.perf_counter()
@@ -138,7 +141,9 @@ def run_voxlive(model_dir: str, seconds: float, dtype: str | None, device: str |
     padded_seconds = stream.encoded * model.config.audio.ms_per_token / 1000
     floors = torch_floors(timed._rt, sync) if model.backend == "torch" else {}
     return {**floors,
-        "engine": "voxlive", "device": str(dev), "dtype": str(model.runtime.dtype).replace("torch.", ""),
+        "engine": "voxlive", "backend": model.backend, "quantize": quantize,
+        "device": dev.type.name if model.backend == "mlx" else str(dev),
+        "dtype": str(model.runtime.dtype).replace("torch.", "").replace("mlx.core.", ""),
         "threads": torch.get_num_threads(), "load_s": load_s, "audio_s": seconds,
         "chunk_ms": chunk_ms, "tokens": len(transcript.tokens),
         "encoder_ms_per_audio_s": 1000 * timed.seconds.get("encode", 0) / padded_seconds,
@@ -189,7 +194,9 @@ def _subprocess(args: list[str]) -> dict:
 def report(results: list[dict]) -> str:
     lines = []
     for r in results:
-        lines.append(f"[{r['engine']}] {r['device']} {r['dtype']}, {r['threads']} threads, "
+        weights = f"{r['dtype']} {r['quantize']}" if r.get("quantize") else r["dtype"]
+        backend = f", {r['backend']} backend" if "backend" in r else ""
+        lines.append(f"[{r['engine']}] {r['device']} {weights}{backend}, {r['threads']} threads, "
                      f"{r['audio_s']:.0f} s of audio, {r['tokens']} tokens")
         lines.append(f"  load            {r['load_s']:8.1f} s")
         if r["engine"] == "voxlive":
@@ -214,7 +221,8 @@ def report(results: list[dict]) -> str:
 
 
 def bench(model: str | None, *, random_weights: bool, seconds: float, dtype: str | None, device: str | None,
-          chunk_ms: int | None, delay_ms: int | None, reference: bool) -> list[dict]:
+          chunk_ms: int | None, delay_ms: int | None, reference: bool, backend: str = "auto",
+          quantize: str | None = None) -> list[dict]:
     if random_weights:
         model_dir = str(random_checkpoint_dir("full"))
     else:
@@ -227,6 +235,7 @@ def bench(model: str | None, *, random_weights: bool, seconds: float, dtype: str
     if delay_ms:
         common += ["--delay-ms", str(delay_ms)]
     mine = common + (["--device", device] if device else []) + (["--chunk-ms", str(chunk_ms)] if chunk_ms else [])
+    mine += ["--backend", backend] + (["--quantize", quantize] if quantize else [])
     results = [_subprocess(["voxlive", *mine])]
     if reference:
         results.append(_subprocess(["reference", *common]))
@@ -244,9 +253,11 @@ def _worker(argv: list[str]) -> None:
     p.add_argument("--device")
     p.add_argument("--chunk-ms", type=int)
     p.add_argument("--delay-ms", type=int)
+    p.add_argument("--backend", default="auto")
+    p.add_argument("--quantize")
     a = p.parse_args(argv)
     if a.engine == "voxlive":
-        r = run_voxlive(a.model, a.seconds, a.dtype, a.device, a.chunk_ms, a.delay_ms)
+        r = run_voxlive(a.model, a.seconds, a.dtype, a.device, a.chunk_ms, a.delay_ms, a.backend, a.quantize)
     else:
         r = run_reference(a.model, a.seconds, a.dtype, a.delay_ms)
     print(json.dumps(r))

@@ -2,9 +2,10 @@
 
 The safetensors file is read with plain positioned reads straight into the destination buffer: no
 mmap that would keep the whole file resident beside the copy, no dictionary of every tensor at
-once. So loading the 8.9 GB bf16 model costs ~9 GB of RSS, not twice that. The native Mistral
-layout is the only one for now; the expected names and shapes come from the config, and any
-difference is reported with the file and the tensor named.
+once. So loading the 8.9 GB bf16 model costs ~9 GB of RSS, not twice that. Two layouts are read:
+the native Mistral one and the mlx-community converted one (``mlx_layout``, possibly quantized;
+the MLX backend's). The expected names and shapes come from the config, and any difference is
+reported with the file and the tensor named.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
+from . import mlx_layout
 from .config import ModelConfig, load_config
 
 DEFAULT_MODEL = "mistralai/Voxtral-Mini-4B-Realtime-2602"
@@ -165,13 +167,50 @@ def expected_native_tensors(c: ModelConfig) -> dict[str, tuple[int, ...]]:
 FLOAT_DTYPES = ("F32", "F16", "BF16")
 
 
+class ShardedSafetensors:
+    """Several safetensors files read as one (the converted layout's shards)."""
+
+    def __init__(self, paths: list[Path]):
+        self.files = [SafetensorsFile(p) for p in paths]
+        self.path = paths[0] if len(paths) == 1 else paths[0].parent
+        self.tensors: dict[str, TensorInfo] = {}
+        self._owner: dict[str, SafetensorsFile] = {}
+        for f in self.files:
+            for name, info in f.tensors.items():
+                self.tensors[name] = info
+                self._owner[name] = f
+
+    def read_into(self, name: str, out: np.ndarray) -> np.ndarray:
+        return self._owner[name].read_into(name, out)
+
+    def read(self, name: str) -> np.ndarray:
+        return self._owner[name].read(name)
+
+
+def _check_names(path, expected: dict, found: dict) -> None:
+    missing = [n for n in expected if n not in found]
+    if missing:
+        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+        raise CheckpointError(f"{path}: missing tensor {missing[0]!r}{more}")
+    unexpected = [n for n in found if n not in expected]
+    if unexpected:
+        more = f" (and {len(unexpected) - 1} more)" if len(unexpected) > 1 else ""
+        raise CheckpointError(f"{path}: unexpected tensor {unexpected[0]!r}{more}")
+
+
 @dataclass
 class Checkpoint:
-    """A resolved native checkpoint: its directory, config and validated weights file."""
+    """A resolved checkpoint: its directory, config and validated weights file(s).
+
+    ``layout`` is "native" or "mlx" (the mlx-community converted layout, whose tensors keep their
+    converted names in ``weights``; ``quantization`` is its ``{group_size, bits}`` or None).
+    """
 
     directory: Path
     config: ModelConfig
-    weights: SafetensorsFile
+    weights: SafetensorsFile | ShardedSafetensors
+    layout: str = "native"
+    quantization: dict | None = None
 
     @property
     def tokenizer_path(self) -> Path:
@@ -180,12 +219,15 @@ class Checkpoint:
     @classmethod
     def open(cls, directory: Path) -> Checkpoint:
         directory = Path(directory)
+        if mlx_layout.is_converted(directory):
+            return cls._open_converted(directory)
         for name in NATIVE_FILES:
             if not (directory / name).is_file():
                 if (directory / "config.json").is_file():
                     raise CheckpointError(
                         f"{directory}: has config.json but no {name}: only the native Mistral layout "
-                        f"(params.json, consolidated.safetensors, tekken.json) is supported"
+                        f"(params.json, consolidated.safetensors, tekken.json) and the mlx-community layout "
+                        f"(config.json with Mistral keys, model.safetensors, tekken.json) are supported"
                     )
                 raise CheckpointError(f"{directory}: missing {name} (expected the native Mistral layout)")
         config = load_config(directory)
@@ -194,19 +236,24 @@ class Checkpoint:
         ckpt.validate()
         return ckpt
 
+    @classmethod
+    def _open_converted(cls, directory: Path) -> Checkpoint:
+        if not (directory / "tekken.json").is_file():
+            raise CheckpointError(f"{directory}: missing tekken.json")
+        config, quant = mlx_layout.load_converted_config(directory)
+        ckpt = cls(directory, config, ShardedSafetensors(mlx_layout.weight_files(directory)), "mlx", quant)
+        ckpt.validate()
+        return ckpt
+
     def validate(self) -> None:
         """Names and shapes of the weights must be exactly what the config implies."""
+        if self.layout == "mlx":
+            self._validate_converted()
+            return
         expected = expected_native_tensors(self.config)
         found = self.weights.tensors
         path = self.weights.path
-        missing = [n for n in expected if n not in found]
-        if missing:
-            more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
-            raise CheckpointError(f"{path}: missing tensor {missing[0]!r}{more}")
-        unexpected = [n for n in found if n not in expected]
-        if unexpected:
-            more = f" (and {len(unexpected) - 1} more)" if len(unexpected) > 1 else ""
-            raise CheckpointError(f"{path}: unexpected tensor {unexpected[0]!r}{more}")
+        _check_names(path, expected, found)
         for name, shape in expected.items():
             info = found[name]
             if info.shape != shape:
@@ -215,6 +262,34 @@ class Checkpoint:
                 )
             if info.dtype not in FLOAT_DTYPES:
                 raise CheckpointError(f"{path}: tensor {name!r} has dtype {info.dtype}, expected a float type")
+
+    def _validate_converted(self) -> None:
+        found = self.weights.tensors
+        path = self.weights.path
+        q = self.quantization
+        expected: dict[str, tuple[tuple[int, ...], tuple[str, ...]]] = {}
+        for native, shape in expected_native_tensors(self.config).items():
+            name = mlx_layout.converted_name(native)
+            if mlx_layout.is_conv_weight(native):
+                shape = (shape[0], shape[2], shape[1])
+            weight, scales, biases = mlx_layout.quantized_parts(name)
+            if q is not None and scales in found:
+                out, n_in = shape
+                if n_in % q["group_size"] or (n_in * q["bits"]) % 32:
+                    raise CheckpointError(f"{path}: tensor {name!r} with {n_in} inputs cannot be quantized with {q}")
+                expected[weight] = ((out, n_in * q["bits"] // 32), ("U32",))
+                expected[scales] = expected[biases] = ((out, n_in // q["group_size"]), FLOAT_DTYPES)
+            else:
+                expected[name] = (shape, FLOAT_DTYPES)
+        _check_names(path, expected, found)
+        for name, (shape, dtypes) in expected.items():
+            info = found[name]
+            if info.shape != shape:
+                raise CheckpointError(
+                    f"{path}: tensor {name!r} has shape {list(info.shape)}, expected {list(shape)} from config.json"
+                )
+            if info.dtype not in dtypes:
+                raise CheckpointError(f"{path}: tensor {name!r} has dtype {info.dtype}, expected {' or '.join(dtypes)}")
 
 
 def resolve(source: str | os.PathLike | None) -> Path:
@@ -232,7 +307,12 @@ def resolve(source: str | os.PathLike | None) -> Path:
     from huggingface_hub import snapshot_download
 
     try:
-        return Path(snapshot_download(repo_id=text, allow_patterns=list(NATIVE_FILES)))
+        # The small JSON files first: they say which layout the repository holds, so only that
+        # layout's weights are downloaded.
+        path = Path(snapshot_download(repo_id=text, allow_patterns=["*.json"]))
+        if (path / "params.json").is_file() or not mlx_layout.is_converted(path):
+            return Path(snapshot_download(repo_id=text, allow_patterns=list(NATIVE_FILES)))
+        return Path(snapshot_download(repo_id=text, allow_patterns=["*.json", "model*.safetensors"]))
     except Exception as e:  # network, auth, missing repo: all say the same to the user
         raise CheckpointError(f"could not download {text} from the Hugging Face Hub: {e}") from e
 

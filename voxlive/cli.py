@@ -1,4 +1,4 @@
-"""The ``voxlive`` command: transcribe, listen, serve, bench."""
+"""The ``voxlive`` command: transcribe, listen, serve, bench, convert."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ PROGRESS_MIN_SECONDS = 30.0  # a progress bar only for files long enough to need
 def _model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", help="checkpoint directory or Hugging Face repo id (default: the official model)")
     p.add_argument("--backend", default="auto", choices=["auto", "torch", "mlx"])
-    p.add_argument("--device", help="cpu, cuda, cuda:N (default: best available)")
+    p.add_argument("--device", help="cpu, cuda, cuda:N; mlx: cpu, gpu (default: best available)")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="default: bfloat16")
     p.add_argument("--quantize", choices=["int8", "int4", "int6"], help="weight-only quantization")
     p.add_argument("--delay-ms", type=int, help="transcription delay: 80..1200 in steps of 80, or 2400 (default 480)")
@@ -116,7 +116,8 @@ def cmd_bench(a) -> int:
     if a.streams:
         return _bench_streams(a)
     results = bench(a.model, random_weights=a.random_weights, seconds=a.seconds, dtype=a.dtype, device=a.device,
-                    chunk_ms=a.chunk_ms, delay_ms=a.delay_ms, reference=a.reference)
+                    chunk_ms=a.chunk_ms, delay_ms=a.delay_ms, reference=a.reference, backend=a.backend,
+                    quantize=a.quantize)
     print(report(results))
     return 0
 
@@ -148,8 +149,21 @@ def _bench_streams(a) -> int:
     if not counts or counts[0] < 1:
         print("voxlive bench: --streams takes counts like 1,2,4,8,16", file=sys.stderr)
         return 2
-    model = load(str(random_checkpoint_dir("full")) if a.random_weights else a.model, device=a.device, dtype=a.dtype)
+    model = load(str(random_checkpoint_dir("full")) if a.random_weights else a.model, backend=a.backend,
+                 device=a.device, dtype=a.dtype, quantize=a.quantize)
     print(report_streams(bench_streams(model, counts, seconds=a.seconds, delay_ms=a.delay_ms), a.seconds))
+    return 0
+
+
+def cmd_convert(a) -> int:
+    if a.backend != "mlx":
+        print("voxlive convert: only --backend mlx writes a converted checkpoint (the mlx-community layout)",
+              file=sys.stderr)
+        return 2
+    from .backends.mlx.convert import convert
+
+    out = convert(a.source, a.output, quantize=a.quantize, dtype=a.dtype)
+    print(f"{a.source} -> {out}", file=sys.stderr)
     return 0
 
 
@@ -191,7 +205,17 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--chunk-ms", type=int, help="feed the audio in chunks of this size (default: all at once)")
     b.add_argument("--reference", action="store_true", help="also run transformers on the same weights")
     b.add_argument("--streams", help="instead: N concurrent streams through the server's engine, e.g. 1,2,4,8,16")
+    b.add_argument("--backend", default="auto", choices=["auto", "torch", "mlx"])
+    b.add_argument("--quantize", choices=["int8", "int4", "int6"], help="weight-only quantization")
     b.set_defaults(run=cmd_bench)
+
+    c = sub.add_parser("convert", help="write a checkpoint in another layout (mlx: the mlx-community one)")
+    c.add_argument("source", metavar="SRC", help="native checkpoint directory or Hugging Face repo id")
+    c.add_argument("output", metavar="OUT", help="output directory (new or empty)")
+    c.add_argument("--backend", default="mlx", choices=["mlx", "torch"])
+    c.add_argument("--quantize", choices=["int8", "int4", "int6"], help="weight-only quantization")
+    c.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="float weights' dtype (default bfloat16)")
+    c.set_defaults(run=cmd_convert)
     return p
 
 
@@ -202,7 +226,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         return a.run(a)
-    except (CheckpointError, ConfigError, ValueError, NotImplementedError) as e:
+    except (CheckpointError, ConfigError, ValueError, NotImplementedError, ImportError) as e:
         print(f"voxlive: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

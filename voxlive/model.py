@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
+import platform
 from typing import Callable
 
 import numpy as np
 
 from .audio import SAMPLE_RATE, load_audio
-from .checkpoint import open_checkpoint
+from .checkpoint import CheckpointError, open_checkpoint
 from .session import Stream
 from .tokens import Tokenizer
 from .transcript import Transcript
@@ -88,6 +90,12 @@ class Model:
         return self.runtime.logits(state, token_ids)
 
 
+def default_backend() -> str:
+    """"auto": MLX on Apple Silicon when it is installed, else PyTorch."""
+    apple_silicon = platform.system() == "Darwin" and platform.machine() == "arm64"
+    return "mlx" if apple_silicon and importlib.util.find_spec("mlx") is not None else "torch"
+
+
 def load(source: str | os.PathLike | None = None, *, backend: str = "auto", device: str | None = None,
          dtype: str | None = None, quantize: str | None = None) -> Model:
     """Load a checkpoint (local directory or Hugging Face repo id; default the official model)."""
@@ -95,12 +103,23 @@ def load(source: str | os.PathLike | None = None, *, backend: str = "auto", devi
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if quantize not in QUANTIZE:
         raise ValueError(f"quantize must be one of {QUANTIZE}, got {quantize!r}")
+    if backend == "auto":
+        backend = default_backend()
     if backend == "mlx":
-        raise NotImplementedError("the MLX backend is not implemented yet; use backend='torch'")
+        try:
+            from .backends.mlx.runtime import MLXRuntime
+        except ImportError as e:
+            raise ImportError(f"the MLX backend needs mlx ({e}): pip install 'voxlive[mlx]'") from e
+        ckpt = open_checkpoint(source)
+        runtime = MLXRuntime(ckpt, device=device, dtype=dtype, quantize=quantize)
+        return Model(runtime, Tokenizer(ckpt.tokenizer_path), str(ckpt.directory))
     if quantize is not None:
         raise NotImplementedError(f"quantize={quantize!r} is not implemented yet; load without quantize")
     from .backends.torch.runtime import TorchRuntime
 
     ckpt = open_checkpoint(source)
+    if ckpt.layout != "native":
+        raise CheckpointError(f"{ckpt.directory}: the mlx-community converted layout is read by the MLX backend "
+                              f"only (backend='mlx')")
     runtime = TorchRuntime(ckpt, device=device, dtype=dtype)
     return Model(runtime, Tokenizer(ckpt.tokenizer_path), str(ckpt.directory))

@@ -1,0 +1,1 @@
+"""The MLX backend (Apple Silicon GPU; CPU anywhere mlx installs)."""

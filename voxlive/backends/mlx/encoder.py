@@ -1,0 +1,128 @@
+"""Causal audio encoder (conv stem + transformer with a sliding window) and the adapter, in MLX.
+
+The encoder runs on as many frames at once as have arrived, and on the frames of several streams
+at once: their rows are concatenated for every matrix product (one weight read for all), and only
+attention, whose cache is per stream, runs per stream.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import mlx.core as mx
+import mlx.nn as nn
+
+from ...config import ModelConfig
+from .cache import RingKVCache
+from .layers import Matrix, Rope, attend_chunk, linear, rms_norm
+from .weights import WeightReader
+
+
+@dataclass
+class EncoderLayer:
+    attention_norm: mx.array
+    wqkv: Matrix  # [3 * heads * head_dim, dim]: wq | wk | wv fused, one GEMM
+    bqkv: mx.array  # biases of wq and wv, zeros for wk (which has none)
+    wo: Matrix
+    bo: mx.array
+    ffn_norm: mx.array
+    w13: Matrix  # [2 * hidden, dim]: gate (w1) | up (w3)
+    w2: Matrix
+    b2: mx.array
+
+
+@dataclass
+class ConvState:
+    """The causal convolutions' left context: last 2 mel frames and last conv1 output (time-major)."""
+
+    mel_tail: mx.array  # [2, n_mels]
+    conv1_tail: mx.array  # [1, dim]
+
+
+class Encoder:
+    def __init__(self, config: ModelConfig, conv: list[tuple[mx.array, mx.array]], layers: list[EncoderLayer],
+                 norm: mx.array):
+        self.c = config.encoder
+        self.conv = conv  # (weight [out, kernel, in] as mx.conv1d wants it, bias)
+        self.layers = layers
+        self.norm = norm
+        self.rope = Rope(self.c.head_dim, self.c.rope_theta)
+
+    @classmethod
+    def from_weights(cls, w: WeightReader, config: ModelConfig) -> Encoder:
+        e = "mm_streams_embeddings.embedding_module.whisper_encoder."
+        conv = [(w.get(f"{e}conv_layers.{i}.conv.weight").transpose(0, 2, 1), w.get(f"{e}conv_layers.{i}.conv.bias"))
+                for i in range(2)]
+        layers = []
+        for i in range(config.encoder.n_layers):
+            L = f"{e}transformer.layers.{i}."
+            a = L + "attention."
+            layers.append(EncoderLayer(
+                attention_norm=w.get(L + "attention_norm.weight"),
+                wqkv=w.matrix([a + "wq.weight", a + "wk.weight", a + "wv.weight"]),
+                bqkv=w.fused([a + "wq.bias", (config.encoder.n_heads * config.encoder.head_dim,), a + "wv.bias"]),
+                wo=w.matrix([a + "wo.weight"]),
+                bo=w.get(a + "wo.bias"),
+                ffn_norm=w.get(L + "ffn_norm.weight"),
+                w13=w.matrix([L + "feed_forward.w1.weight", L + "feed_forward.w3.weight"]),
+                w2=w.matrix([L + "feed_forward.w2.weight"]),
+                b2=w.get(L + "feed_forward.w2.bias"),
+            ))
+        return cls(config, conv, layers, w.get(e + "transformer.norm.weight"))
+
+    def new_conv_state(self, dtype) -> ConvState:
+        # Zeros: the causal convolutions are left-padded with zeros at the start of a stream.
+        return ConvState(mx.zeros((2, self.c.n_mels), dtype), mx.zeros((1, self.c.dim), dtype))
+
+    def new_cache(self, dtype) -> RingKVCache:
+        c = self.c
+        return RingKVCache(c.n_layers, c.n_heads, c.sliding_window, c.head_dim, dtype=dtype)
+
+    def stem(self, mel: mx.array, state: ConvState) -> mx.array:
+        """mel [n_mels, 2k] -> [k, dim]: conv1 (k3, s1) + GELU, conv2 (k3, s2) + GELU, causal."""
+        (w1, b1), (w2, b2) = self.conv
+        x = mx.concatenate((state.mel_tail, mel.T))
+        state.mel_tail = x[-2:]
+        x = nn.gelu(mx.conv1d(x[None], w1)[0] + b1)
+        x = mx.concatenate((state.conv1_tail, x))
+        state.conv1_tail = x[-1:]
+        return nn.gelu(mx.conv1d(x[None], w2, stride=2)[0] + b2)
+
+    def transformer(self, xs: list[mx.array], caches: list[RingKVCache]) -> mx.array:
+        """Frames of several streams, xs[s] [n_s, dim] at positions caches[s].length.. -> all of them
+        through every block and the final norm, concatenated [sum n_s, dim]."""
+        c = self.c
+        sizes = [x.shape[0] for x in xs]
+        x = xs[0] if len(xs) == 1 else mx.concatenate(xs)
+        for i, L in enumerate(self.layers):
+            h = rms_norm(x, L.attention_norm, c.norm_eps)
+            qkv = linear(h, L.wqkv, L.bqkv).reshape(x.shape[0], 3, c.n_heads, c.head_dim).transpose(1, 2, 0, 3)
+            outs, row = [], 0
+            for n, cache in zip(sizes, caches):
+                q, k, v = qkv[0, :, row:row + n], qkv[1, :, row:row + n], qkv[2, :, row:row + n]
+                q, k = self.rope.apply(q, cache.length), self.rope.apply(k, cache.length)
+                outs.append(attend_chunk(q, k, v, cache, i))
+                row += n
+            x = x + linear(outs[0] if len(outs) == 1 else mx.concatenate(outs), L.wo, L.bo)
+            h = rms_norm(x, L.ffn_norm, c.norm_eps)
+            gate, up = mx.split(linear(h, L.w13), 2, axis=-1)
+            x = x + linear(nn.silu(gate) * up, L.w2, L.b2)
+        for n, cache in zip(sizes, caches):
+            cache.advance(n)
+        return rms_norm(x, self.norm, c.norm_eps)
+
+
+class Adapter:
+    """Groups of ``downsample_factor`` encoder frames -> one decoder embedding (Linear, GELU, Linear)."""
+
+    def __init__(self, w0: Matrix, w2: Matrix, downsample_factor: int):
+        self.w0, self.w2, self.factor = w0, w2, downsample_factor
+
+    @classmethod
+    def from_weights(cls, w: WeightReader, config: ModelConfig) -> Adapter:
+        p = "mm_streams_embeddings.embedding_module.audio_language_projection."
+        return cls(w.matrix([p + "0.weight"]), w.matrix([p + "2.weight"]), config.downsample_factor)
+
+    def __call__(self, x: mx.array) -> mx.array:
+        x = x.reshape(x.shape[0] // self.factor, -1)
+        return linear(nn.gelu(linear(x, self.w0)), self.w2)
