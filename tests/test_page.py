@@ -113,6 +113,16 @@ def page(browser, server):
     assert not console_errors, f"JavaScript errors on the page: {console_errors}"
 
 
+def _wait_status(page, prefix: str) -> str:
+    """Wait until #status starts with ``prefix``, or an error shows (then fail at once, with it)."""
+    page.wait_for_function(
+        """prefix => document.querySelector('#status').textContent.startsWith(prefix)
+                     || document.querySelector('#error').classList.contains('shown')""", arg=prefix)
+    status = page.inner_text("#status")
+    assert status.startswith(prefix), f"status {status!r}, error {page.inner_text('#error')!r}"
+    return status
+
+
 def _words(page) -> list[dict]:
     return page.eval_on_selector_all(
         "#transcript .w",
@@ -152,16 +162,18 @@ def test_microphone_streams_live(page, tmp_path):
         }).observe(document.querySelector('#transcript'), {childList: true, subtree: true});
     }""")
     page.click("#start")
-    page.wait_for_function("document.querySelector('#status').textContent === 'listening'")
+    assert _wait_status(page, "listening") == "listening"
     assert page.is_enabled("#stop") and page.is_disabled("#start") and page.is_disabled("#upload")
     # Words appear while the microphone is still on: live, not at the end.
-    page.wait_for_function("document.querySelectorAll('#transcript .w').length >= 5")
+    page.wait_for_function("""document.querySelectorAll('#transcript .w').length >= 5
+                              || document.querySelector('#error').classList.contains('shown')""")
+    assert not page.is_visible("#error"), page.inner_text("#error")
     assert page.inner_text("#status") == "listening"
     assert re.fullmatch(r"lag \d+\.\d s", page.inner_text("#lag"))
     _screenshot(page, tmp_path, "page-live.png")
     time.sleep(1.0)  # a little more speech
     page.click("#stop")
-    page.wait_for_function("document.querySelector('#status').textContent.startsWith('finished')")
+    _wait_status(page, "finished")
 
     words = _words(page)
     assert len(words) >= 5
@@ -189,7 +201,7 @@ def test_upload_and_downloads(page, server, wav, tmp_path):
     assert page.is_disabled("#upload")
     page.set_input_files("#file", str(wav))
     page.click("#upload")
-    page.wait_for_function("document.querySelector('#status').textContent.startsWith('transcribed')")
+    _wait_status(page, "transcribed")
     assert not page.is_visible("#error")
     words = _words(page)
     shown = [w["text"] for w in words]
