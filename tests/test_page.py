@@ -235,3 +235,37 @@ def test_upload_error_is_shown(page, tmp_path):
     page.wait_for_function("document.querySelector('#status').textContent === 'upload failed'")
     assert page.is_visible("#error")
     assert "400" in page.inner_text("#error")
+
+
+WORKLET_RUN = """async rate => {
+    // The page's own AudioWorklet processor, fed a 440 Hz sine for one second at `rate`.
+    const ctx = new OfflineAudioContext(1, rate, rate);
+    const url = URL.createObjectURL(new Blob([WORKLET_SOURCE], {type: 'application/javascript'}));
+    await ctx.audioWorklet.addModule(url);
+    const node = new AudioWorkletNode(ctx, 'pcm-sender', {
+        numberOfInputs: 1, numberOfOutputs: 1, channelCount: 1, channelCountMode: 'explicit',
+        processorOptions: {targetRate: SAMPLE_RATE, chunk: CHUNK_SAMPLES}});
+    const chunks = [];
+    node.port.onmessage = e => chunks.push(Array.from(new Int16Array(e.data.pcm)));
+    const osc = new OscillatorNode(ctx, {frequency: 440});
+    osc.connect(node);
+    node.connect(ctx.destination);
+    osc.start();
+    await ctx.startRendering();
+    const deadline = performance.now() + 10000;
+    while (chunks.length < 12 && performance.now() < deadline) await new Promise(r => setTimeout(r, 20));
+    return chunks;
+}"""
+
+
+@pytest.mark.parametrize("rate", [16000, 48000])
+def test_worklet_sends_16khz_pcm(page, rate):
+    """The processor posts 80 ms chunks of PCM s16 at 16 kHz, resampling when the context runs at another rate."""
+    import numpy as np
+
+    chunks = page.evaluate(WORKLET_RUN, rate)
+    assert len(chunks) >= 12  # one second at 16 kHz: 12 full chunks of 1280 (the rest waits for a flush)
+    assert all(len(c) == 1280 for c in chunks)
+    got = np.concatenate([np.asarray(c, dtype=np.float64) for c in chunks[:12]]) / 32768
+    want = np.sin(2 * np.pi * 440 * np.arange(len(got)) / 16000)
+    assert np.max(np.abs(got - want)) < 0.01
