@@ -29,6 +29,7 @@ import numpy as np
 
 from ...checkpoint import Checkpoint, CheckpointError
 from ...config import ModelConfig
+from ..pending import take_rows
 from .cache import RingKVCache
 from .decoder import Decoder
 from .encoder import Adapter, ConvState, Encoder
@@ -188,20 +189,7 @@ class MLXRuntime:
         return to_numpy(self._pop(state, sum(a.shape[0] for a in state.pending)))
 
     def _pop(self, state: MLXState, n: int) -> mx.array:
-        queue = state.pending
-        if sum(a.shape[0] for a in queue) < n:
-            raise RuntimeError("decoding a position whose audio has not been encoded")
-        got, taken = [], 0
-        while taken < n:
-            head = queue[0]
-            need = n - taken
-            if head.shape[0] <= need:
-                got.append(queue.pop(0))
-                taken += head.shape[0]
-            else:
-                got.append(head[:need])
-                queue[0] = head[need:]
-                taken = n
+        got = take_rows(state.pending, n)
         return got[0] if len(got) == 1 else mx.concatenate(got)
 
     # -- decoder ----------------------------------------------------------------------------------

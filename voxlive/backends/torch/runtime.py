@@ -15,6 +15,7 @@ import torch
 
 from ...checkpoint import Checkpoint, CheckpointError
 from ...config import ModelConfig
+from ..pending import take_rows
 from .cache import RingKVCache
 from .decoder import Decoder
 from .encoder import Adapter, ConvState, Encoder
@@ -136,20 +137,7 @@ class TorchRuntime:
         return out.float().cpu().numpy()
 
     def _pop(self, state: TorchState, n: int) -> torch.Tensor:
-        queue = state.pending
-        if sum(t.shape[0] for t in queue) < n:
-            raise RuntimeError("decoding a position whose audio has not been encoded")
-        got, taken = [], 0
-        while taken < n:
-            head = queue[0]
-            need = n - taken
-            if head.shape[0] <= need:
-                got.append(queue.pop(0))
-                taken += head.shape[0]
-            else:
-                got.append(head[:need])
-                queue[0] = head[need:]
-                taken = n
+        got = take_rows(state.pending, n)
         return got[0] if len(got) == 1 else torch.cat(got)
 
     # -- decoder ----------------------------------------------------------------------------------
