@@ -68,7 +68,8 @@ def test_inbox_is_bounded_and_lag_is_reported(model, varied_model, speech):
         session.end()
         return peak, lags, await reading
 
-    peak, lags, transcript = run_engine(model, body, max_buffer_seconds=limit / 16000, max_backlog_seconds=0.16)
+    peak, lags, transcript = run_engine(model, body, max_buffer_seconds=limit / 16000, max_backlog_seconds=0.16,
+                                       refill_below_seconds=0.08)
     assert peak <= limit + chunk  # append waited for room instead of queueing the whole file
     assert max(lags) > 0.2 and lags[-1] == 0.0
     assert transcript.tokens == varied_model.transcribe(speech).tokens  # nothing lost by waiting

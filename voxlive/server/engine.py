@@ -1,9 +1,15 @@
 """The scheduler: one thread owns the model and serves every live session in batched steps.
 
 Sessions (WebSocket streams, uploads) hand audio to the engine thread through bounded inboxes.
-The thread loops: take new audio from every session (as much as keeps each stream's undecoded
-backlog under ``max_backlog_seconds``), encode it in ONE batched encoder pass, run prompt positions,
-then ONE batched decode step over every stream that has a position ready. Sessions join and leave
+The thread loops: take new audio from every session, encode it in ONE batched encoder pass, run
+prompt positions, then ONE batched decode step over every stream that has a position ready.
+
+How much audio a stream takes is a trade-off between latency and encoder efficiency. A stream
+that keeps up (undecoded backlog under ``refill_below_seconds``) takes whatever has arrived, so a
+live word is encoded as soon as its audio is in. A stream that lags (an upload, or more streams
+than the machine serves in real time) is left to drain to that mark and then topped up to
+``max_backlog_seconds`` in one go: the encoder then runs on many tokens per pass (compute-bound
+GEMMs) instead of reading its weights once per 80 ms token. Sessions join and leave
 between steps (continuous batching), so N streams cost one read of the decoder weights per step
 instead of N.
 
@@ -137,12 +143,14 @@ class Engine:
     """The thread that owns the model. Create one per model; ``start`` it, ``stop`` it at shutdown."""
 
     def __init__(self, model, *, max_sessions: int = 16, max_buffer_seconds: float = 30.0,
-                 max_backlog_seconds: float = 2.0):
+                 max_backlog_seconds: float = 4.0, refill_below_seconds: float = 1.0):
         self.model = model
         self.max_sessions = max_sessions
         rate = model.config.audio.sample_rate
         self.max_buffer_samples = int(max_buffer_seconds * rate)
-        self.max_backlog_tokens = max(1, round(max_backlog_seconds * 1000 / model.config.audio.ms_per_token))
+        ms = model.config.audio.ms_per_token
+        self.max_backlog_tokens = max(1, round(max_backlog_seconds * 1000 / ms))
+        self.refill_below_tokens = min(self.max_backlog_tokens - 1, round(refill_below_seconds * 1000 / ms))
         self.lock = threading.Lock()
         self.work = threading.Condition(self.lock)
         self.sessions: list[Session] = []
@@ -228,7 +236,8 @@ class Engine:
         with self.lock:
             for s in sessions:
                 st = s.stream
-                room = (self.max_backlog_tokens - st.backlog) * per_token
+                lagging = st.backlog > self.refill_below_tokens
+                room = 0 if lagging else (self.max_backlog_tokens - st.backlog) * per_token
                 taken = []
                 while s._inbox and room > 0:
                     chunk = s._inbox.popleft()
