@@ -71,12 +71,15 @@ class _Timed:
 def torch_floors(runtime, sync, repeats: int = 3) -> dict:
     """What one decode step cannot beat on this machine, measured on the loaded weights themselves.
 
-    gemv_floor_ms: every decoder matrix (and the LM head) multiplied by one vector with stock
-    ``F.linear``, nothing else: the step minus attention, norms and Python. memory_floor_ms: the
-    decoder's weight bytes over the bandwidth of a plain read (a sum over the embedding matrix's bytes).
+    gemv_floor_ms: every decoder matrix (and the LM head) multiplied by one vector, with the same
+    ``linear`` (stock ``F.linear`` or the quantized kernel) and nothing else: the step minus
+    attention, norms and Python. memory_floor_ms: the decoder's weight bytes (as stored: quantized
+    bytes and scales) over the bandwidth of a plain read (a sum over the embedding matrix's bytes).
     """
     import torch
-    import torch.nn.functional as F
+
+    from .backends.torch.quant import linear
+    from .backends.torch.quant import nbytes as weight_bytes
 
     d = runtime.decoder
     c = d.c
@@ -84,12 +87,12 @@ def torch_floors(runtime, sync, repeats: int = 3) -> dict:
     a = torch.randn(1, c.n_heads * c.head_dim, dtype=runtime.dtype, device=runtime.device)
     h = torch.randn(1, c.hidden_dim, dtype=runtime.dtype, device=runtime.device)
     weights = [d.embedding] + [w for L in d.layers for w in (L.wqkv, L.wo, L.w13, L.w2)]
-    nbytes = sum(w.numel() * w.element_size() for w in weights)
+    nbytes = sum(weight_bytes(w) for w in weights)
 
     def gemvs():
-        F.linear(x, d.embedding)
+        linear(x, d.embedding)
         for L in d.layers:
-            F.linear(x, L.wqkv), F.linear(a, L.wo), F.linear(x, L.w13), F.linear(h, L.w2)
+            linear(x, L.wqkv), linear(a, L.wo), linear(x, L.w13), linear(h, L.w2)
 
     def best(fn):
         times = []
@@ -100,28 +103,38 @@ def torch_floors(runtime, sync, repeats: int = 3) -> dict:
             times.append(time.perf_counter() - t)
         return min(times)
 
+    # The embedding's bytes (bf16, fp16 or int8) read as float32: a pure read, no conversion, no copy.
+    big = d.embedding if isinstance(d.embedding, torch.Tensor) else d.embedding.q
+    plain = big.view(torch.float32) if big.element_size() < 4 else big
     with torch.inference_mode():
         gemv = best(gemvs)
-        # Read the bf16/fp16 bits as float32 pairs: a pure read, no conversion, no copy.
-        plain = d.embedding.view(torch.float32) if d.embedding.element_size() == 2 else d.embedding
+        torch.set_flush_denormal(True)  # arbitrary bit patterns must not take the slow denormal path
         read = best(plain.sum)
-    bandwidth = d.embedding.numel() * d.embedding.element_size() / read
+        torch.set_flush_denormal(False)
+    bandwidth = big.nbytes / read
     return {"decoder_weight_gb": nbytes / 1e9, "gemv_floor_ms": 1000 * gemv,
             "read_gb_per_s": bandwidth / 1e9, "memory_floor_ms": 1000 * nbytes / bandwidth}
 
 
-def run_voxlive(model_dir: str, seconds: float, dtype: str | None, device: str | None, chunk_ms: int | None,
-                delay_ms: int | None) -> dict:
+def _load_timed(model_dir: str, dtype: str | None, device: str | None, quantize: str | None):
     import torch
 
     from .model import load
 
     t = time.perf_counter()
-    model = load(model_dir, device=device, dtype=dtype)
+    model = load(model_dir, device=device, dtype=dtype, quantize=quantize)
     load_s = time.perf_counter() - t
     dev = model.runtime.device
     sync = (lambda: torch.cuda.synchronize(dev)) if dev.type == "cuda" else (lambda: None)
     model.runtime = timed = _Timed(model.runtime, sync)
+    info = {"engine": "voxlive", "device": str(dev), "dtype": str(timed.dtype).replace("torch.", ""),
+            "quantize": getattr(timed, "quantize", None), "threads": torch.get_num_threads(), "load_s": load_s}
+    return model, timed, sync, info
+
+
+def run_voxlive(model_dir: str, seconds: float, dtype: str | None, device: str | None, chunk_ms: int | None,
+                delay_ms: int | None, quantize: str | None = None) -> dict:
+    model, timed, sync, info = _load_timed(model_dir, dtype, device, quantize)
     audio = bench_audio(seconds)
     t = time.perf_counter()
     stream = model.stream(delay_ms=delay_ms)  # the first: encodes and decodes the left pad
@@ -135,17 +148,46 @@ def run_voxlive(model_dir: str, seconds: float, dtype: str | None, device: str |
     transcript = stream.finish()
     wall = time.perf_counter() - t - next_stream_s
     padded_seconds = stream.encoded * model.config.audio.ms_per_token / 1000
+    rss = peak_rss_mb()
     floors = torch_floors(timed._rt, sync) if model.backend == "torch" else {}
-    return {**floors,
-        "engine": "voxlive", "device": str(dev), "dtype": str(model.runtime.dtype).replace("torch.", ""),
-        "threads": torch.get_num_threads(), "load_s": load_s, "audio_s": seconds,
-        "chunk_ms": chunk_ms, "tokens": len(transcript.tokens),
+    return {**floors, **info, "audio_s": seconds, "chunk_ms": chunk_ms, "tokens": len(transcript.tokens),
         "encoder_ms_per_audio_s": 1000 * timed.seconds.get("encode", 0) / padded_seconds,
         "prefill_ms": 1000 * timed.seconds.get("prefill", 0),
         "first_stream_ms": 1000 * first_stream_s, "next_stream_ms": 1000 * next_stream_s,
         "decode_ms_per_step": 1000 * timed.seconds.get("decode", 0) / max(1, timed.calls.get("decode", 0)),
-        "wall_s": wall, "rtf": wall / seconds, "peak_rss_mb": peak_rss_mb(),
+        "wall_s": wall, "rtf": wall / seconds, "peak_rss_mb": rss,
     }
+
+
+def run_voxlive_streams(model_dir: str, seconds: float, dtype: str | None, device: str | None, chunk_ms: int,
+                        delay_ms: int | None, quantize: str | None, streams: int) -> dict:
+    """Several live streams fed together, chunk by chunk, decoding in batched steps.
+
+    The aggregate real-time factor is the wall time of feeding every stream ``seconds`` of audio
+    over those seconds (below 1: all the streams keep up with real time). The end of each stream
+    (right pad, drain) is not timed: it runs one stream at a time.
+    """
+    from .session import decode_ready
+
+    model, timed, sync, info = _load_timed(model_dir, dtype, device, quantize)
+    audios = [bench_audio(seconds, seed=i) for i in range(streams)]
+    live = [model.stream(delay_ms=delay_ms) for _ in range(streams)]
+    timed.seconds.clear()
+    timed.calls.clear()
+    step = SAMPLE_RATE * chunk_ms // 1000
+    t = time.perf_counter()
+    for start in range(0, len(audios[0]), step):
+        for s, audio in zip(live, audios):
+            s.push(audio[start:start + step])
+        decode_ready(live)
+    wall = time.perf_counter() - t
+    decode_steps = timed.calls.get("decode", 0)
+    for s in live:
+        s.finish()
+    return {**info, "engine": "voxlive-streams", "streams": streams, "audio_s": seconds, "chunk_ms": chunk_ms,
+            "encoder_ms_per_audio_s": 1000 * timed.seconds.get("encode", 0) / (streams * seconds),
+            "decode_ms_per_step": 1000 * timed.seconds.get("decode", 0) / max(1, decode_steps),
+            "decode_steps": decode_steps, "wall_s": wall, "rtf": wall / seconds, "peak_rss_mb": peak_rss_mb()}
 
 
 def run_reference(model_dir: str, seconds: float, dtype: str | None, delay_ms: int | None) -> dict:
@@ -188,7 +230,17 @@ def _subprocess(args: list[str]) -> dict:
 def report(results: list[dict]) -> str:
     lines = []
     for r in results:
-        lines.append(f"[{r['engine']}] {r['device']} {r['dtype']}, {r['threads']} threads, "
+        weights = f"{r['dtype']}" + (f", {r['quantize']} weights" if r.get("quantize") else "")
+        if r["engine"] == "voxlive-streams":
+            lines.append(f"[voxlive] {r['device']} {weights}, {r['threads']} threads, {r['streams']} live streams of "
+                         f"{r['audio_s']:.0f} s fed in {r['chunk_ms']} ms chunks")
+            lines.append(f"  encoder         {r['encoder_ms_per_audio_s']:8.1f} ms per audio second")
+            lines.append(f"  decoder         {r['decode_ms_per_step']:8.1f} ms per batched step ({r['decode_steps']} steps)")
+            lines.append(f"  aggregate RTF   {r['rtf']:8.2f}   (wall {r['wall_s']:.1f} s for {r['streams']} x "
+                         f"{r['audio_s']:.0f} s of audio; < 1: all streams keep up)")
+            lines.append(f"  peak RSS        {r['peak_rss_mb']:8.0f} MB")
+            continue
+        lines.append(f"[{r['engine']}] {r['device']} {weights}, {r['threads']} threads, "
                      f"{r['audio_s']:.0f} s of audio, {r['tokens']} tokens")
         lines.append(f"  load            {r['load_s']:8.1f} s")
         if r["engine"] == "voxlive":
@@ -199,21 +251,23 @@ def report(results: list[dict]) -> str:
             lines.append(f"  decoder         {r['decode_ms_per_step']:8.1f} ms per step (80 ms of audio)")
             if "gemv_floor_ms" in r:
                 lines.append(f"    GEMV floor    {r['gemv_floor_ms']:8.1f} ms ({r['decode_ms_per_step'] / r['gemv_floor_ms']:.2f}x): "
-                             f"stock F.linear over the {r['decoder_weight_gb']:.2f} GB of decoder weights")
+                             f"the matmuls alone over the {r['decoder_weight_gb']:.2f} GB of decoder weights")
                 lines.append(f"    memory floor  {r['memory_floor_ms']:8.1f} ms ({r['decode_ms_per_step'] / r['memory_floor_ms']:.2f}x): "
                              f"the same bytes at a plain read's {r['read_gb_per_s']:.1f} GB/s")
         else:
             lines.append(f"  whole pipeline  {r['ms_per_token']:8.1f} ms per token (80 ms of audio)")
         lines.append(f"  real-time factor{r['rtf']:8.2f}   (wall {r['wall_s']:.1f} s)")
         lines.append(f"  peak RSS        {r['peak_rss_mb']:8.0f} MB")
-    if len(results) == 2:
+    if len(results) == 2 and results[1]["engine"] == "transformers":
         lines.append(f"speed-up vs transformers (whole pipeline, same weights): "
                      f"{results[1]['wall_s'] / results[0]['wall_s']:.2f}x")
     return "\n".join(lines)
 
 
 def bench(model: str | None, *, random_weights: bool, seconds: float, dtype: str | None, device: str | None,
-          chunk_ms: int | None, delay_ms: int | None, reference: bool) -> list[dict]:
+          chunk_ms: int | None, delay_ms: int | None, reference: bool, quantize: list[str | None] = (None,),
+          streams: list[int] = (1,)) -> list[dict]:
+    """One subprocess per quantization mode (and per stream count), one after the other."""
     if random_weights:
         model_dir = str(random_checkpoint_dir("full"))
     else:
@@ -225,8 +279,15 @@ def bench(model: str | None, *, random_weights: bool, seconds: float, dtype: str
         common += ["--dtype", dtype]
     if delay_ms:
         common += ["--delay-ms", str(delay_ms)]
-    mine = common + (["--device", device] if device else []) + (["--chunk-ms", str(chunk_ms)] if chunk_ms else [])
-    results = [_subprocess(["voxlive", *mine])]
+    mine = common + (["--device", device] if device else [])
+    results = []
+    for mode in quantize:
+        q = ["--quantize", mode] if mode else []
+        if list(streams) == [1]:
+            results.append(_subprocess(["voxlive", *mine, *q, *(["--chunk-ms", str(chunk_ms)] if chunk_ms else [])]))
+            continue
+        for n in streams:
+            results.append(_subprocess(["voxlive", *mine, *q, "--streams", str(n), "--chunk-ms", str(chunk_ms or 480)]))
     if reference:
         results.append(_subprocess(["reference", *common]))
     return results
@@ -243,9 +304,13 @@ def _worker(argv: list[str]) -> None:
     p.add_argument("--device")
     p.add_argument("--chunk-ms", type=int)
     p.add_argument("--delay-ms", type=int)
+    p.add_argument("--quantize")
+    p.add_argument("--streams", type=int)
     a = p.parse_args(argv)
-    if a.engine == "voxlive":
-        r = run_voxlive(a.model, a.seconds, a.dtype, a.device, a.chunk_ms, a.delay_ms)
+    if a.engine == "voxlive" and a.streams:
+        r = run_voxlive_streams(a.model, a.seconds, a.dtype, a.device, a.chunk_ms, a.delay_ms, a.quantize, a.streams)
+    elif a.engine == "voxlive":
+        r = run_voxlive(a.model, a.seconds, a.dtype, a.device, a.chunk_ms, a.delay_ms, a.quantize)
     else:
         r = run_reference(a.model, a.seconds, a.dtype, a.delay_ms)
     print(json.dumps(r))

@@ -172,6 +172,7 @@ class Checkpoint:
     directory: Path
     config: ModelConfig
     weights: SafetensorsFile
+    quantize: str | None = None  # the mode of a quantized checkpoint (``voxlive convert``)
 
     @property
     def tokenizer_path(self) -> Path:
@@ -180,6 +181,10 @@ class Checkpoint:
     @classmethod
     def open(cls, directory: Path) -> Checkpoint:
         directory = Path(directory)
+        from .backends.torch.convert import QUANTIZED_WEIGHTS, open_quantized
+
+        if (directory / QUANTIZED_WEIGHTS).is_file():
+            return open_quantized(directory)
         for name in NATIVE_FILES:
             if not (directory / name).is_file():
                 if (directory / "config.json").is_file():

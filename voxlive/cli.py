@@ -113,8 +113,10 @@ def cmd_bench(a) -> int:
     if not a.random_weights and not a.model:
         print("voxlive bench: give --model SRC or --random-weights", file=sys.stderr)
         return 2
+    quantize = [None if q == "none" else q for q in a.quantize]
     results = bench(a.model, random_weights=a.random_weights, seconds=a.seconds, dtype=a.dtype, device=a.device,
-                    chunk_ms=a.chunk_ms, delay_ms=a.delay_ms, reference=a.reference)
+                    chunk_ms=a.chunk_ms, delay_ms=a.delay_ms, reference=a.reference, quantize=quantize,
+                    streams=a.streams)
     print(report(results))
     return 0
 
@@ -146,6 +148,11 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--delay-ms", type=int)
     b.add_argument("--chunk-ms", type=int, help="feed the audio in chunks of this size (default: all at once)")
     b.add_argument("--reference", action="store_true", help="also run transformers on the same weights")
+    b.add_argument("--quantize", nargs="+", default=["none"], choices=["none", "int8", "int4"],
+                   help="weight modes to measure, each in its own process (default: none)")
+    b.add_argument("--streams", nargs="+", type=int, default=[1],
+                   help="numbers of live streams decoded together (batched); more than 1 feeds --chunk-ms "
+                        "chunks (default 480)")
     b.set_defaults(run=cmd_bench)
     return p
 

@@ -97,10 +97,8 @@ def load(source: str | os.PathLike | None = None, *, backend: str = "auto", devi
         raise ValueError(f"quantize must be one of {QUANTIZE}, got {quantize!r}")
     if backend == "mlx":
         raise NotImplementedError("the MLX backend is not implemented yet; use backend='torch'")
-    if quantize is not None:
-        raise NotImplementedError(f"quantize={quantize!r} is not implemented yet; load without quantize")
     from .backends.torch.runtime import TorchRuntime
 
     ckpt = open_checkpoint(source)
-    runtime = TorchRuntime(ckpt, device=device, dtype=dtype)
+    runtime = TorchRuntime(ckpt, device=device, dtype=dtype, quantize=quantize)
     return Model(runtime, Tokenizer(ckpt.tokenizer_path), str(ckpt.directory))

@@ -18,6 +18,7 @@ from ...config import ModelConfig
 from .cache import RingKVCache
 from .decoder import Decoder
 from .encoder import Adapter, ConvState, Encoder
+from .quant import MODES, embed
 from .weights import WeightReader
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -42,6 +43,17 @@ def pick_dtype(dtype: str | None, device: torch.device) -> torch.dtype:
     return DTYPES[dtype]
 
 
+def pick_quantize(quantize: str | None, ckpt: Checkpoint) -> str | None:
+    """The checkpoint's own mode for a quantized checkpoint; else the requested one."""
+    if quantize is not None and quantize not in MODES:
+        raise ValueError(f"quantize={quantize!r} is not available on the torch backend (it has {MODES}; "
+                         f"int6 is MLX only)")
+    if ckpt.quantize is not None and quantize not in (None, ckpt.quantize):
+        raise CheckpointError(f"{ckpt.directory}: a {ckpt.quantize} checkpoint cannot be loaded as {quantize}; "
+                              f"convert the float checkpoint to {quantize}")
+    return quantize or ckpt.quantize
+
+
 @dataclass
 class TorchState:
     """Everything one stream keeps between calls; drop it and the stream is gone."""
@@ -56,11 +68,13 @@ class TorchState:
 class TorchRuntime:
     backend = "torch"
 
-    def __init__(self, ckpt: Checkpoint, *, device: str | None = None, dtype: str | None = None):
+    def __init__(self, ckpt: Checkpoint, *, device: str | None = None, dtype: str | None = None,
+                 quantize: str | None = None):
         self.config: ModelConfig = ckpt.config
         self.device = pick_device(device)
         self.dtype = pick_dtype(dtype, self.device)
-        w = WeightReader(ckpt, self.dtype, self.device)
+        self.quantize = pick_quantize(quantize, ckpt)
+        w = WeightReader(ckpt, self.dtype, self.device, self.quantize)
         try:
             with torch.inference_mode():
                 self.encoder = Encoder.from_weights(w, self.config, self.device)
@@ -141,7 +155,7 @@ class TorchRuntime:
     # -- decoder ----------------------------------------------------------------------------------
 
     def _embed(self, tokens) -> torch.Tensor:
-        return self.decoder.embedding[torch.as_tensor(tokens, device=self.device)]
+        return embed(self.decoder.embedding, torch.as_tensor(tokens, device=self.device))
 
     @torch.inference_mode()
     def _forward(self, state: TorchState, tokens: list[int], block: int = 256) -> torch.Tensor:
