@@ -1,4 +1,4 @@
-"""The ``voxlive`` command: transcribe, listen, bench."""
+"""The ``voxlive`` command: transcribe, listen, bench, convert."""
 
 from __future__ import annotations
 
@@ -121,6 +121,22 @@ def cmd_bench(a) -> int:
     return 0
 
 
+def cmd_convert(a) -> int:
+    from .backends.torch.convert import write_quantized
+    from .checkpoint import open_checkpoint
+
+    if a.backend != "torch":
+        print(f"voxlive convert: --backend {a.backend} is not available yet (torch only)", file=sys.stderr)
+        return 2
+    if a.quantize not in ("int8", "int4"):
+        print(f"voxlive convert: --quantize {a.quantize} is MLX only; the torch backend has int8 and int4",
+              file=sys.stderr)
+        return 2
+    out = write_quantized(open_checkpoint(a.src), Path(a.out), a.quantize)
+    print(f"wrote {a.quantize} checkpoint to {out} (load it with --model {out})", file=sys.stderr)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="voxlive", description="Live speech-to-text with Voxtral Mini 4B Realtime")
     sub = p.add_subparsers(dest="command", required=True)
@@ -154,6 +170,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="numbers of live streams decoded together (batched); more than 1 feeds --chunk-ms "
                         "chunks (default 480)")
     b.set_defaults(run=cmd_bench)
+
+    c = sub.add_parser("convert", help="write a quantized checkpoint, so loading skips quantization")
+    c.add_argument("src", help="float checkpoint directory or Hugging Face repo id")
+    c.add_argument("out", help="output directory")
+    c.add_argument("--quantize", required=True, choices=["int8", "int4", "int6"])
+    c.add_argument("--backend", default="torch", choices=["torch", "mlx"], help="the layout to write (default torch)")
+    c.set_defaults(run=cmd_convert)
     return p
 
 

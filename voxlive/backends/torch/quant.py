@@ -10,14 +10,19 @@ What is quantized (the same in both modes, chosen by measurement, see README):
 - the tied embedding / LM head: int8 in both modes. Its rows are looked up as well as multiplied,
   and an int8 row is a gather plus one scale; int4 would need a second, unpacked copy;
 - the encoder's linear layers: int8 in both modes. The encoder runs on many frames at once, where
-  the weight-only kernels are slower than a plain GEMM, so there a layer is dequantized on the
-  fly and multiplied as usual (same speed as bf16 for large chunks); int8 costs half the memory
-  of bf16 (1.0 GB instead of 1.9 GB) and is what keeps the int4 model under 4 GB.
+  the weight-only kernels (whose cost grows with the rows, GEMV-style) are slower than a plain
+  GEMM, so its layers are converted to the activation dtype at each call and multiplied as usual
+  (about the speed of bf16 for large chunks); int8 costs half the memory of bf16 (1.0 GB instead
+  of 1.9 GB) and is what keeps the int4 model under 4 GB.
 The adapter, convolutions, norms and the delay-conditioning matrices are small and stay as they are.
 
 Quantized values are computed from float32 copies of the weights, with scales rounded to bfloat16
 *before* the integers are chosen, so the stored scales are exact in every activation dtype and a
 saved quantized checkpoint reloads to bit-identical weights.
+
+Each weight always takes the same path whatever the number of rows (the kernels compute each row
+on its own, the GEMM path rounds as the float model's does), so streaming and batching change the
+numbers no more than without quantization: a switch of path by batch size would.
 """
 
 from __future__ import annotations
@@ -30,9 +35,6 @@ import torch.nn.functional as F
 MODES = ("int8", "int4")
 INT4_GROUPS = (64, 32)  # the first that divides a matrix's input size is used
 SCALE_DTYPE = torch.bfloat16
-# Above this many rows the int8 kernel (whose cost grows with the rows) loses to converting the
-# weight to the activation dtype and running a plain GEMM (measured on a 2-core AVX-512 CPU).
-INT8_KERNEL_MAX_ROWS = 8
 
 
 def scheme_for(name: str, mode: str | None) -> str | None:
@@ -48,6 +50,11 @@ def scheme_for(name: str, mode: str | None) -> str | None:
     if not name.endswith(linear):
         return None
     return "int8" if "whisper_encoder." in name else mode
+
+
+def uses_kernel(name: str) -> bool:
+    """Whether an int8 weight runs through the weight-only kernel (decoder) or a GEMM (encoder)."""
+    return "whisper_encoder." not in name
 
 
 # Stored form of each scheme: tensor suffix -> dtype. Shapes: int8 q [N, K], scale [N];
@@ -95,20 +102,21 @@ class Int8Weight:
 
     q: torch.Tensor  # [N, K] int8
     scale: torch.Tensor  # [N], the activation dtype
+    kernel: bool  # the weight-only kernel (on CPU), else a GEMM on the weight converted to the activation dtype
 
     @classmethod
-    def from_stored(cls, parts: dict[str, torch.Tensor], dtype: torch.dtype, device: torch.device) -> Int8Weight:
-        return cls(parts["q"].to(device), parts["scale"].to(device, dtype))
+    def from_stored(cls, parts: dict[str, torch.Tensor], dtype: torch.dtype, device: torch.device, *,
+                    kernel: bool = True) -> Int8Weight:
+        return cls(parts["q"].to(device), parts["scale"].to(device, dtype), kernel)
 
     @property
     def nbytes(self) -> int:
         return self.q.nbytes + self.scale.nbytes
 
     def linear(self, x: torch.Tensor) -> torch.Tensor:
-        rows = x.numel() // x.shape[-1]
-        if x.device.type == "cpu" and rows <= INT8_KERNEL_MAX_ROWS:
-            x2 = x.reshape(rows, -1).contiguous()
-            return torch.ops.aten._weight_int8pack_mm(x2, self.q, self.scale).view(*x.shape[:-1], -1)
+        if self.kernel and x.device.type == "cpu":
+            flat = x.reshape(-1, x.shape[-1]).contiguous()
+            return torch.ops.aten._weight_int8pack_mm(flat, self.q, self.scale).view(*x.shape[:-1], -1)
         return F.linear(x, self.q.to(x.dtype)) * self.scale
 
     def rows(self, ids: torch.Tensor) -> torch.Tensor:
@@ -126,7 +134,8 @@ class Int4Weight:
     n: int
 
     @classmethod
-    def from_stored(cls, parts: dict[str, torch.Tensor], dtype: torch.dtype, device: torch.device) -> Int4Weight:
+    def from_stored(cls, parts: dict[str, torch.Tensor], dtype: torch.dtype, device: torch.device, *,
+                    kernel: bool = True) -> Int4Weight:  # int4 has only the kernel
         q = parts["q"]
         n, k = q.shape[0], 2 * q.shape[1]
         if device.type == "cpu":

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from ...checkpoint import Checkpoint
-from .quant import QUANTIZED, STORED, Weight, quantize, scheme_for
+from .quant import QUANTIZED, STORED, Weight, quantize, scheme_for, uses_kernel
 
 
 class WeightReader:
@@ -70,4 +70,5 @@ class WeightReader:
         scheme = scheme_for(names[0], self.mode)
         if scheme is None:
             return self.fused(names)
-        return QUANTIZED[scheme].from_stored(self.stored(names, scheme), self.dtype, self.device)
+        return QUANTIZED[scheme].from_stored(self.stored(names, scheme), self.dtype, self.device,
+                                             kernel=uses_kernel(names[0]))
