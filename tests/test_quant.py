@@ -36,6 +36,8 @@ def test_quantizer_error_is_within_one_step(scheme):
     g = torch.Generator().manual_seed(0)
     w = torch.randn(64, 256, generator=g) * torch.rand(64, 1, generator=g) * 3
     parts = quantize(w, scheme)
+    in_blocks = quantize(w, scheme, block_rows=5)
+    assert all(torch.equal(parts[k], in_blocks[k]) for k in parts)
     err = (dequantized(parts, scheme) - w).abs()
     if scheme == "int8":
         step = parts["scale"].float()[:, None].expand_as(w)

@@ -116,37 +116,43 @@ def torch_floors(runtime, sync, repeats: int = 3) -> dict:
             "read_gb_per_s": bandwidth / 1e9, "memory_floor_ms": 1000 * nbytes / bandwidth}
 
 
-def _load_timed(model_dir: str, dtype: str | None, device: str | None, quantize: str | None):
+def _load_timed(model_dir: str, dtype: str | None, device: str | None, quantize: str | None, compile: bool):
     import torch
 
     from .model import load
 
     t = time.perf_counter()
-    model = load(model_dir, device=device, dtype=dtype, quantize=quantize)
+    model = load(model_dir, device=device, dtype=dtype, quantize=quantize, compile=compile)
     load_s = time.perf_counter() - t
     dev = model.runtime.device
     sync = (lambda: torch.cuda.synchronize(dev)) if dev.type == "cuda" else (lambda: None)
     model.runtime = timed = _Timed(model.runtime, sync)
     info = {"engine": "voxlive", "device": str(dev), "dtype": str(timed.dtype).replace("torch.", ""),
-            "quantize": getattr(timed, "quantize", None), "threads": torch.get_num_threads(), "load_s": load_s}
+            "quantize": getattr(timed, "quantize", None), "compile": compile, "threads": torch.get_num_threads(),
+            "load_s": load_s}
     return model, timed, sync, info
 
 
 def run_voxlive(model_dir: str, seconds: float, dtype: str | None, device: str | None, chunk_ms: int | None,
-                delay_ms: int | None, quantize: str | None = None) -> dict:
-    model, timed, sync, info = _load_timed(model_dir, dtype, device, quantize)
+                delay_ms: int | None, quantize: str | None = None, compile: bool = False) -> dict:
+    model, timed, sync, info = _load_timed(model_dir, dtype, device, quantize, compile)
     audio = bench_audio(seconds)
     t = time.perf_counter()
     stream = model.stream(delay_ms=delay_ms)  # the first: encodes and decodes the left pad
     first_stream_s = time.perf_counter() - t
     t_fork = time.perf_counter()
-    model.stream(delay_ms=delay_ms)  # later ones fork it
+    warm = model.stream(delay_ms=delay_ms)  # later ones fork it
     next_stream_s = time.perf_counter() - t_fork
+    if compile:  # compile the step on another stream, outside the timings
+        before = dict(timed.seconds), dict(timed.calls)
+        warm.feed(bench_audio(1.0))
+        timed.seconds, timed.calls = before
+    untimed_s = time.perf_counter() - t_fork
     step = len(audio) if not chunk_ms else SAMPLE_RATE * chunk_ms // 1000
     for start in range(0, len(audio), step):
         stream.feed(audio[start:start + step])
     transcript = stream.finish()
-    wall = time.perf_counter() - t - next_stream_s
+    wall = time.perf_counter() - t - untimed_s
     padded_seconds = stream.encoded * model.config.audio.ms_per_token / 1000
     rss = peak_rss_mb()
     floors = torch_floors(timed._rt, sync) if model.backend == "torch" else {}
@@ -160,7 +166,7 @@ def run_voxlive(model_dir: str, seconds: float, dtype: str | None, device: str |
 
 
 def run_voxlive_streams(model_dir: str, seconds: float, dtype: str | None, device: str | None, chunk_ms: int,
-                        delay_ms: int | None, quantize: str | None, streams: int) -> dict:
+                        delay_ms: int | None, quantize: str | None, streams: int, compile: bool = False) -> dict:
     """Several live streams fed together, chunk by chunk, decoding in batched steps.
 
     The aggregate real-time factor is the wall time of feeding every stream ``seconds`` of audio
@@ -169,7 +175,12 @@ def run_voxlive_streams(model_dir: str, seconds: float, dtype: str | None, devic
     """
     from .session import decode_ready
 
-    model, timed, sync, info = _load_timed(model_dir, dtype, device, quantize)
+    model, timed, sync, info = _load_timed(model_dir, dtype, device, quantize, compile)
+    if compile:  # compile (and, on CUDA, capture) every batch bucket before timing
+        warm = [model.stream(delay_ms=delay_ms) for _ in range(streams)]
+        for s in warm:
+            s.push(bench_audio(1.0))
+        decode_ready(warm)
     audios = [bench_audio(seconds, seed=i) for i in range(streams)]
     live = [model.stream(delay_ms=delay_ms) for _ in range(streams)]
     timed.seconds.clear()
@@ -230,7 +241,8 @@ def _subprocess(args: list[str]) -> dict:
 def report(results: list[dict]) -> str:
     lines = []
     for r in results:
-        weights = f"{r['dtype']}" + (f", {r['quantize']} weights" if r.get("quantize") else "")
+        weights = (f"{r['dtype']}" + (f", {r['quantize']} weights" if r.get("quantize") else "")
+                   + (", compiled step" if r.get("compile") else ""))
         if r["engine"] == "voxlive-streams":
             lines.append(f"[voxlive] {r['device']} {weights}, {r['threads']} threads, {r['streams']} live streams of "
                          f"{r['audio_s']:.0f} s fed in {r['chunk_ms']} ms chunks")
@@ -266,7 +278,7 @@ def report(results: list[dict]) -> str:
 
 def bench(model: str | None, *, random_weights: bool, seconds: float, dtype: str | None, device: str | None,
           chunk_ms: int | None, delay_ms: int | None, reference: bool, quantize: list[str | None] = (None,),
-          streams: list[int] = (1,)) -> list[dict]:
+          streams: list[int] = (1,), compile: bool = False) -> list[dict]:
     """One subprocess per quantization mode (and per stream count), one after the other."""
     if random_weights:
         model_dir = str(random_checkpoint_dir("full"))
@@ -279,7 +291,7 @@ def bench(model: str | None, *, random_weights: bool, seconds: float, dtype: str
         common += ["--dtype", dtype]
     if delay_ms:
         common += ["--delay-ms", str(delay_ms)]
-    mine = common + (["--device", device] if device else [])
+    mine = common + (["--device", device] if device else []) + (["--compile"] if compile else [])
     results = []
     for mode in quantize:
         q = ["--quantize", mode] if mode else []
@@ -306,11 +318,13 @@ def _worker(argv: list[str]) -> None:
     p.add_argument("--delay-ms", type=int)
     p.add_argument("--quantize")
     p.add_argument("--streams", type=int)
+    p.add_argument("--compile", action="store_true")
     a = p.parse_args(argv)
     if a.engine == "voxlive" and a.streams:
-        r = run_voxlive_streams(a.model, a.seconds, a.dtype, a.device, a.chunk_ms, a.delay_ms, a.quantize, a.streams)
+        r = run_voxlive_streams(a.model, a.seconds, a.dtype, a.device, a.chunk_ms, a.delay_ms, a.quantize, a.streams,
+                                a.compile)
     elif a.engine == "voxlive":
-        r = run_voxlive(a.model, a.seconds, a.dtype, a.device, a.chunk_ms, a.delay_ms, a.quantize)
+        r = run_voxlive(a.model, a.seconds, a.dtype, a.device, a.chunk_ms, a.delay_ms, a.quantize, a.compile)
     else:
         r = run_reference(a.model, a.seconds, a.dtype, a.delay_ms)
     print(json.dumps(r))

@@ -17,14 +17,16 @@ def _model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--backend", default="auto", choices=["auto", "torch", "mlx"])
     p.add_argument("--device", help="cpu, cuda, cuda:N (default: best available)")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="default: bfloat16")
-    p.add_argument("--quantize", choices=["int8", "int4", "int6"], help="weight-only quantization")
+    p.add_argument("--quantize", choices=["int8", "int4", "int6"],
+                   help="weight-only quantization at load (int6: MLX only); a converted checkpoint has its own")
+    p.add_argument("--compile", action="store_true", help="torch.compile the decode step (slow start; see README)")
     p.add_argument("--delay-ms", type=int, help="transcription delay: 80..1200 in steps of 80, or 2400 (default 480)")
 
 
 def _load(a):
     from .model import load
 
-    return load(a.model, backend=a.backend, device=a.device, dtype=a.dtype, quantize=a.quantize)
+    return load(a.model, backend=a.backend, device=a.device, dtype=a.dtype, quantize=a.quantize, compile=a.compile)
 
 
 def _progress_bar(name: str):
@@ -116,7 +118,7 @@ def cmd_bench(a) -> int:
     quantize = [None if q == "none" else q for q in a.quantize]
     results = bench(a.model, random_weights=a.random_weights, seconds=a.seconds, dtype=a.dtype, device=a.device,
                     chunk_ms=a.chunk_ms, delay_ms=a.delay_ms, reference=a.reference, quantize=quantize,
-                    streams=a.streams)
+                    streams=a.streams, compile=a.compile)
     print(report(results))
     return 0
 
@@ -166,6 +168,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--reference", action="store_true", help="also run transformers on the same weights")
     b.add_argument("--quantize", nargs="+", default=["none"], choices=["none", "int8", "int4"],
                    help="weight modes to measure, each in its own process (default: none)")
+    b.add_argument("--compile", action="store_true", help="torch.compile the decode step")
     b.add_argument("--streams", nargs="+", type=int, default=[1],
                    help="numbers of live streams decoded together (batched); more than 1 feeds --chunk-ms "
                         "chunks (default 480)")

@@ -89,8 +89,13 @@ class Model:
 
 
 def load(source: str | os.PathLike | None = None, *, backend: str = "auto", device: str | None = None,
-         dtype: str | None = None, quantize: str | None = None) -> Model:
-    """Load a checkpoint (local directory or Hugging Face repo id; default the official model)."""
+         dtype: str | None = None, quantize: str | None = None, compile: bool = False) -> Model:
+    """Load a checkpoint (local directory or Hugging Face repo id; default the official model).
+
+    ``quantize`` "int8" | "int4": weight-only quantization at load (or the mode of a checkpoint
+    written by ``voxlive convert``). ``compile``: run the decode step through torch.compile with
+    static shapes (slow to start; pays on GPUs more than on small CPUs, see the README).
+    """
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if quantize not in QUANTIZE:
@@ -100,5 +105,5 @@ def load(source: str | os.PathLike | None = None, *, backend: str = "auto", devi
     from .backends.torch.runtime import TorchRuntime
 
     ckpt = open_checkpoint(source)
-    runtime = TorchRuntime(ckpt, device=device, dtype=dtype, quantize=quantize)
+    runtime = TorchRuntime(ckpt, device=device, dtype=dtype, quantize=quantize, compile=compile)
     return Model(runtime, Tokenizer(ckpt.tokenizer_path), str(ckpt.directory))

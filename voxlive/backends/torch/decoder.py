@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 from ...config import ModelConfig
 from .cache import RingKVCache
-from .layers import Rope, attend_chunk, rms_norm
+from .layers import Rope, attend_chunk, attend_ring, rms_norm
 from .quant import Weight, linear
 from .weights import WeightReader
 
@@ -43,6 +43,8 @@ class Decoder:
 
     @classmethod
     def from_weights(cls, w: WeightReader, config: ModelConfig, device: torch.device) -> Decoder:
+        # First: quantizing it needs its float copy (0.8 GB) beside the result, best before the rest is in memory.
+        embedding = w.matrix(["mm_streams_embeddings.embedding_module.tok_embeddings.weight"])
         layers = []
         for i in range(config.decoder.n_layers):
             L = f"layers.{i}."
@@ -57,7 +59,6 @@ class Decoder:
                 w13=w.matrix([L + "feed_forward.w1.weight", L + "feed_forward.w3.weight"]),
                 w2=w.matrix([L + "feed_forward.w2.weight"]),
             ))
-        embedding = w.matrix(["mm_streams_embeddings.embedding_module.tok_embeddings.weight"])
         return cls(config, embedding, layers, w.get("norm.weight"), device)
 
     def new_cache(self, dtype, device) -> RingKVCache:
@@ -109,6 +110,23 @@ class Decoder:
         for cache in caches:
             cache.advance(1)
         return rms_norm(x, self.norm, self.c.norm_eps)
+
+    def static_step(self, x: torch.Tensor, ks: list[torch.Tensor], vs: list[torch.Tensor], positions: torch.Tensor,
+                    scales: torch.Tensor) -> torch.Tensor:
+        """``step`` + LM head + greedy choice with static shapes, for torch.compile: greedy tokens [B].
+
+        Sequence b is at ``positions[b]`` with ring buffers ``ks[b]``/``vs[b]`` (a cache's k/v);
+        the caller advances the caches. Nothing depends on a position's value but tensor contents,
+        so one compiled graph serves every step of a batch size.
+        """
+        rotation = self.rope.angles(positions)
+        for i, L in enumerate(self.layers):
+            q, k, v = self._qkv(L, x, rotation)
+            a = torch.cat([attend_ring(q[:, b, None], k[:, b, None], v[:, b, None], ks[b][i], vs[b][i], positions[b])
+                           for b in range(len(ks))])
+            x = x + linear(a, L.wo)
+            x = x + self._ffn(L, rms_norm(x, L.ffn_norm, self.c.norm_eps) * scales[:, i])
+        return self.logits(rms_norm(x, self.norm, self.c.norm_eps)).argmax(-1)
 
     def _ffn(self, L: DecoderLayer, h: torch.Tensor) -> torch.Tensor:
         gate, up = linear(h, L.w13).split(self.c.hidden_dim, dim=-1)

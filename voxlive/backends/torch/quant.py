@@ -79,9 +79,21 @@ def stored_shapes(scheme: str, shape: tuple[int, int]) -> dict[str, tuple[int, .
     return {"q": (n, k // 2), "scale": (n, groups), "zero": (n, groups)}
 
 
-def quantize(w: torch.Tensor, scheme: str) -> dict[str, torch.Tensor]:
-    """A float matrix [N, K] -> its stored form (see STORED)."""
-    w = w.float()
+def quantize(w: torch.Tensor, scheme: str, block_rows: int = 2048) -> dict[str, torch.Tensor]:
+    """A float matrix [N, K] -> its stored form (see STORED).
+
+    Rows are independent, so they are done ``block_rows`` at a time: the float32 temporaries of
+    the 131072-row embedding would otherwise take gigabytes at load.
+    """
+    out = {part: torch.empty(shape, dtype=STORED[scheme][part])
+           for part, shape in stored_shapes(scheme, tuple(w.shape)).items()}
+    for i in range(0, w.shape[0], block_rows):
+        for part, value in _quantize_rows(w[i:i + block_rows].float(), scheme).items():
+            out[part][i:i + block_rows] = value
+    return out
+
+
+def _quantize_rows(w: torch.Tensor, scheme: str) -> dict[str, torch.Tensor]:
     if scheme == "int8":
         scale = (w.abs().amax(dim=1) / 127).clamp(min=1e-12).to(SCALE_DTYPE)
         q = torch.round(w / scale.float()[:, None]).clamp(-127, 127).to(torch.int8)

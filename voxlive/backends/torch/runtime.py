@@ -22,6 +22,14 @@ from .quant import MODES, embed
 from .weights import WeightReader
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# Compiled decode steps pad the batch up to one of these sizes (then to a multiple of the last),
+# so a handful of graphs serve every batch.
+BATCH_BUCKETS = (1, 2, 4, 8, 16)
+
+
+def batch_bucket(n: int) -> int:
+    last = BATCH_BUCKETS[-1]
+    return next((b for b in BATCH_BUCKETS if b >= n), -(-n // last) * last)
 
 
 def pick_device(device: str | None) -> torch.device:
@@ -69,7 +77,7 @@ class TorchRuntime:
     backend = "torch"
 
     def __init__(self, ckpt: Checkpoint, *, device: str | None = None, dtype: str | None = None,
-                 quantize: str | None = None):
+                 quantize: str | None = None, compile: bool = False):
         self.config: ModelConfig = ckpt.config
         self.device = pick_device(device)
         self.dtype = pick_dtype(dtype, self.device)
@@ -82,6 +90,14 @@ class TorchRuntime:
                 self.decoder = Decoder.from_weights(w, self.config, self.device)
         except OSError as err:
             raise CheckpointError(f"{ckpt.weights.path}: read error: {err}") from err
+        # compile: the decode step (with LM head and greedy choice) runs through torch.compile in
+        # its static-shape form; on CUDA in "reduce-overhead" mode, which uses CUDA graphs.
+        self.compiled_step = None
+        if compile:
+            mode = "reduce-overhead" if self.device.type == "cuda" else None
+            self.compiled_step = torch.compile(self.decoder.static_step, mode=mode, dynamic=False)
+            # padding rows of a bucket write here (slot 0 only), never into a real stream's cache
+            self._pad_cache = self.decoder.new_cache(self.dtype, self.device)
         # Encode at most about one encoder window of frames at a time: bounded attention memory
         # on long files, and still large GEMMs.
         c = self.config
@@ -182,6 +198,20 @@ class TorchRuntime:
     def decode(self, states: list[TorchState], tokens: list[int]) -> list[int]:
         """One decode step for a batch of streams: each consumes one audio embedding and its last token."""
         x = torch.cat([self._pop(s, 1) for s in states]) + self._embed(tokens)
+        if self.compiled_step is not None:
+            return self._compiled_decode(states, x)
         scales = states[0].ffn_scales[None] if len(states) == 1 else torch.stack([s.ffn_scales for s in states])
         hidden = self.decoder.step(x, [s.decoder_cache for s in states], scales)
         return self.decoder.logits(hidden).argmax(-1).tolist()
+
+    def _compiled_decode(self, states: list[TorchState], x: torch.Tensor) -> list[int]:
+        n = len(states)
+        pad = batch_bucket(n) - n
+        caches = [s.decoder_cache for s in states] + [self._pad_cache] * pad
+        x = torch.cat((x, x.new_zeros(pad, x.shape[1])))
+        scales = torch.stack([s.ffn_scales for s in states] + [states[0].ffn_scales] * pad)
+        positions = torch.tensor([c.length for c in caches], device=self.device)
+        tokens = self.compiled_step(x, [c.k for c in caches], [c.v for c in caches], positions, scales)
+        for cache in caches[:n]:
+            cache.advance(1)
+        return tokens[:n].tolist()

@@ -63,7 +63,8 @@ class WeightReader:
             cpu = torch.device("cpu")
             return {part: self.fused([f"{n}.{part}" for n in names], dtype=dtype, device=cpu)
                     for part, dtype in STORED[scheme].items()}
-        return quantize(self.fused(names, dtype=torch.float32, device=torch.device("cpu")), scheme)
+        source_dtype = self._FILE_DTYPES[self.file.tensors[names[0]].dtype]
+        return quantize(self.fused(names, dtype=source_dtype, device=torch.device("cpu")), scheme)
 
     def matrix(self, names: list[str]) -> Weight:
         """A linear layer's weight: the rows of ``names`` stacked, quantized as the mode says."""
