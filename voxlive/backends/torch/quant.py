@@ -150,6 +150,8 @@ class Int4Weight:
                     kernel: bool = True) -> Int4Weight:  # int4 has only the kernel
         q = parts["q"]
         n, k = q.shape[0], 2 * q.shape[1]
+        if device.type == "cuda" and dtype != torch.bfloat16:
+            raise ValueError("int4 on CUDA runs with bfloat16 activations only (PyTorch's kernel); use dtype='bfloat16'")
         if device.type == "cpu":
             values = torch.stack((q >> 4, q & 15), dim=-1).view(n, k).to(torch.int32)
             packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(values, 1)

@@ -91,11 +91,12 @@ class TorchRuntime:
         except OSError as err:
             raise CheckpointError(f"{ckpt.weights.path}: read error: {err}") from err
         # compile: the decode step (with LM head and greedy choice) runs through torch.compile in
-        # its static-shape form; on CUDA in "reduce-overhead" mode, which uses CUDA graphs.
+        # its static-shape form. Not in "reduce-overhead" (CUDA graph) mode: the step writes into
+        # each stream's own cache, and CUDA graphs need those writes at fixed addresses (a cache
+        # pool owned by the runtime), which this runtime does not have yet.
         self.compiled_step = None
         if compile:
-            mode = "reduce-overhead" if self.device.type == "cuda" else None
-            self.compiled_step = torch.compile(self.decoder.static_step, mode=mode, dynamic=False)
+            self.compiled_step = torch.compile(self.decoder.static_step, dynamic=False)
             # padding rows of a bucket write here (slot 0 only), never into a real stream's cache
             self._pad_cache = self.decoder.new_cache(self.dtype, self.device)
         # Encode at most about one encoder window of frames at a time: bounded attention memory
