@@ -164,3 +164,23 @@ def test_convert_command(varied_dir, tmp_path):
     r = subprocess.run([sys.executable, "-m", "voxlive.cli", "convert", str(varied_dir), str(tmp_path / "x"),
                         "--quantize", "int6"], capture_output=True, text=True, timeout=300)
     assert r.returncode == 2 and "MLX only" in r.stderr
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("scheme", ["int8", "int4"])
+def test_quantized_linear_on_cuda(scheme):
+    g = torch.Generator().manual_seed(2)
+    n, k = 256, 512
+    parts = quantize(torch.randn(n, k, generator=g), scheme)
+    weight = QUANTIZED[scheme].from_stored(parts, torch.bfloat16, torch.device("cuda"))
+    x = torch.randn(5, k, generator=g)
+    expected = x @ dequantized(parts, scheme).T
+    got = linear(x.to("cuda", torch.bfloat16), weight).float().cpu()
+    assert (got - expected).abs().max() <= 2e-2 * expected.abs().max()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_quantized_model_on_cuda_matches_cpu(varied_dir, speech):
+    cpu = voxlive.load(varied_dir, dtype="bfloat16", device="cpu", quantize="int8").transcribe(speech).tokens
+    cuda = voxlive.load(varied_dir, dtype="bfloat16", device="cuda", quantize="int8").transcribe(speech).tokens
+    assert np.mean([a == b for a, b in zip(cpu, cuda)]) >= 0.9
