@@ -102,3 +102,15 @@ def test_bench_reports_both_engines(varied_dir):
                    "speed-up vs transformers"):
         assert needle in out, needle
     assert run("bench").returncode == 2  # neither --model nor --random-weights
+
+
+def test_bench_quantized_modes_and_streams(varied_dir):
+    r = run("bench", "--model", varied_dir, "--seconds", 1, "--quantize", "none", "int4")
+    assert r.returncode == 0, r.stderr
+    headers = [line for line in r.stdout.splitlines() if line.startswith("[voxlive]")]
+    assert len(headers) == 2 and "weights" not in headers[0] and "int4 weights" in headers[1]
+    assert r.stdout.count("memory floor") == 2
+    r = run("bench", "--model", varied_dir, "--seconds", 1, "--quantize", "int8", "--streams", 1, 3)
+    assert r.returncode == 0, r.stderr
+    for needle in ("int8 weights", "1 live streams", "3 live streams", "ms per batched step", "aggregate RTF"):
+        assert needle in r.stdout, needle

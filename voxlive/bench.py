@@ -74,7 +74,8 @@ def torch_floors(runtime, sync, repeats: int = 3) -> dict:
     gemv_floor_ms: every decoder matrix (and the LM head) multiplied by one vector, with the same
     ``linear`` (stock ``F.linear`` or the quantized kernel) and nothing else: the step minus
     attention, norms and Python. memory_floor_ms: the decoder's weight bytes (as stored: quantized
-    bytes and scales) over the bandwidth of a plain read (a sum over the embedding matrix's bytes).
+    bytes and scales) over the bandwidth of a plain read (a sum over a 1 GB float32 buffer,
+    allocated after the peak RSS is taken).
     """
     import torch
 
@@ -103,15 +104,13 @@ def torch_floors(runtime, sync, repeats: int = 3) -> dict:
             times.append(time.perf_counter() - t)
         return min(times)
 
-    # The embedding's bytes (bf16, fp16 or int8) read as float32: a pure read, no conversion, no copy.
-    big = d.embedding if isinstance(d.embedding, torch.Tensor) else d.embedding.q
-    plain = big.view(torch.float32) if big.element_size() < 4 else big
     with torch.inference_mode():
         gemv = best(gemvs)
-        torch.set_flush_denormal(True)  # arbitrary bit patterns must not take the slow denormal path
+        # The same 1 GB read whatever the weights' format, so floors compare across modes.
+        plain = torch.ones(2**28, dtype=torch.float32, device=runtime.device)
         read = best(plain.sum)
-        torch.set_flush_denormal(False)
-    bandwidth = big.nbytes / read
+    bandwidth = plain.nbytes / read
+    del plain
     return {"decoder_weight_gb": nbytes / 1e9, "gemv_floor_ms": 1000 * gemv,
             "read_gb_per_s": bandwidth / 1e9, "memory_floor_ms": 1000 * nbytes / bandwidth}
 
