@@ -57,7 +57,7 @@ def pick_quantize(quantize: str | None, ckpt: Checkpoint) -> str | None:
         raise ValueError(f"quantize={quantize!r} is not available on the torch backend (it has {MODES}; "
                          f"int6 is MLX only)")
     if ckpt.quantize is not None and quantize not in (None, ckpt.quantize):
-        raise CheckpointError(f"{ckpt.directory}: a {ckpt.quantize} checkpoint cannot be loaded as {quantize}; "
+        raise CheckpointError(f"{ckpt.directory}: a checkpoint quantized to {ckpt.quantize} cannot be loaded as {quantize}; "
                               f"convert the float checkpoint to {quantize}")
     return quantize or ckpt.quantize
 
