@@ -104,14 +104,24 @@ def test_bench_reports_both_engines(varied_dir):
     assert run("bench").returncode == 2  # neither --model nor --random-weights
 
 
-def test_bench_streams_reports_each_count(varied_dir):
-    r = run("bench", "--model", varied_dir, "--seconds", 1, "--dtype", "float32", "--streams", "1,3")
+def test_bench_quantized_modes(varied_dir):
+    r = run("bench", "--model", varied_dir, "--seconds", 1, "--quantize", "none", "int4")
     assert r.returncode == 0, r.stderr
-    rows = [line.split() for line in r.stdout.splitlines()[2:]]
+    headers = [line for line in r.stdout.splitlines() if line.startswith("[voxlive]")]
+    assert len(headers) == 2 and "weights" not in headers[0] and "int4 weights" in headers[1]
+    assert r.stdout.count("memory floor") == 2
+
+
+def test_bench_streams_reports_each_count(varied_dir):
+    r = run("bench", "--model", varied_dir, "--seconds", 1, "--dtype", "float32", "--streams", 1, 3,
+            "--quantize", "int8")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.startswith("[voxlive] torch backend, int8 weights")
+    rows = [line.split() for line in r.stdout.splitlines()[3:]]
     assert [row[0] for row in rows] == ["1", "3"]
     assert all(float(row[4]) > 0 for row in rows)  # aggregate RTF
     assert rows[0][5] == "1.00x"  # one stream against itself
-    assert run("bench", "--model", varied_dir, "--streams", "0").returncode == 2
+    assert run("bench", "--model", varied_dir, "--streams", 0).returncode == 2
 
 
 def test_serve_runs_the_server_until_interrupted(varied_dir, varied_model, speech, tmp_path):

@@ -72,12 +72,16 @@ class _Timed:
 def torch_floors(runtime, sync, repeats: int = 3) -> dict:
     """What one decode step cannot beat on this machine, measured on the loaded weights themselves.
 
-    gemv_floor_ms: every decoder matrix (and the LM head) multiplied by one vector with stock
-    ``F.linear``, nothing else: the step minus attention, norms and Python. memory_floor_ms: the
-    decoder's weight bytes over the bandwidth of a plain read (a sum over the embedding matrix's bytes).
+    gemv_floor_ms: every decoder matrix (and the LM head) multiplied by one vector, with the same
+    ``linear`` (stock ``F.linear`` or the quantized kernel) and nothing else: the step minus
+    attention, norms and Python. memory_floor_ms: the decoder's weight bytes (as stored: quantized
+    bytes and scales) over the bandwidth of a plain read (a sum over a 1 GB float32 buffer,
+    allocated after the peak RSS is taken).
     """
     import torch
-    import torch.nn.functional as F
+
+    from .backends.torch.quant import linear
+    from .backends.torch.quant import nbytes as weight_bytes
 
     d = runtime.decoder
     c = d.c
@@ -85,12 +89,12 @@ def torch_floors(runtime, sync, repeats: int = 3) -> dict:
     a = torch.randn(1, c.n_heads * c.head_dim, dtype=runtime.dtype, device=runtime.device)
     h = torch.randn(1, c.hidden_dim, dtype=runtime.dtype, device=runtime.device)
     weights = [d.embedding] + [w for L in d.layers for w in (L.wqkv, L.wo, L.w13, L.w2)]
-    nbytes = sum(w.numel() * w.element_size() for w in weights)
+    nbytes = sum(weight_bytes(w) for w in weights)
 
     def gemvs():
-        F.linear(x, d.embedding)
+        linear(x, d.embedding)
         for L in d.layers:
-            F.linear(x, L.wqkv), F.linear(a, L.wo), F.linear(x, L.w13), F.linear(h, L.w2)
+            linear(x, L.wqkv), linear(a, L.wo), linear(x, L.w13), linear(h, L.w2)
 
     def best(fn):
         times = []
@@ -103,22 +107,23 @@ def torch_floors(runtime, sync, repeats: int = 3) -> dict:
 
     with torch.inference_mode():
         gemv = best(gemvs)
-        # Read the bf16/fp16 bits as float32 pairs: a pure read, no conversion, no copy.
-        plain = d.embedding.view(torch.float32) if d.embedding.element_size() == 2 else d.embedding
+        # The same 1 GB read whatever the weights' format, so floors compare across modes.
+        plain = torch.ones(2**28, dtype=torch.float32, device=runtime.device)
         read = best(plain.sum)
-    bandwidth = d.embedding.numel() * d.embedding.element_size() / read
+    bandwidth = plain.nbytes / read
+    del plain
     return {"decoder_weight_gb": nbytes / 1e9, "gemv_floor_ms": 1000 * gemv,
             "read_gb_per_s": bandwidth / 1e9, "memory_floor_ms": 1000 * nbytes / bandwidth}
 
 
-def run_voxlive(model_dir: str, seconds: float, dtype: str | None, device: str | None, chunk_ms: int | None,
-                delay_ms: int | None, backend: str = "auto", quantize: str | None = None) -> dict:
+def _load_timed(model_dir: str, dtype: str | None, device: str | None, quantize: str | None, compile: bool,
+                backend: str = "auto"):
     import torch
 
     from .model import load
 
     t = time.perf_counter()
-    model = load(model_dir, backend=backend, device=device, dtype=dtype, quantize=quantize)
+    model = load(model_dir, backend=backend, device=device, dtype=dtype, quantize=quantize, compile=compile)
     load_s = time.perf_counter() - t
     dev = model.runtime.device
     if model.backend == "mlx":
@@ -126,31 +131,43 @@ def run_voxlive(model_dir: str, seconds: float, dtype: str | None, device: str |
     else:
         sync = (lambda: torch.cuda.synchronize(dev)) if dev.type == "cuda" else (lambda: None)
     model.runtime = timed = _Timed(model.runtime, sync)
+    info = {"engine": "voxlive", "backend": model.backend,
+            "device": dev.type.name if model.backend == "mlx" else str(dev),
+            "dtype": str(timed.dtype).replace("torch.", "").replace("mlx.core.", ""),
+            "quantize": getattr(timed, "quantize", quantize), "compile": compile, "threads": torch.get_num_threads(),
+            "load_s": load_s}
+    return model, timed, sync, info
+
+
+def run_voxlive(model_dir: str, seconds: float, dtype: str | None, device: str | None, chunk_ms: int | None,
+                delay_ms: int | None, quantize: str | None = None, compile: bool = False, backend: str = "auto") -> dict:
+    model, timed, sync, info = _load_timed(model_dir, dtype, device, quantize, compile, backend)
     audio = bench_audio(seconds)
     t = time.perf_counter()
     stream = model.stream(delay_ms=delay_ms)  # the first: encodes and decodes the left pad
     first_stream_s = time.perf_counter() - t
     t_fork = time.perf_counter()
-    model.stream(delay_ms=delay_ms)  # later ones fork it
+    warm = model.stream(delay_ms=delay_ms)  # later ones fork it
     next_stream_s = time.perf_counter() - t_fork
+    if compile:  # compile the step on another stream, outside the timings
+        before = dict(timed.seconds), dict(timed.calls)
+        warm.feed(bench_audio(1.0))
+        timed.seconds, timed.calls = before
+    untimed_s = time.perf_counter() - t_fork
     step = len(audio) if not chunk_ms else SAMPLE_RATE * chunk_ms // 1000
     for start in range(0, len(audio), step):
         stream.feed(audio[start:start + step])
     transcript = stream.finish()
-    wall = time.perf_counter() - t - next_stream_s
+    wall = time.perf_counter() - t - untimed_s
     padded_seconds = stream.encoded * model.config.audio.ms_per_token / 1000
+    rss = peak_rss_mb()
     floors = torch_floors(timed._rt, sync) if model.backend == "torch" else {}
-    return {**floors,
-        "engine": "voxlive", "backend": model.backend, "quantize": quantize,
-        "device": dev.type.name if model.backend == "mlx" else str(dev),
-        "dtype": str(model.runtime.dtype).replace("torch.", "").replace("mlx.core.", ""),
-        "threads": torch.get_num_threads(), "load_s": load_s, "audio_s": seconds,
-        "chunk_ms": chunk_ms, "tokens": len(transcript.tokens),
+    return {**floors, **info, "audio_s": seconds, "chunk_ms": chunk_ms, "tokens": len(transcript.tokens),
         "encoder_ms_per_audio_s": 1000 * timed.seconds.get("encode", 0) / padded_seconds,
         "prefill_ms": 1000 * timed.seconds.get("prefill", 0),
         "first_stream_ms": 1000 * first_stream_s, "next_stream_ms": 1000 * next_stream_s,
         "decode_ms_per_step": 1000 * timed.seconds.get("decode", 0) / max(1, timed.calls.get("decode", 0)),
-        "wall_s": wall, "rtf": wall / seconds, "peak_rss_mb": peak_rss_mb(),
+        "wall_s": wall, "rtf": wall / seconds, "peak_rss_mb": rss,
     }
 
 
@@ -194,7 +211,8 @@ def _subprocess(args: list[str]) -> dict:
 def report(results: list[dict]) -> str:
     lines = []
     for r in results:
-        weights = f"{r['dtype']} {r['quantize']}" if r.get("quantize") else r["dtype"]
+        weights = (f"{r['dtype']}" + (f", {r['quantize']} weights" if r.get("quantize") else "")
+                   + (", compiled step" if r.get("compile") else ""))
         backend = f", {r['backend']} backend" if "backend" in r else ""
         lines.append(f"[{r['engine']}] {r['device']} {weights}{backend}, {r['threads']} threads, "
                      f"{r['audio_s']:.0f} s of audio, {r['tokens']} tokens")
@@ -207,22 +225,23 @@ def report(results: list[dict]) -> str:
             lines.append(f"  decoder         {r['decode_ms_per_step']:8.1f} ms per step (80 ms of audio)")
             if "gemv_floor_ms" in r:
                 lines.append(f"    GEMV floor    {r['gemv_floor_ms']:8.1f} ms ({r['decode_ms_per_step'] / r['gemv_floor_ms']:.2f}x): "
-                             f"stock F.linear over the {r['decoder_weight_gb']:.2f} GB of decoder weights")
+                             f"the matmuls alone over the {r['decoder_weight_gb']:.2f} GB of decoder weights")
                 lines.append(f"    memory floor  {r['memory_floor_ms']:8.1f} ms ({r['decode_ms_per_step'] / r['memory_floor_ms']:.2f}x): "
                              f"the same bytes at a plain read's {r['read_gb_per_s']:.1f} GB/s")
         else:
             lines.append(f"  whole pipeline  {r['ms_per_token']:8.1f} ms per token (80 ms of audio)")
         lines.append(f"  real-time factor{r['rtf']:8.2f}   (wall {r['wall_s']:.1f} s)")
         lines.append(f"  peak RSS        {r['peak_rss_mb']:8.0f} MB")
-    if len(results) == 2:
+    if len(results) == 2 and results[1]["engine"] == "transformers":
         lines.append(f"speed-up vs transformers (whole pipeline, same weights): "
                      f"{results[1]['wall_s'] / results[0]['wall_s']:.2f}x")
     return "\n".join(lines)
 
 
 def bench(model: str | None, *, random_weights: bool, seconds: float, dtype: str | None, device: str | None,
-          chunk_ms: int | None, delay_ms: int | None, reference: bool, backend: str = "auto",
-          quantize: str | None = None) -> list[dict]:
+          chunk_ms: int | None, delay_ms: int | None, reference: bool, quantize: list[str | None] = (None,),
+          compile: bool = False, backend: str = "auto") -> list[dict]:
+    """One subprocess per quantization mode, one after the other."""
     if random_weights:
         model_dir = str(random_checkpoint_dir("full"))
     else:
@@ -234,9 +253,11 @@ def bench(model: str | None, *, random_weights: bool, seconds: float, dtype: str
         common += ["--dtype", dtype]
     if delay_ms:
         common += ["--delay-ms", str(delay_ms)]
-    mine = common + (["--device", device] if device else []) + (["--chunk-ms", str(chunk_ms)] if chunk_ms else [])
-    mine += ["--backend", backend] + (["--quantize", quantize] if quantize else [])
-    results = [_subprocess(["voxlive", *mine])]
+    mine = common + (["--device", device] if device else []) + (["--compile"] if compile else [])
+    mine += ["--backend", backend] + (["--chunk-ms", str(chunk_ms)] if chunk_ms else [])
+    results = []
+    for mode in quantize:
+        results.append(_subprocess(["voxlive", *mine, *(["--quantize", mode] if mode else [])]))
     if reference:
         results.append(_subprocess(["reference", *common]))
     return results
@@ -253,11 +274,13 @@ def _worker(argv: list[str]) -> None:
     p.add_argument("--device")
     p.add_argument("--chunk-ms", type=int)
     p.add_argument("--delay-ms", type=int)
-    p.add_argument("--backend", default="auto")
     p.add_argument("--quantize")
+    p.add_argument("--compile", action="store_true")
+    p.add_argument("--backend", default="auto")
     a = p.parse_args(argv)
     if a.engine == "voxlive":
-        r = run_voxlive(a.model, a.seconds, a.dtype, a.device, a.chunk_ms, a.delay_ms, a.backend, a.quantize)
+        r = run_voxlive(a.model, a.seconds, a.dtype, a.device, a.chunk_ms, a.delay_ms, a.quantize, a.compile,
+                        a.backend)
     else:
         r = run_reference(a.model, a.seconds, a.dtype, a.delay_ms)
     print(json.dumps(r))

@@ -209,8 +209,9 @@ class Checkpoint:
     directory: Path
     config: ModelConfig
     weights: SafetensorsFile | ShardedSafetensors
-    layout: str = "native"
-    quantization: dict | None = None
+    layout: str = "native"  # "native", "mlx" (mlx-community converted) or "torch-quantized" (voxlive convert)
+    quantization: dict | None = None  # mlx layout: {"group_size", "bits"}
+    quantize: str | None = None  # torch-quantized layout: its mode ("int8" | "int4")
 
     @property
     def tokenizer_path(self) -> Path:
@@ -221,6 +222,10 @@ class Checkpoint:
         directory = Path(directory)
         if mlx_layout.is_converted(directory):
             return cls._open_converted(directory)
+        from .backends.torch.convert import QUANTIZED_WEIGHTS, open_quantized
+
+        if (directory / QUANTIZED_WEIGHTS).is_file():
+            return open_quantized(directory)
         for name in NATIVE_FILES:
             if not (directory / name).is_file():
                 if (directory / "config.json").is_file():

@@ -17,14 +17,16 @@ def _model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--backend", default="auto", choices=["auto", "torch", "mlx"])
     p.add_argument("--device", help="cpu, cuda, cuda:N; mlx: cpu, gpu (default: best available)")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="default: bfloat16")
-    p.add_argument("--quantize", choices=["int8", "int4", "int6"], help="weight-only quantization")
+    p.add_argument("--quantize", choices=["int8", "int4", "int6"],
+                   help="weight-only quantization at load (int6: MLX only); a converted checkpoint has its own")
+    p.add_argument("--compile", action="store_true", help="torch.compile the decode step (slow start; see README)")
     p.add_argument("--delay-ms", type=int, help="transcription delay: 80..1200 in steps of 80, or 2400 (default 480)")
 
 
 def _load(a):
     from .model import load
 
-    return load(a.model, backend=a.backend, device=a.device, dtype=a.dtype, quantize=a.quantize)
+    return load(a.model, backend=a.backend, device=a.device, dtype=a.dtype, quantize=a.quantize, compile=a.compile)
 
 
 def _progress_bar(name: str):
@@ -113,11 +115,12 @@ def cmd_bench(a) -> int:
     if not a.random_weights and not a.model:
         print("voxlive bench: give --model SRC or --random-weights", file=sys.stderr)
         return 2
+    quantize = [None if q == "none" else q for q in a.quantize]
     if a.streams:
-        return _bench_streams(a)
+        return _bench_streams(a, quantize)
     results = bench(a.model, random_weights=a.random_weights, seconds=a.seconds, dtype=a.dtype, device=a.device,
-                    chunk_ms=a.chunk_ms, delay_ms=a.delay_ms, reference=a.reference, backend=a.backend,
-                    quantize=a.quantize)
+                    chunk_ms=a.chunk_ms, delay_ms=a.delay_ms, reference=a.reference, quantize=quantize,
+                    compile=a.compile, backend=a.backend)
     print(report(results))
     return 0
 
@@ -137,33 +140,43 @@ def cmd_serve(a) -> int:
     return 0
 
 
-def _bench_streams(a) -> int:
+def _bench_streams(a, modes: list[str | None]) -> int:
+    import gc
+
     from .bench import random_checkpoint_dir
     from .bench_streams import bench_streams, report_streams
     from .model import load
 
-    try:
-        counts = sorted({int(n) for n in a.streams.split(",")})
-    except ValueError:
-        counts = []
-    if not counts or counts[0] < 1:
-        print("voxlive bench: --streams takes counts like 1,2,4,8,16", file=sys.stderr)
+    counts = sorted(set(a.streams))
+    if counts[0] < 1:
+        print("voxlive bench: --streams takes counts of streams, e.g. 1 2 4 8 16", file=sys.stderr)
         return 2
-    model = load(str(random_checkpoint_dir("full")) if a.random_weights else a.model, backend=a.backend,
-                 device=a.device, dtype=a.dtype, quantize=a.quantize)
-    print(report_streams(bench_streams(model, counts, seconds=a.seconds, delay_ms=a.delay_ms), a.seconds))
+    source = str(random_checkpoint_dir("full")) if a.random_weights else a.model
+    for mode in modes:  # one model in memory at a time
+        model = load(source, backend=a.backend, device=a.device, dtype=a.dtype, quantize=mode, compile=a.compile)
+        print(f"[voxlive] {model.backend} backend, {mode or 'unquantized'} weights")
+        print(report_streams(bench_streams(model, counts, seconds=a.seconds, delay_ms=a.delay_ms), a.seconds))
+        del model
+        gc.collect()
     return 0
 
 
 def cmd_convert(a) -> int:
-    if a.backend != "mlx":
-        print("voxlive convert: only --backend mlx writes a converted checkpoint (the mlx-community layout)",
+    if a.backend == "mlx":
+        from .backends.mlx.convert import convert
+
+        out = convert(a.src, a.out, quantize=a.quantize, dtype=a.dtype)
+        print(f"{a.src} -> {out}", file=sys.stderr)
+        return 0
+    from .backends.torch.convert import write_quantized
+    from .checkpoint import open_checkpoint
+
+    if a.quantize not in ("int8", "int4"):
+        print("voxlive convert: the torch backend writes int8 or int4 checkpoints (int6 is MLX only)",
               file=sys.stderr)
         return 2
-    from .backends.mlx.convert import convert
-
-    out = convert(a.source, a.output, quantize=a.quantize, dtype=a.dtype)
-    print(f"{a.source} -> {out}", file=sys.stderr)
+    out = write_quantized(open_checkpoint(a.src), Path(a.out), a.quantize)
+    print(f"wrote {a.quantize} checkpoint to {out} (load it with --model {out})", file=sys.stderr)
     return 0
 
 
@@ -204,17 +217,20 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--delay-ms", type=int)
     b.add_argument("--chunk-ms", type=int, help="feed the audio in chunks of this size (default: all at once)")
     b.add_argument("--reference", action="store_true", help="also run transformers on the same weights")
-    b.add_argument("--streams", help="instead: N concurrent streams through the server's engine, e.g. 1,2,4,8,16")
     b.add_argument("--backend", default="auto", choices=["auto", "torch", "mlx"])
-    b.add_argument("--quantize", choices=["int8", "int4", "int6"], help="weight-only quantization")
+    b.add_argument("--quantize", nargs="+", default=["none"], choices=["none", "int8", "int4", "int6"],
+                   help="weight modes to measure, one after the other (default: none)")
+    b.add_argument("--compile", action="store_true", help="torch.compile the decode step")
+    b.add_argument("--streams", nargs="+", type=int,
+                   help="instead: these numbers of concurrent streams through the server's engine, e.g. 1 2 4 8 16")
     b.set_defaults(run=cmd_bench)
 
-    c = sub.add_parser("convert", help="write a checkpoint in another layout (mlx: the mlx-community one)")
-    c.add_argument("source", metavar="SRC", help="native checkpoint directory or Hugging Face repo id")
-    c.add_argument("output", metavar="OUT", help="output directory (new or empty)")
-    c.add_argument("--backend", default="mlx", choices=["mlx", "torch"])
-    c.add_argument("--quantize", choices=["int8", "int4", "int6"], help="weight-only quantization")
-    c.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="float weights' dtype (default bfloat16)")
+    c = sub.add_parser("convert", help="write a quantized checkpoint (torch), or the mlx-community layout (mlx)")
+    c.add_argument("src", help="native checkpoint directory or Hugging Face repo id")
+    c.add_argument("out", help="output directory")
+    c.add_argument("--quantize", choices=["int8", "int4", "int6"], help="torch: int8 or int4 (required); mlx: any")
+    c.add_argument("--backend", default="torch", choices=["torch", "mlx"], help="the layout to write (default torch)")
+    c.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="mlx: float weights' dtype")
     c.set_defaults(run=cmd_convert)
     return p
 

@@ -97,8 +97,13 @@ def default_backend() -> str:
 
 
 def load(source: str | os.PathLike | None = None, *, backend: str = "auto", device: str | None = None,
-         dtype: str | None = None, quantize: str | None = None) -> Model:
-    """Load a checkpoint (local directory or Hugging Face repo id; default the official model)."""
+         dtype: str | None = None, quantize: str | None = None, compile: bool = False) -> Model:
+    """Load a checkpoint (local directory or Hugging Face repo id; default the official model).
+
+    ``quantize`` "int8" | "int4": weight-only quantization at load (or the mode of a checkpoint
+    written by ``voxlive convert``). ``compile``: run the decode step through torch.compile with
+    static shapes (slow to start; pays on GPUs more than on small CPUs, see the README).
+    """
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if quantize not in QUANTIZE:
@@ -106,20 +111,23 @@ def load(source: str | os.PathLike | None = None, *, backend: str = "auto", devi
     if backend == "auto":
         backend = default_backend()
     if backend == "mlx":
+        if compile:
+            raise ValueError("compile=True is for the torch backend")
         try:
             from .backends.mlx.runtime import MLXRuntime
         except ImportError as e:
             raise ImportError(f"the MLX backend needs mlx ({e}): pip install 'voxlive[mlx]'") from e
         ckpt = open_checkpoint(source)
+        if ckpt.layout not in ("native", "mlx"):
+            raise CheckpointError(f"{ckpt.directory}: a torch-quantized checkpoint (voxlive convert) is read by the "
+                                  f"torch backend only")
         runtime = MLXRuntime(ckpt, device=device, dtype=dtype, quantize=quantize)
         return Model(runtime, Tokenizer(ckpt.tokenizer_path), str(ckpt.directory))
-    if quantize is not None:
-        raise NotImplementedError(f"quantize={quantize!r} is not implemented yet; load without quantize")
     from .backends.torch.runtime import TorchRuntime
 
     ckpt = open_checkpoint(source)
-    if ckpt.layout != "native":
+    if ckpt.layout == "mlx":
         raise CheckpointError(f"{ckpt.directory}: the mlx-community converted layout is read by the MLX backend "
                               f"only (backend='mlx')")
-    runtime = TorchRuntime(ckpt, device=device, dtype=dtype)
+    runtime = TorchRuntime(ckpt, device=device, dtype=dtype, quantize=quantize, compile=compile)
     return Model(runtime, Tokenizer(ckpt.tokenizer_path), str(ckpt.directory))

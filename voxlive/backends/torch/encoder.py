@@ -15,19 +15,20 @@ import torch.nn.functional as F
 from ...config import ModelConfig
 from .cache import RingKVCache
 from .layers import Rope, attend_chunk, rms_norm
+from .quant import Weight, linear
 from .weights import WeightReader
 
 
 @dataclass
 class EncoderLayer:
     attention_norm: torch.Tensor
-    wqkv: torch.Tensor  # [3 * heads * head_dim, dim]: wq | wk | wv fused, one GEMM
+    wqkv: Weight  # [3 * heads * head_dim, dim]: wq | wk | wv fused, one GEMM
     bqkv: torch.Tensor  # biases of wq and wv, zeros for wk (which has none)
-    wo: torch.Tensor
+    wo: Weight
     bo: torch.Tensor
     ffn_norm: torch.Tensor
-    w13: torch.Tensor  # [2 * hidden, dim]: gate (w1) | up (w3)
-    w2: torch.Tensor
+    w13: Weight  # [2 * hidden, dim]: gate (w1) | up (w3)
+    w2: Weight
     b2: torch.Tensor
 
 
@@ -58,13 +59,13 @@ class Encoder:
             a = L + "attention."
             layers.append(EncoderLayer(
                 attention_norm=w.get(L + "attention_norm.weight"),
-                wqkv=w.fused([a + "wq.weight", a + "wk.weight", a + "wv.weight"]),
+                wqkv=w.matrix([a + "wq.weight", a + "wk.weight", a + "wv.weight"]),
                 bqkv=w.fused([a + "wq.bias", (config.encoder.n_heads * config.encoder.head_dim,), a + "wv.bias"]),
-                wo=w.get(a + "wo.weight"),
+                wo=w.matrix([a + "wo.weight"]),
                 bo=w.get(a + "wo.bias"),
                 ffn_norm=w.get(L + "ffn_norm.weight"),
-                w13=w.fused([L + "feed_forward.w1.weight", L + "feed_forward.w3.weight"]),
-                w2=w.get(L + "feed_forward.w2.weight"),
+                w13=w.matrix([L + "feed_forward.w1.weight", L + "feed_forward.w3.weight"]),
+                w2=w.matrix([L + "feed_forward.w2.weight"]),
                 b2=w.get(L + "feed_forward.w2.bias"),
             ))
         return cls(config, conv, layers, w.get(e + "transformer.norm.weight"), device)
@@ -105,15 +106,15 @@ class Encoder:
                                                for cache, k in zip(caches, sizes)]))
         for i, L in enumerate(self.layers):
             h = rms_norm(x, L.attention_norm, c.norm_eps)
-            q, k, v = F.linear(h, L.wqkv, L.bqkv).view(n, 3, c.n_heads, c.head_dim).unbind(1)
+            q, k, v = linear(h, L.wqkv, L.bqkv).view(n, 3, c.n_heads, c.head_dim).unbind(1)
             q, k = Rope.apply(q, rotation), Rope.apply(k, rotation)
             q, k, v = q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1)
             a = [attend_chunk(qs, ks, vs, cache, i) for qs, ks, vs, cache
                  in zip(q.split(sizes, 1), k.split(sizes, 1), v.split(sizes, 1), caches)]
-            x = x + F.linear(a[0] if len(a) == 1 else torch.cat(a), L.wo, L.bo)
+            x = x + linear(a[0] if len(a) == 1 else torch.cat(a), L.wo, L.bo)
             h = rms_norm(x, L.ffn_norm, c.norm_eps)
-            gate, up = F.linear(h, L.w13).split(c.hidden_dim, dim=-1)
-            x = x + F.linear(F.silu(gate) * up, L.w2, L.b2)
+            gate, up = linear(h, L.w13).split(c.hidden_dim, dim=-1)
+            x = x + linear(F.silu(gate) * up, L.w2, L.b2)
         for cache, k in zip(caches, sizes):
             cache.advance(k)
         return rms_norm(x, self.norm, c.norm_eps)

@@ -67,3 +67,22 @@ def attend_chunk(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: RingK
     out = F.scaled_dot_product_attention(q[None], keys[None], values[None], attn_mask=mask, enable_gqa=True)
     cache.write(layer, k, v)
     return out[0].transpose(0, 1).reshape(n, -1)
+
+
+def attend_ring(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache_k: torch.Tensor, cache_v: torch.Tensor,
+                position: torch.Tensor) -> torch.Tensor:
+    """One new position of one sequence, with shapes that do not depend on the position.
+
+    The static-shape twin of ``attend_chunk``'s one-position case, for compiled steps: the
+    position is a 0-d tensor, k/v [kv_heads, 1, d] go to slot ``position % window`` of the
+    layer's ring ``cache_k``/``cache_v`` [kv_heads, window, d], and attention runs over the whole
+    ring with a mask of the slots that hold a position yet (slot j holds ``position - ((position
+    - j) mod window)``, which the window keeps within reach). Returns [1, heads * d].
+    """
+    window = cache_k.shape[1]
+    slot = torch.remainder(position, window).reshape(1)
+    cache_k.index_copy_(1, slot, k)
+    cache_v.index_copy_(1, slot, v)
+    mask = (torch.remainder(position - torch.arange(window, device=q.device), window) <= position)[None]
+    out = F.scaled_dot_product_attention(q[None], cache_k[None], cache_v[None], attn_mask=mask, enable_gqa=True)
+    return out[0].transpose(0, 1).reshape(1, -1)

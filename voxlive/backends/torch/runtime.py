@@ -19,9 +19,18 @@ from ..pending import take_rows
 from .cache import RingKVCache
 from .decoder import Decoder
 from .encoder import Adapter, ConvState, Encoder
+from .quant import MODES, embed
 from .weights import WeightReader
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# Compiled decode steps pad the batch up to one of these sizes (then to a multiple of the last),
+# so a handful of graphs serve every batch.
+BATCH_BUCKETS = (1, 2, 4, 8, 16)
+
+
+def batch_bucket(n: int) -> int:
+    last = BATCH_BUCKETS[-1]
+    return next((b for b in BATCH_BUCKETS if b >= n), -(-n // last) * last)
 
 
 def pick_device(device: str | None) -> torch.device:
@@ -43,6 +52,17 @@ def pick_dtype(dtype: str | None, device: torch.device) -> torch.dtype:
     return DTYPES[dtype]
 
 
+def pick_quantize(quantize: str | None, ckpt: Checkpoint) -> str | None:
+    """The checkpoint's own mode for a quantized checkpoint; else the requested one."""
+    if quantize is not None and quantize not in MODES:
+        raise ValueError(f"quantize={quantize!r} is not available on the torch backend (it has {MODES}; "
+                         f"int6 is MLX only)")
+    if ckpt.quantize is not None and quantize not in (None, ckpt.quantize):
+        raise CheckpointError(f"{ckpt.directory}: a checkpoint quantized to {ckpt.quantize} cannot be loaded as {quantize}; "
+                              f"convert the float checkpoint to {quantize}")
+    return quantize or ckpt.quantize
+
+
 @dataclass
 class TorchState:
     """Everything one stream keeps between calls; drop it and the stream is gone."""
@@ -57,11 +77,13 @@ class TorchState:
 class TorchRuntime:
     backend = "torch"
 
-    def __init__(self, ckpt: Checkpoint, *, device: str | None = None, dtype: str | None = None):
+    def __init__(self, ckpt: Checkpoint, *, device: str | None = None, dtype: str | None = None,
+                 quantize: str | None = None, compile: bool = False):
         self.config: ModelConfig = ckpt.config
         self.device = pick_device(device)
         self.dtype = pick_dtype(dtype, self.device)
-        w = WeightReader(ckpt, self.dtype, self.device)
+        self.quantize = pick_quantize(quantize, ckpt)
+        w = WeightReader(ckpt, self.dtype, self.device, self.quantize)
         try:
             with torch.inference_mode():
                 self.encoder = Encoder.from_weights(w, self.config, self.device)
@@ -69,6 +91,15 @@ class TorchRuntime:
                 self.decoder = Decoder.from_weights(w, self.config, self.device)
         except OSError as err:
             raise CheckpointError(f"{ckpt.weights.path}: read error: {err}") from err
+        # compile: the decode step (with LM head and greedy choice) runs through torch.compile in
+        # its static-shape form. Not in "reduce-overhead" (CUDA graph) mode: the step writes into
+        # each stream's own cache, and CUDA graphs need those writes at fixed addresses (a cache
+        # pool owned by the runtime), which this runtime does not have yet.
+        self.compiled_step = None
+        if compile:
+            self.compiled_step = torch.compile(self.decoder.static_step, dynamic=False)
+            # padding rows of a bucket write here (slot 0 only), never into a real stream's cache
+            self._pad_cache = self.decoder.new_cache(self.dtype, self.device)
         # Encode at most about one encoder window of frames at a time: bounded attention memory
         # on long files, and still large GEMMs.
         c = self.config
@@ -143,7 +174,7 @@ class TorchRuntime:
     # -- decoder ----------------------------------------------------------------------------------
 
     def _embed(self, tokens) -> torch.Tensor:
-        return self.decoder.embedding[torch.as_tensor(tokens, device=self.device)]
+        return embed(self.decoder.embedding, torch.as_tensor(tokens, device=self.device))
 
     @torch.inference_mode()
     def _forward(self, state: TorchState, tokens: list[int], block: int = 256) -> torch.Tensor:
@@ -170,6 +201,20 @@ class TorchRuntime:
     def decode(self, states: list[TorchState], tokens: list[int]) -> list[int]:
         """One decode step for a batch of streams: each consumes one audio embedding and its last token."""
         x = torch.cat([self._pop(s, 1) for s in states]) + self._embed(tokens)
+        if self.compiled_step is not None:
+            return self._compiled_decode(states, x)
         scales = states[0].ffn_scales[None] if len(states) == 1 else torch.stack([s.ffn_scales for s in states])
         hidden = self.decoder.step(x, [s.decoder_cache for s in states], scales)
         return self.decoder.logits(hidden).argmax(-1).tolist()
+
+    def _compiled_decode(self, states: list[TorchState], x: torch.Tensor) -> list[int]:
+        n = len(states)
+        pad = batch_bucket(n) - n
+        caches = [s.decoder_cache for s in states] + [self._pad_cache] * pad
+        x = torch.cat((x, x.new_zeros(pad, x.shape[1])))
+        scales = torch.stack([s.ffn_scales for s in states] + [states[0].ffn_scales] * pad)
+        positions = torch.tensor([c.length for c in caches], device=self.device)
+        tokens = self.compiled_step(x, [c.k for c in caches], [c.v for c in caches], positions, scales)
+        for cache in caches[:n]:
+            cache.advance(1)
+        return tokens[:n].tolist()

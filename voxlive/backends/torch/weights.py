@@ -1,19 +1,27 @@
-"""Reading native checkpoint tensors into torch buffers of the target dtype and device."""
+"""Reading checkpoint tensors into torch buffers of the target dtype and device, quantized or not."""
 
 from __future__ import annotations
 
 import torch
 
 from ...checkpoint import Checkpoint
+from .quant import QUANTIZED, STORED, Weight, quantize, scheme_for, uses_kernel
 
 
 class WeightReader:
-    """Reads native tensors into preallocated buffers of the target dtype and device, one at a time."""
+    """Reads tensors one at a time into their final buffers (so peak memory is the model plus one matrix).
 
-    _FILE_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
+    ``mode`` (None, "int8", "int4") quantizes linear weights as they are read from a float
+    checkpoint; a quantized checkpoint (``voxlive convert``) already holds them in stored form.
+    """
 
-    def __init__(self, ckpt: Checkpoint, dtype: torch.dtype, device: torch.device):
+    _FILE_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "I8": torch.int8,
+                    "U8": torch.uint8}
+
+    def __init__(self, ckpt: Checkpoint, dtype: torch.dtype, device: torch.device, mode: str | None = None):
         self.file, self.dtype, self.device = ckpt.weights, dtype, device
+        self.mode = mode
+        self.prequantized = ckpt.quantize is not None
 
     def _fill(self, out: torch.Tensor, name: str) -> None:
         info = self.file.tensors[name]
@@ -33,10 +41,12 @@ class WeightReader:
         self._fill(out, name)
         return out
 
-    def fused(self, names: list[str | tuple[int, ...]]) -> torch.Tensor:
+    def fused(self, names: list[str | tuple[int, ...]], *, dtype: torch.dtype | None = None,
+              device: torch.device | None = None) -> torch.Tensor:
         """Concatenation along dim 0 of several tensors, filled in place; a shape means zeros."""
         shapes = [n if isinstance(n, tuple) else self.file.tensors[n].shape for n in names]
-        out = torch.empty((sum(s[0] for s in shapes), *shapes[0][1:]), dtype=self.dtype, device=self.device)
+        out = torch.empty((sum(s[0] for s in shapes), *shapes[0][1:]), dtype=dtype or self.dtype,
+                          device=device or self.device)
         row = 0
         for name, shape in zip(names, shapes):
             part = out[row:row + shape[0]]
@@ -46,3 +56,20 @@ class WeightReader:
                 self._fill(part, name)
             row += shape[0]
         return out
+
+    def stored(self, names: list[str], scheme: str) -> dict[str, torch.Tensor]:
+        """The stored (quantized) form of the rows of ``names`` stacked, read or computed on the CPU."""
+        if self.prequantized:
+            cpu = torch.device("cpu")
+            return {part: self.fused([f"{n}.{part}" for n in names], dtype=dtype, device=cpu)
+                    for part, dtype in STORED[scheme].items()}
+        source_dtype = self._FILE_DTYPES[self.file.tensors[names[0]].dtype]
+        return quantize(self.fused(names, dtype=source_dtype, device=torch.device("cpu")), scheme)
+
+    def matrix(self, names: list[str]) -> Weight:
+        """A linear layer's weight: the rows of ``names`` stacked, quantized as the mode says."""
+        scheme = scheme_for(names[0], self.mode)
+        if scheme is None:
+            return self.fused(names)
+        return QUANTIZED[scheme].from_stored(self.stored(names, scheme), self.dtype, self.device,
+                                             kernel=uses_kernel(names[0]))

@@ -1,0 +1,194 @@
+"""Weight-only quantization: int8 per output channel, int4 per group of 64 (or 32) inputs.
+
+At batch 1 a decode step reads every decoder weight once, so its time is the bytes read: int8
+halves them and int4 quarters them. The matmuls are PyTorch's own weight-only kernels
+(``aten._weight_int8pack_mm``, ``aten._weight_int4pack_mm[_for_cpu]``), which dequantize tile by
+tile as they stream the weights. Activations stay in the model's dtype; nothing else changes.
+
+What is quantized (the same in both modes, chosen by measurement, see README):
+- the decoder's linear layers (wq|wk|wv, wo, w1|w3, w2): int8 or int4, the mode;
+- the tied embedding / LM head: int8 in both modes. Its rows are looked up as well as multiplied,
+  and an int8 row is a gather plus one scale; int4 would need a second, unpacked copy;
+- the encoder's linear layers: int8 in both modes. The encoder runs on many frames at once, where
+  the weight-only kernels (whose cost grows with the rows, GEMV-style) are slower than a plain
+  GEMM, so its layers are converted to the activation dtype at each call and multiplied as usual
+  (about the speed of bf16 for large chunks); int8 costs half the memory of bf16 (1.0 GB instead
+  of 1.9 GB) and is what keeps the int4 model under 4 GB.
+The adapter, convolutions, norms and the delay-conditioning matrices are small and stay as they are.
+
+Quantized values are computed from float32 copies of the weights, with scales rounded to bfloat16
+*before* the integers are chosen, so the stored scales are exact in every activation dtype and a
+saved quantized checkpoint reloads to bit-identical weights.
+
+Each weight always takes the same path whatever the number of rows (the kernels compute each row
+on its own, the GEMM path rounds as the float model's does), so streaming and batching change the
+numbers no more than without quantization: a switch of path by batch size would.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+MODES = ("int8", "int4")
+INT4_GROUPS = (64, 32)  # the first that divides a matrix's input size is used
+SCALE_DTYPE = torch.bfloat16
+
+
+def scheme_for(name: str, mode: str | None) -> str | None:
+    """The quantization of native tensor ``name`` in ``mode``: None, "int8" or "int4"."""
+    if mode is None:
+        return None
+    if mode not in MODES:
+        raise ValueError(f"the torch backend quantizes to {MODES}, got {mode!r}")
+    if name.endswith("tok_embeddings.weight"):
+        return "int8"
+    linear = (".attention.wq.weight", ".attention.wk.weight", ".attention.wv.weight", ".attention.wo.weight",
+              ".feed_forward.w1.weight", ".feed_forward.w2.weight", ".feed_forward.w3.weight")
+    if not name.endswith(linear):
+        return None
+    return "int8" if "whisper_encoder." in name else mode
+
+
+def uses_kernel(name: str) -> bool:
+    """Whether an int8 weight runs through the weight-only kernel (decoder) or a GEMM (encoder)."""
+    return "whisper_encoder." not in name
+
+
+# Stored form of each scheme: tensor suffix -> dtype. Shapes: int8 q [N, K], scale [N];
+# int4 q [N, K / 2] (input k even in the high nibble, k odd in the low one), scale and zero
+# [N, K / group], dequantized as (q - 8) * scale + zero.
+STORED = {"int8": {"q": torch.int8, "scale": SCALE_DTYPE},
+          "int4": {"q": torch.uint8, "scale": SCALE_DTYPE, "zero": SCALE_DTYPE}}
+
+
+def int4_group(k: int) -> int:
+    for g in INT4_GROUPS:
+        if k % g == 0:
+            return g
+    raise ValueError(f"int4: input size {k} is not a multiple of any group size {INT4_GROUPS}")
+
+
+def stored_shapes(scheme: str, shape: tuple[int, int]) -> dict[str, tuple[int, ...]]:
+    n, k = shape
+    if scheme == "int8":
+        return {"q": (n, k), "scale": (n,)}
+    groups = k // int4_group(k)
+    return {"q": (n, k // 2), "scale": (n, groups), "zero": (n, groups)}
+
+
+def quantize(w: torch.Tensor, scheme: str, block_rows: int = 2048) -> dict[str, torch.Tensor]:
+    """A float matrix [N, K] -> its stored form (see STORED).
+
+    Rows are independent, so they are done ``block_rows`` at a time: the float32 temporaries of
+    the 131072-row embedding would otherwise take gigabytes at load.
+    """
+    out = {part: torch.empty(shape, dtype=STORED[scheme][part])
+           for part, shape in stored_shapes(scheme, tuple(w.shape)).items()}
+    for i in range(0, w.shape[0], block_rows):
+        for part, value in _quantize_rows(w[i:i + block_rows].float(), scheme).items():
+            out[part][i:i + block_rows] = value
+    return out
+
+
+def _quantize_rows(w: torch.Tensor, scheme: str) -> dict[str, torch.Tensor]:
+    if scheme == "int8":
+        scale = (w.abs().amax(dim=1) / 127).clamp(min=1e-12).to(SCALE_DTYPE)
+        q = torch.round(w / scale.float()[:, None]).clamp(-127, 127).to(torch.int8)
+        return {"q": q, "scale": scale}
+    n, k = w.shape
+    g = w.view(n, k // int4_group(k), -1)
+    lo, hi = g.amin(dim=-1), g.amax(dim=-1)
+    scale = ((hi - lo) / 15).clamp(min=1e-12).to(SCALE_DTYPE)
+    zero = (lo + 8 * scale.float()).to(SCALE_DTYPE)
+    q = torch.round((g - zero.float()[..., None]) / scale.float()[..., None] + 8).clamp(0, 15).to(torch.uint8)
+    q = q.view(n, k)
+    return {"q": (q[:, 0::2] << 4) | q[:, 1::2], "scale": scale, "zero": zero}
+
+
+@dataclass
+class Int8Weight:
+    """Per-output-channel int8: w[n, k] = q[n, k] * scale[n]."""
+
+    q: torch.Tensor  # [N, K] int8
+    scale: torch.Tensor  # [N], the activation dtype
+    kernel: bool  # the weight-only kernel (on CPU), else a GEMM on the weight converted to the activation dtype
+
+    @classmethod
+    def from_stored(cls, parts: dict[str, torch.Tensor], dtype: torch.dtype, device: torch.device, *,
+                    kernel: bool = True) -> Int8Weight:
+        return cls(parts["q"].to(device), parts["scale"].to(device, dtype), kernel)
+
+    @property
+    def nbytes(self) -> int:
+        return self.q.nbytes + self.scale.nbytes
+
+    def linear(self, x: torch.Tensor) -> torch.Tensor:
+        if self.kernel and x.device.type == "cpu":
+            flat = x.reshape(-1, x.shape[-1]).contiguous()
+            return torch.ops.aten._weight_int8pack_mm(flat, self.q, self.scale).view(*x.shape[:-1], -1)
+        return F.linear(x, self.q.to(x.dtype)) * self.scale
+
+    def rows(self, ids: torch.Tensor) -> torch.Tensor:
+        """Dequantized rows (embedding lookup)."""
+        return self.q[ids].to(self.scale.dtype) * self.scale[ids, None]
+
+
+@dataclass
+class Int4Weight:
+    """Group-wise asymmetric int4 in the layout of PyTorch's int4 kernel for the device."""
+
+    packed: torch.Tensor
+    scales_and_zeros: torch.Tensor  # [K / group, N, 2], the activation dtype
+    group: int
+    n: int
+
+    @classmethod
+    def from_stored(cls, parts: dict[str, torch.Tensor], dtype: torch.dtype, device: torch.device, *,
+                    kernel: bool = True) -> Int4Weight:  # int4 has only the kernel
+        q = parts["q"]
+        n, k = q.shape[0], 2 * q.shape[1]
+        if device.type == "cuda" and dtype != torch.bfloat16:
+            raise ValueError("int4 on CUDA runs with bfloat16 activations only (PyTorch's kernel); use dtype='bfloat16'")
+        if device.type == "cpu":
+            values = torch.stack((q >> 4, q & 15), dim=-1).view(n, k).to(torch.int32)
+            packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(values, 1)
+        else:
+            inner_k_tiles = next(t for t in (8, 4, 2) if k % (16 * t) == 0)
+            packed = torch.ops.aten._convert_weight_to_int4pack(q.to(device), inner_k_tiles)
+        sz = torch.stack((parts["scale"], parts["zero"]), dim=-1).transpose(0, 1).contiguous()
+        return cls(packed, sz.to(device, dtype), k // parts["scale"].shape[1], n)
+
+    @property
+    def nbytes(self) -> int:
+        return self.packed.nbytes + self.scales_and_zeros.nbytes
+
+    def linear(self, x: torch.Tensor) -> torch.Tensor:
+        flat = x.reshape(-1, x.shape[-1]).contiguous()
+        if x.device.type == "cpu":
+            y = torch.ops.aten._weight_int4pack_mm_for_cpu(flat, self.packed, self.group, self.scales_and_zeros)
+        else:
+            y = torch.ops.aten._weight_int4pack_mm(flat, self.packed, self.group, self.scales_and_zeros)
+        return y.view(*x.shape[:-1], self.n)
+
+
+QUANTIZED = {"int8": Int8Weight, "int4": Int4Weight}
+Weight = torch.Tensor | Int8Weight | Int4Weight
+
+
+def linear(x: torch.Tensor, w: Weight, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``F.linear`` for a plain or a quantized weight: the one call every layer makes."""
+    if isinstance(w, torch.Tensor):
+        return F.linear(x, w, bias)
+    y = w.linear(x)
+    return y if bias is None else y + bias
+
+
+def embed(w: Weight, ids: torch.Tensor) -> torch.Tensor:
+    return w[ids] if isinstance(w, torch.Tensor) else w.rows(ids)
+
+
+def nbytes(w: Weight) -> int:
+    return w.numel() * w.element_size() if isinstance(w, torch.Tensor) else w.nbytes
