@@ -154,7 +154,8 @@ def _bench_streams(a, modes: list[str | None]) -> int:
     source = str(random_checkpoint_dir("full")) if a.random_weights else a.model
     for mode in modes:  # one model in memory at a time
         model = load(source, backend=a.backend, device=a.device, dtype=a.dtype, quantize=mode, compile=a.compile)
-        print(f"[voxlive] {model.backend} backend, {mode or 'unquantized'} weights")
+        weights = getattr(model.runtime, "quantize", None) or mode  # a converted checkpoint has its own
+        print(f"[voxlive] {model.backend} backend, {weights or 'unquantized'} weights")
         print(report_streams(bench_streams(model, counts, seconds=a.seconds, delay_ms=a.delay_ms), a.seconds))
         del model
         gc.collect()
