@@ -199,11 +199,15 @@ def decode_step(streams: list[Stream]) -> list[Stream]:
     return batch
 
 
-def decode_ready(streams: list[Stream]) -> None:
-    """Encode the streams' new audio, run their prompt positions, then batched decode steps until
-    no stream has a position whose audio is in."""
+def prepare_ready(streams: list[Stream]) -> None:
+    """Encode the streams' new audio (one batched pass) and run the prompt positions it allows."""
     encode_ready(streams)
     for s in streams:
         s.prefill_ready()
+
+
+def decode_ready(streams: list[Stream]) -> None:
+    """``prepare_ready``, then batched decode steps until no stream has a position whose audio is in."""
+    prepare_ready(streams)
     while decode_step(streams):
         pass

@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from ..session import Stream, decode_step, encode_ready
+from ..session import Stream, decode_step, prepare_ready
 from ..transcript import Transcript, Word
 
 log = logging.getLogger("voxlive.server")
@@ -221,9 +221,7 @@ class Engine:
                 s.stream = self.model.stream(delay_ms=s.delay_ms)
         self._ingest(sessions)
         streams = [s.stream for s in sessions]
-        encode_ready(streams)
-        for st in streams:
-            st.prefill_ready()
+        prepare_ready(streams)
         advanced = decode_step(streams)
         if advanced:
             self.steps += 1
