@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 
 FORMATS = ("text", "json", "srt", "vtt")
 
@@ -13,6 +13,9 @@ class Word:
     text: str
     start: float  # seconds from the start of the input audio
     end: float
+
+    def to_dict(self) -> dict:
+        return {"text": self.text, "start": round(self.start, 3), "end": round(self.end, 3)}
 
 
 @dataclass
@@ -28,7 +31,7 @@ class Transcript:
             "text": self.text,
             "duration": round(self.duration, 3),
             "delay_ms": self.delay_ms,
-            "words": [{**asdict(w), "start": round(w.start, 3), "end": round(w.end, 3)} for w in self.words],
+            "words": [w.to_dict() for w in self.words],
         }
 
     def format(self, fmt: str) -> str:

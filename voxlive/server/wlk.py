@@ -37,7 +37,7 @@ def snapshot(words: list[Word], partial: str, lag: float, error: str | None = No
         "text": " ".join(w.text for w in group),
         "start": clock(group[0].start),
         "end": clock(group[-1].end),
-        "words": [{"text": w.text, "start": w.start, "end": w.end} for w in group],
+        "words": [w.to_dict() for w in group],
     } for group in cues(words, max_chars=LINE_CHARS, max_seconds=LINE_SECONDS, max_gap=LINE_GAP)]
     out = {
         "status": "active_transcription" if lines or partial else "no_audio_detected",
