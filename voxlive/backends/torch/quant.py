@@ -1,9 +1,11 @@
-"""Weight-only quantization: int8 per output channel, int4 per group of 64 (or 32) inputs.
+"""The weights of linear layers: plain, bfloat16 through voxlive's CPU kernel, int8 per output
+channel, int4 per group of 64 (or 32) inputs.
 
 At batch 1 a decode step reads every decoder weight once, so its time is the bytes read: int8
-halves them and int4 quarters them. The matmuls are PyTorch's own weight-only kernels
-(``aten._weight_int8pack_mm``, ``aten._weight_int4pack_mm[_for_cpu]``), which dequantize tile by
-tile as they stream the weights. Activations stay in the model's dtype; nothing else changes.
+halves them and int4 quarters them. The decoder's matrices are multiplied by voxlive's own CPU
+kernels (``cpu_kernels``) where they run, else by PyTorch's weight-only kernels
+(``aten._weight_int8pack_mm``, ``aten._weight_int4pack_mm[_for_cpu]``); both dequantize as they
+stream the weights. Activations stay in the model's dtype; nothing else changes.
 
 What is quantized (the same in both modes, chosen by measurement, see README):
 - the decoder's linear layers (wq|wk|wv, wo, w1|w3, w2): int8 or int4, the mode;
@@ -20,9 +22,9 @@ Quantized values are computed from float32 copies of the weights, with scales ro
 *before* the integers are chosen, so the stored scales are exact in every activation dtype and a
 saved quantized checkpoint reloads to bit-identical weights.
 
-Each weight always takes the same path whatever the number of rows (the kernels compute each row
-on its own, the GEMM path rounds as the float model's does), so streaming and batching change the
-numbers no more than without quantization: a switch of path by batch size would.
+Each quantized weight always takes the same path whatever the number of rows (the kernels compute
+each row on its own, the GEMM path rounds as the float model's does), so streaming and batching
+change the numbers no more than without quantization: a switch of path by batch size would.
 """
 
 from __future__ import annotations
@@ -31,6 +33,8 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+
+from . import cpu_kernels
 
 MODES = ("int8", "int4")
 INT4_GROUPS = (64, 32)  # the first that divides a matrix's input size is used
@@ -53,7 +57,8 @@ def scheme_for(name: str, mode: str | None) -> str | None:
 
 
 def uses_kernel(name: str) -> bool:
-    """Whether an int8 weight runs through the weight-only kernel (decoder) or a GEMM (encoder)."""
+    """Whether a matrix is the decoder's (a few rows at a time: a streaming kernel) or the encoder's
+    (many rows: a GEMM, int8 weights converted to the activation dtype first)."""
     return "whisper_encoder." not in name
 
 
@@ -108,28 +113,44 @@ def _quantize_rows(w: torch.Tensor, scheme: str) -> dict[str, torch.Tensor]:
     return {"q": (q[:, 0::2] << 4) | q[:, 1::2], "scale": scale, "zero": zero}
 
 
+def cpu_path(device: torch.device, kernel: bool, k: int) -> str:
+    """How a quantized weight with ``k`` inputs is multiplied: "voxlive" (``cpu_kernels``), "aten"
+    (PyTorch's weight-only kernel) or "gemm" (the weight converted to the activation dtype, then a
+    plain matmul)."""
+    if not kernel:
+        return "gemm"
+    if device.type != "cpu" or k % cpu_kernels.K_MULTIPLE:
+        return "aten"
+    return "voxlive" if cpu_kernels.available() else "aten"
+
+
 @dataclass
 class Int8Weight:
     """Per-output-channel int8: w[n, k] = q[n, k] * scale[n]."""
 
     q: torch.Tensor  # [N, K] int8
     scale: torch.Tensor  # [N], the activation dtype
-    kernel: bool  # the weight-only kernel (on CPU), else a GEMM on the weight converted to the activation dtype
+    path: str  # see cpu_path; "aten" on CUDA means the GEMM as well (PyTorch's int8 kernel is CPU-only)
 
     @classmethod
     def from_stored(cls, parts: dict[str, torch.Tensor], dtype: torch.dtype, device: torch.device, *,
                     kernel: bool = True) -> Int8Weight:
-        return cls(parts["q"].to(device), parts["scale"].to(device, dtype), kernel)
+        q = parts["q"]
+        return cls(q.to(device), parts["scale"].to(device, dtype), cpu_path(device, kernel, q.shape[1]))
 
     @property
     def nbytes(self) -> int:
         return self.q.nbytes + self.scale.nbytes
 
     def linear(self, x: torch.Tensor) -> torch.Tensor:
-        if self.kernel and x.device.type == "cpu":
-            flat = x.reshape(-1, x.shape[-1]).contiguous()
-            return torch.ops.aten._weight_int8pack_mm(flat, self.q, self.scale).view(*x.shape[:-1], -1)
-        return F.linear(x, self.q.to(x.dtype)) * self.scale
+        if self.path == "gemm" or x.device.type != "cpu":
+            return F.linear(x, self.q.to(x.dtype)) * self.scale
+        flat = x.reshape(-1, x.shape[-1])
+        if self.path == "voxlive":
+            y = cpu_kernels.linear_int8(flat, self.q, self.scale)
+        else:
+            y = torch.ops.aten._weight_int8pack_mm(flat.contiguous(), self.q, self.scale)
+        return y.view(*x.shape[:-1], -1)
 
     def rows(self, ids: torch.Tensor) -> torch.Tensor:
         """Dequantized rows (embedding lookup)."""
@@ -138,18 +159,29 @@ class Int8Weight:
 
 @dataclass
 class Int4Weight:
-    """Group-wise asymmetric int4 in the layout of PyTorch's int4 kernel for the device."""
+    """Group-wise asymmetric int4, in the layout of the kernel that multiplies it.
 
-    packed: torch.Tensor
-    scales_and_zeros: torch.Tensor  # [K / group, N, 2], the activation dtype
+    "voxlive" (CPU, groups of 64): the stored form itself, q [N, K / 2] with scale and zero
+    [N, K / group] in bfloat16. "aten": PyTorch's packed layout for the device, with
+    ``scales_and_zeros`` [K / group, N, 2] in the activation dtype.
+    """
+
+    q: torch.Tensor
+    scale: torch.Tensor | None  # "voxlive" only
+    zero: torch.Tensor | None  # "voxlive" only
+    scales_and_zeros: torch.Tensor | None  # "aten" only
     group: int
     n: int
+    path: str
 
     @classmethod
     def from_stored(cls, parts: dict[str, torch.Tensor], dtype: torch.dtype, device: torch.device, *,
-                    kernel: bool = True) -> Int4Weight:  # int4 has only the kernel
+                    kernel: bool = True) -> Int4Weight:  # int4 has only kernels
         q = parts["q"]
         n, k = q.shape[0], 2 * q.shape[1]
+        group = k // parts["scale"].shape[1]
+        if group == cpu_kernels.INT4_GROUP and cpu_path(device, True, k) == "voxlive":
+            return cls(q, parts["scale"], parts["zero"], None, group, n, "voxlive")
         if device.type == "cuda" and dtype != torch.bfloat16:
             raise ValueError("int4 on CUDA runs with bfloat16 activations only (PyTorch's kernel); use dtype='bfloat16'")
         if device.type == "cpu":
@@ -159,23 +191,55 @@ class Int4Weight:
             inner_k_tiles = next(t for t in (8, 4, 2) if k % (16 * t) == 0)
             packed = torch.ops.aten._convert_weight_to_int4pack(q.to(device), inner_k_tiles)
         sz = torch.stack((parts["scale"], parts["zero"]), dim=-1).transpose(0, 1).contiguous()
-        return cls(packed, sz.to(device, dtype), k // parts["scale"].shape[1], n)
+        return cls(packed, None, None, sz.to(device, dtype), group, n, "aten")
 
     @property
     def nbytes(self) -> int:
-        return self.packed.nbytes + self.scales_and_zeros.nbytes
+        return sum(t.nbytes for t in (self.q, self.scale, self.zero, self.scales_and_zeros) if t is not None)
 
     def linear(self, x: torch.Tensor) -> torch.Tensor:
-        flat = x.reshape(-1, x.shape[-1]).contiguous()
-        if x.device.type == "cpu":
-            y = torch.ops.aten._weight_int4pack_mm_for_cpu(flat, self.packed, self.group, self.scales_and_zeros)
+        flat = x.reshape(-1, x.shape[-1])
+        if self.path == "voxlive":
+            y = cpu_kernels.linear_int4(flat, self.q, self.scale, self.zero)
+        elif x.device.type == "cpu":
+            y = torch.ops.aten._weight_int4pack_mm_for_cpu(flat.contiguous(), self.q, self.group, self.scales_and_zeros)
         else:
-            y = torch.ops.aten._weight_int4pack_mm(flat, self.packed, self.group, self.scales_and_zeros)
+            y = torch.ops.aten._weight_int4pack_mm(flat.contiguous(), self.q, self.group, self.scales_and_zeros)
         return y.view(*x.shape[:-1], self.n)
 
 
+@dataclass
+class Bf16Weight:
+    """A bfloat16 decoder matrix on a CPU with voxlive's kernels: ``cpu_kernels.linear_bf16`` for
+    the few rows of a decode step, the stock GEMM for the many rows of a prompt or teacher forcing."""
+
+    w: torch.Tensor  # [N, K] bfloat16
+    KERNEL_ROWS = 16  # at most this many rows go through the kernel (whose cost grows with the rows)
+
+    @classmethod
+    def wrap(cls, w: torch.Tensor) -> torch.Tensor | Bf16Weight:
+        """``w`` itself unless the kernel applies (CPU, bfloat16, kernels available)."""
+        if (w.device.type == "cpu" and w.dtype == torch.bfloat16 and w.shape[1] % cpu_kernels.K_MULTIPLE == 0
+                and cpu_kernels.available()):
+            return cls(w)
+        return w
+
+    @property
+    def nbytes(self) -> int:
+        return self.w.nbytes
+
+    def linear(self, x: torch.Tensor) -> torch.Tensor:
+        flat = x.reshape(-1, x.shape[-1])
+        if flat.shape[0] > self.KERNEL_ROWS or x.dtype != torch.bfloat16:
+            return F.linear(x, self.w)
+        return cpu_kernels.linear_bf16(flat, self.w).view(*x.shape[:-1], -1)
+
+    def rows(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.w[ids]
+
+
 QUANTIZED = {"int8": Int8Weight, "int4": Int4Weight}
-Weight = torch.Tensor | Int8Weight | Int4Weight
+Weight = torch.Tensor | Bf16Weight | Int8Weight | Int4Weight
 
 
 def linear(x: torch.Tensor, w: Weight, bias: torch.Tensor | None = None) -> torch.Tensor:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from ...checkpoint import Checkpoint
-from .quant import QUANTIZED, STORED, Weight, quantize, scheme_for, uses_kernel
+from .quant import QUANTIZED, STORED, Bf16Weight, Weight, quantize, scheme_for, uses_kernel
 
 
 class WeightReader:
@@ -70,6 +70,6 @@ class WeightReader:
         """A linear layer's weight: the rows of ``names`` stacked, quantized as the mode says."""
         scheme = scheme_for(names[0], self.mode)
         if scheme is None:
-            return self.fused(names)
+            return Bf16Weight.wrap(self.fused(names)) if uses_kernel(names[0]) else self.fused(names)
         return QUANTIZED[scheme].from_stored(self.stored(names, scheme), self.dtype, self.device,
                                              kernel=uses_kernel(names[0]))

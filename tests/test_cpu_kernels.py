@@ -1,0 +1,138 @@
+"""voxlive's CPU kernels (``cpu_kernels.cpp``) against float64 products of the same weights, their
+batch invariance and errors, and the fallback to PyTorch's kernels where they are unavailable."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import voxlive
+from voxlive.backends.torch import cpu_kernels
+from voxlive.backends.torch.quant import QUANTIZED, Bf16Weight, linear, quantize
+from voxlive.reference import offline_padded_audio
+
+from test_quant import dequantized
+
+needs_kernels = pytest.mark.skipif(not cpu_kernels.available(), reason=f"{cpu_kernels.unavailable_reason()}")
+
+
+def activations(m: int, k: int, seed: int) -> torch.Tensor:
+    """Rows with a wide range: one large outlier per row, some tiny values, one all-zero row."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(m, k, generator=g) * torch.rand(m, k, generator=g) ** 4
+    x[:, 5] = 40.0
+    if m > 2:
+        x[2] = 0
+    return x
+
+
+def check_quantized(x: torch.Tensor, w: torch.Tensor, got: torch.Tensor) -> None:
+    """Within the error bound of int16 activations (half a step of max|x_row| / 16383 per element,
+    times |w|) plus float32 rounding."""
+    x64, w64 = x.double(), w.double()
+    expected = x64 @ w64.T
+    step = x64.abs().amax(1, keepdim=True) / 16383
+    bound = 0.5 * step * w64.abs().sum(1)[None] + 1e-6 * (x64.abs() @ w64.abs().T) + 1e-30
+    assert ((got.double() - expected).abs() <= bound).all()
+
+
+@needs_kernels
+@pytest.mark.parametrize("k", [96, 192, 3072])
+@pytest.mark.parametrize("scheme", ["int8", "int4"])
+def test_quantized_kernels_against_float64(scheme, k):
+    if scheme == "int4" and k % 64:
+        pytest.skip("the int4 kernel takes groups of 64")
+    g = torch.Generator().manual_seed(k)
+    parts = quantize(torch.randn(50, k, generator=g) * 0.05, scheme)
+    weight = QUANTIZED[scheme].from_stored(parts, torch.float32, torch.device("cpu"))
+    assert weight.path == "voxlive"
+    x = activations(9, k, seed=k)  # 9 rows: passes of 4, 4 and 1
+    got = linear(x, weight)
+    check_quantized(x, dequantized(parts, scheme), got)
+    assert (got[2] == 0).all()  # an all-zero row gives zeros, not NaN
+    for m in range(9):  # each row alone gives bit for bit what it gives in the batch
+        assert torch.equal(linear(x[m:m + 1], weight)[0], got[m])
+    # bfloat16 activations: the float32 result of the same values, rounded once to bfloat16
+    x16 = x.bfloat16()
+    assert torch.equal(linear(x16, weight), linear(x16.float(), weight).bfloat16())
+
+
+@needs_kernels
+@pytest.mark.parametrize("k", [96, 3072])
+def test_bf16_kernel_against_float64(k):
+    g = torch.Generator().manual_seed(k)
+    w = (torch.randn(50, k, generator=g) * 0.05).bfloat16()
+    x = activations(9, k, seed=k).bfloat16()
+    weight = Bf16Weight.wrap(w)
+    assert isinstance(weight, Bf16Weight)
+    got = linear(x, weight)
+    expected = x.double() @ w.double().T
+    # float32 sums of exact bf16 products, then one rounding to bfloat16
+    bound = 2 ** -8 * expected.abs() + 1e-6 * (x.double().abs() @ w.double().abs().T) + 1e-30
+    assert ((got.double() - expected).abs() <= bound).all()
+    for m in range(9):
+        assert torch.equal(linear(x[m:m + 1], weight)[0], got[m])
+    # more rows than a decode step has go through the stock GEMM, within bfloat16 rounding of it
+    many = activations(Bf16Weight.KERNEL_ROWS + 1, k, seed=1).bfloat16()
+    assert torch.equal(linear(many, weight), torch.nn.functional.linear(many, w))
+
+
+@needs_kernels
+def test_kernels_reject_bad_shapes_and_types():
+    q = torch.zeros(8, 64, dtype=torch.int8)
+    with pytest.raises(RuntimeError, match="inputs"):
+        cpu_kernels.linear_int8(torch.zeros(1, 32), q, torch.ones(8))
+    with pytest.raises(RuntimeError, match="multiple of 32"):
+        cpu_kernels.linear_int8(torch.zeros(1, 40), torch.zeros(8, 40, dtype=torch.int8), torch.ones(8))
+    with pytest.raises(RuntimeError, match="one scale per output"):
+        cpu_kernels.linear_int8(torch.zeros(1, 64), q, torch.ones(7))
+    with pytest.raises(RuntimeError, match="int8 weight"):
+        cpu_kernels.linear_int8(torch.zeros(1, 64), q.float(), torch.ones(8))
+    with pytest.raises(RuntimeError, match="groups of 64"):
+        cpu_kernels.linear_int4(torch.zeros(1, 128), torch.zeros(8, 64, dtype=torch.uint8),
+                                torch.ones(8, 4, dtype=torch.bfloat16), torch.ones(8, 4, dtype=torch.bfloat16))
+    with pytest.raises(RuntimeError, match="bfloat16 x and weight"):
+        cpu_kernels.linear_bf16(torch.zeros(1, 64), torch.zeros(8, 64, dtype=torch.bfloat16))
+
+
+@pytest.fixture
+def kernels_off(monkeypatch):
+    """As on a machine where the kernels cannot be built or run."""
+    monkeypatch.setattr(cpu_kernels, "_tried", True)
+    monkeypatch.setattr(cpu_kernels, "_reason", "switched off by the test")
+
+
+def test_without_kernels_pytorch_kernels_do_the_work(kernels_off):
+    assert not cpu_kernels.available() and cpu_kernels.unavailable_reason() == "switched off by the test"
+    parts = quantize(torch.randn(16, 128), "int8")
+    assert QUANTIZED["int8"].from_stored(parts, torch.bfloat16, torch.device("cpu")).path == "aten"
+    assert QUANTIZED["int4"].from_stored(quantize(torch.randn(16, 128), "int4"), torch.bfloat16,
+                                         torch.device("cpu")).path == "aten"
+    w = torch.randn(16, 128).bfloat16()
+    assert Bf16Weight.wrap(w) is w
+
+
+@needs_kernels
+@pytest.mark.parametrize("mode", [None, "int8", "int4"])
+def test_model_logits_with_and_without_kernels(varied_dir, speech, monkeypatch, mode):
+    """A bfloat16 model's teacher-forced logits with voxlive's kernels and with PyTorch's agree."""
+
+    def run():
+        model = voxlive.load(varied_dir, dtype="bfloat16", device="cpu", quantize=mode)
+        mel = voxlive.log_mel(offline_padded_audio(speech, 6, model.config.audio))
+        tokens = model.transcribe(speech).tokens
+        ids = model.tokenizer.prompt(32, 6) + tokens[:-1]
+        return model, model.logits(ids, model.embed_audio(mel))
+
+    model, with_kernels = run()
+    decoder = model.runtime.decoder
+    expected = {None: "Bf16Weight", "int8": "Int8Weight", "int4": "Int4Weight"}[mode]
+    assert type(decoder.layers[0].w2).__name__ == expected and getattr(decoder.layers[0].w2, "path", "voxlive") == "voxlive"
+    monkeypatch.setattr(cpu_kernels, "_tried", True)
+    monkeypatch.setattr(cpu_kernels, "_reason", "switched off by the test")
+    _, without = run()
+    assert with_kernels.shape == without.shape
+    scale = np.abs(without).max()
+    assert np.abs(with_kernels - without).max() <= 0.05 * scale
+    assert (with_kernels.argmax(-1) == without.argmax(-1)).mean() >= 0.9
