@@ -116,13 +116,55 @@ class SafetensorsFile:
         return self.read_into(name, np.empty(info.shape, dtype=DTYPES[info.dtype][0]))
 
 
+ENCODER = "mm_streams_embeddings.embedding_module.whisper_encoder."
+EMBEDDING = "mm_streams_embeddings.embedding_module.tok_embeddings.weight"
+ADAPTER = "mm_streams_embeddings.embedding_module.audio_language_projection."
+# The weight matrices of a layer (quantizable, read with a backend's ``WeightReader.matrix``); the
+# other fields of a layer are vectors read as they are.
+LAYER_MATRICES = ("wqkv", "wo", "w13", "w2")
+
+# One layer of each stack, as both backends build it: field -> its native tensors, stacked along
+# dim 0 when there are several (fused projections); a shape stands for zeros (wk has no bias).
+
+
+def encoder_layer_tensors(c: ModelConfig, i: int) -> dict[str, list[str | tuple[int, ...]]]:
+    L = f"{ENCODER}transformer.layers.{i}."
+    a = L + "attention."
+    return {
+        "attention_norm": [L + "attention_norm.weight"],
+        "wqkv": [a + "wq.weight", a + "wk.weight", a + "wv.weight"],
+        "bqkv": [a + "wq.bias", (c.encoder.n_heads * c.encoder.head_dim,), a + "wv.bias"],
+        "wo": [a + "wo.weight"],
+        "bo": [a + "wo.bias"],
+        "ffn_norm": [L + "ffn_norm.weight"],
+        "w13": [L + "feed_forward.w1.weight", L + "feed_forward.w3.weight"],
+        "w2": [L + "feed_forward.w2.weight"],
+        "b2": [L + "feed_forward.w2.bias"],
+    }
+
+
+def decoder_layer_tensors(i: int) -> dict[str, list[str | tuple[int, ...]]]:
+    L = f"layers.{i}."
+    a = L + "attention."
+    return {
+        "attention_norm": [L + "attention_norm.weight"],
+        "wqkv": [a + "wq.weight", a + "wk.weight", a + "wv.weight"],
+        "wo": [a + "wo.weight"],
+        "ffn_norm": [L + "ffn_norm.weight"],
+        "ada0": [L + "ada_rms_norm_t_cond.0.weight"],
+        "ada2": [L + "ada_rms_norm_t_cond.2.weight"],
+        "w13": [L + "feed_forward.w1.weight", L + "feed_forward.w3.weight"],
+        "w2": [L + "feed_forward.w2.weight"],
+    }
+
+
 def expected_native_tensors(c: ModelConfig) -> dict[str, tuple[int, ...]]:
     """Every tensor of the native Mistral layout with its shape."""
     e, d = c.encoder, c.decoder
     out: dict[str, tuple[int, ...]] = {
-        "mm_streams_embeddings.embedding_module.tok_embeddings.weight": (d.vocab_size, d.dim),
+        EMBEDDING: (d.vocab_size, d.dim),
     }
-    w = "mm_streams_embeddings.embedding_module.whisper_encoder."
+    w = ENCODER
     out[w + "conv_layers.0.conv.weight"] = (e.dim, e.n_mels, 3)
     out[w + "conv_layers.0.conv.bias"] = (e.dim,)
     out[w + "conv_layers.1.conv.weight"] = (e.dim, e.dim, 3)
@@ -144,7 +186,7 @@ def expected_native_tensors(c: ModelConfig) -> dict[str, tuple[int, ...]]:
         out[L + "feed_forward.w3.weight"] = (e.hidden_dim, e.dim)
         out[L + "ffn_norm.weight"] = (e.dim,)
     out[w + "transformer.norm.weight"] = (e.dim,)
-    a = "mm_streams_embeddings.embedding_module.audio_language_projection."
+    a = ADAPTER
     out[a + "0.weight"] = (d.dim, e.dim * c.downsample_factor)
     out[a + "2.weight"] = (d.dim, d.dim)
     for i in range(d.n_layers):

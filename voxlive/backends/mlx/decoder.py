@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import mlx.core as mx
 import mlx.nn as nn
 
+from ...checkpoint import EMBEDDING, LAYER_MATRICES, decoder_layer_tensors
 from ...config import ModelConfig
 from .cache import RingKVCache
 from .layers import Matrix, Rope, attend_chunk, linear, rms_norm, rows
@@ -46,21 +47,11 @@ class Decoder:
 
     @classmethod
     def from_weights(cls, w: WeightReader, config: ModelConfig) -> Decoder:
-        layers = []
-        for i in range(config.decoder.n_layers):
-            L = f"layers.{i}."
-            a = L + "attention."
-            layers.append(DecoderLayer(
-                attention_norm=w.get(L + "attention_norm.weight"),
-                wqkv=w.matrix([a + "wq.weight", a + "wk.weight", a + "wv.weight"]),
-                wo=w.matrix([a + "wo.weight"]),
-                ffn_norm=w.get(L + "ffn_norm.weight"),
-                ada0=w.matrix([L + "ada_rms_norm_t_cond.0.weight"]),
-                ada2=w.matrix([L + "ada_rms_norm_t_cond.2.weight"]),
-                w13=w.matrix([L + "feed_forward.w1.weight", L + "feed_forward.w3.weight"]),
-                w2=w.matrix([L + "feed_forward.w2.weight"]),
-            ))
-        embedding = w.matrix(["mm_streams_embeddings.embedding_module.tok_embeddings.weight"])
+        # ada0/ada2 as matrices too: they are quantized like every matrix whose inputs fill whole groups
+        # (as voxmlx's converter does)
+        layers = [DecoderLayer(**w.layer(decoder_layer_tensors(i), LAYER_MATRICES + ("ada0", "ada2")))
+                  for i in range(config.decoder.n_layers)]
+        embedding = w.matrix([EMBEDDING])
         return cls(config, embedding, layers, w.get("norm.weight"), w.dtype)
 
     def new_cache(self, dtype) -> RingKVCache:

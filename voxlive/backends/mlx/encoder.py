@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import mlx.core as mx
 import mlx.nn as nn
 
+from ...checkpoint import ADAPTER, ENCODER, LAYER_MATRICES, encoder_layer_tensors
 from ...config import ModelConfig
 from .cache import RingKVCache
 from .layers import Matrix, Rope, attend_chunk, linear, rms_norm
@@ -50,24 +51,11 @@ class Encoder:
 
     @classmethod
     def from_weights(cls, w: WeightReader, config: ModelConfig) -> Encoder:
-        e = "mm_streams_embeddings.embedding_module.whisper_encoder."
+        e = ENCODER
         conv = [(w.get(f"{e}conv_layers.{i}.conv.weight").transpose(0, 2, 1), w.get(f"{e}conv_layers.{i}.conv.bias"))
                 for i in range(2)]
-        layers = []
-        for i in range(config.encoder.n_layers):
-            L = f"{e}transformer.layers.{i}."
-            a = L + "attention."
-            layers.append(EncoderLayer(
-                attention_norm=w.get(L + "attention_norm.weight"),
-                wqkv=w.matrix([a + "wq.weight", a + "wk.weight", a + "wv.weight"]),
-                bqkv=w.fused([a + "wq.bias", (config.encoder.n_heads * config.encoder.head_dim,), a + "wv.bias"]),
-                wo=w.matrix([a + "wo.weight"]),
-                bo=w.get(a + "wo.bias"),
-                ffn_norm=w.get(L + "ffn_norm.weight"),
-                w13=w.matrix([L + "feed_forward.w1.weight", L + "feed_forward.w3.weight"]),
-                w2=w.matrix([L + "feed_forward.w2.weight"]),
-                b2=w.get(L + "feed_forward.w2.bias"),
-            ))
+        layers = [EncoderLayer(**w.layer(encoder_layer_tensors(config, i), LAYER_MATRICES))
+                  for i in range(config.encoder.n_layers)]
         return cls(config, conv, layers, w.get(e + "transformer.norm.weight"))
 
     def new_conv_state(self, dtype) -> ConvState:
@@ -120,7 +108,7 @@ class Adapter:
 
     @classmethod
     def from_weights(cls, w: WeightReader, config: ModelConfig) -> Adapter:
-        p = "mm_streams_embeddings.embedding_module.audio_language_projection."
+        p = ADAPTER
         return cls(w.matrix([p + "0.weight"]), w.matrix([p + "2.weight"]), config.downsample_factor)
 
     def __call__(self, x: mx.array) -> mx.array:

@@ -74,7 +74,9 @@ def available() -> bool:
         _tried = True
         _reason = _load()
         if _reason:
-            log.warning("voxlive CPU kernels unavailable (%s); using PyTorch's stock kernels", _reason)
+            # a CPU without the extensions is normal; a failed build is worth the user's attention
+            level = logging.WARNING if _reason.startswith("could not build") else logging.INFO
+            log.log(level, "voxlive CPU kernels unavailable (%s); using PyTorch's stock kernels", _reason)
     return _reason is None
 
 

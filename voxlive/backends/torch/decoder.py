@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from ...checkpoint import EMBEDDING, LAYER_MATRICES, decoder_layer_tensors
 from ...config import ModelConfig
 from .cache import RingKVCache
 from .layers import Rope, attend_chunk, attend_ring, rms_norm
@@ -44,21 +45,8 @@ class Decoder:
     @classmethod
     def from_weights(cls, w: WeightReader, config: ModelConfig, device: torch.device) -> Decoder:
         # First: quantizing it needs its float copy (0.8 GB) beside the result, best before the rest is in memory.
-        embedding = w.matrix(["mm_streams_embeddings.embedding_module.tok_embeddings.weight"])
-        layers = []
-        for i in range(config.decoder.n_layers):
-            L = f"layers.{i}."
-            a = L + "attention."
-            layers.append(DecoderLayer(
-                attention_norm=w.get(L + "attention_norm.weight"),
-                wqkv=w.matrix([a + "wq.weight", a + "wk.weight", a + "wv.weight"]),
-                wo=w.matrix([a + "wo.weight"]),
-                ffn_norm=w.get(L + "ffn_norm.weight"),
-                ada0=w.get(L + "ada_rms_norm_t_cond.0.weight"),
-                ada2=w.get(L + "ada_rms_norm_t_cond.2.weight"),
-                w13=w.matrix([L + "feed_forward.w1.weight", L + "feed_forward.w3.weight"]),
-                w2=w.matrix([L + "feed_forward.w2.weight"]),
-            ))
+        embedding = w.matrix([EMBEDDING])
+        layers = [DecoderLayer(**w.layer(decoder_layer_tensors(i), LAYER_MATRICES)) for i in range(config.decoder.n_layers)]
         return cls(config, embedding, layers, w.get("norm.weight"), device)
 
     def new_cache(self, dtype, device) -> RingKVCache:

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from ...checkpoint import ADAPTER, ENCODER, LAYER_MATRICES, encoder_layer_tensors
 from ...config import ModelConfig
 from .cache import RingKVCache
 from .layers import Rope, attend_chunk, rms_norm
@@ -51,23 +52,10 @@ class Encoder:
 
     @classmethod
     def from_weights(cls, w: WeightReader, config: ModelConfig, device: torch.device) -> Encoder:
-        e = "mm_streams_embeddings.embedding_module.whisper_encoder."
+        e = ENCODER
         conv = [(w.get(f"{e}conv_layers.{i}.conv.weight"), w.get(f"{e}conv_layers.{i}.conv.bias")) for i in range(2)]
-        layers = []
-        for i in range(config.encoder.n_layers):
-            L = f"{e}transformer.layers.{i}."
-            a = L + "attention."
-            layers.append(EncoderLayer(
-                attention_norm=w.get(L + "attention_norm.weight"),
-                wqkv=w.matrix([a + "wq.weight", a + "wk.weight", a + "wv.weight"]),
-                bqkv=w.fused([a + "wq.bias", (config.encoder.n_heads * config.encoder.head_dim,), a + "wv.bias"]),
-                wo=w.matrix([a + "wo.weight"]),
-                bo=w.get(a + "wo.bias"),
-                ffn_norm=w.get(L + "ffn_norm.weight"),
-                w13=w.matrix([L + "feed_forward.w1.weight", L + "feed_forward.w3.weight"]),
-                w2=w.matrix([L + "feed_forward.w2.weight"]),
-                b2=w.get(L + "feed_forward.w2.bias"),
-            ))
+        layers = [EncoderLayer(**w.layer(encoder_layer_tensors(config, i), LAYER_MATRICES))
+                  for i in range(config.encoder.n_layers)]
         return cls(config, conv, layers, w.get(e + "transformer.norm.weight"), device)
 
     def new_conv_state(self, dtype, device) -> ConvState:
@@ -128,7 +116,7 @@ class Adapter:
 
     @classmethod
     def from_weights(cls, w: WeightReader, config: ModelConfig) -> Adapter:
-        p = "mm_streams_embeddings.embedding_module.audio_language_projection."
+        p = ADAPTER
         return cls(w.get(p + "0.weight"), w.get(p + "2.weight"), config.downsample_factor)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
