@@ -53,9 +53,11 @@ def test_quantized_kernels_against_float64(scheme, k):
     assert (got[2] == 0).all()  # an all-zero row gives zeros, not NaN
     for m in range(9):  # each row alone gives bit for bit what it gives in the batch
         assert torch.equal(linear(x[m:m + 1], weight)[0], got[m])
-    # bfloat16 activations: the float32 result of the same values, rounded once to bfloat16
-    x16 = x.bfloat16()
-    assert torch.equal(linear(x16, weight), linear(x16.float(), weight).bfloat16())
+    # bfloat16 and float16 models: the float32 result of the same values, rounded once
+    for dtype in (torch.bfloat16, torch.float16):
+        weight16 = QUANTIZED[scheme].from_stored(parts, dtype, torch.device("cpu"))
+        x16 = x.to(dtype)
+        assert torch.equal(linear(x16, weight16), linear(x16.float(), weight).to(dtype))
 
 
 @needs_kernels

@@ -45,18 +45,24 @@ inline __m512 load_bf16x16(const uint16_t* p, __mmask16 m) {
 // and caches (measured: 20-40 % faster than a T0 prefetch here).
 inline void prefetch(const void* p) { _mm_prefetch((const char*)p, _MM_HINT_NTA); }
 
-// A per-row scale read as float whether it is stored as float32 or bfloat16.
+// A per-row scale read as float whether it is stored as float32, bfloat16 or float16 (the
+// activation dtype of the model).
 struct Scales {
   const void* data;
-  bool bf16;
+  at::ScalarType type;
   float operator[](int64_t i) const {
-    return bf16 ? bf16_to_float(((const uint16_t*)data)[i]) : ((const float*)data)[i];
+    switch (type) {
+      case at::kBFloat16: return bf16_to_float(((const uint16_t*)data)[i]);
+      case at::kHalf: return float(((const at::Half*)data)[i]);
+      default: return ((const float*)data)[i];
+    }
   }
 };
 
 Scales scales_of(const at::Tensor& s) {
-  TORCH_CHECK(s.scalar_type() == at::kFloat || s.scalar_type() == at::kBFloat16, "scales must be float32 or bfloat16");
-  return {s.data_ptr(), s.scalar_type() == at::kBFloat16};
+  TORCH_CHECK(s.scalar_type() == at::kFloat || s.scalar_type() == at::kBFloat16 || s.scalar_type() == at::kHalf,
+              "scales must be float32, bfloat16 or float16");
+  return {s.data_ptr(), s.scalar_type()};
 }
 
 // Activations as int16 rows: x[m] ~= q[m] * scale[m].
