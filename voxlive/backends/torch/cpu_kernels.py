@@ -56,7 +56,9 @@ def _load() -> str | None:
         load("voxlive_cpu_kernels", [str(SOURCE)], extra_cflags=COMPILER_FLAGS, extra_ldflags=["-fopenmp"],
              is_python_module=False)
     except Exception as err:  # no compiler, no ninja, a failed build: the stock kernels do the work
-        return f"could not build them: {type(err).__name__}: {str(err).strip().splitlines()[-1] if str(err).strip() else ''}"
+        lines = str(err).strip().splitlines() or [""]
+        first_error = next((line for line in lines if "error" in line.lower()), lines[-1])
+        return f"could not build them: {type(err).__name__}: {first_error.strip()}"
     for name in ("linear_bf16", "linear_int8", "linear_int4"):
         torch.library.register_fake(f"voxlive::{name}")(_fake_linear)
     return None
