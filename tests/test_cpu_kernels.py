@@ -14,7 +14,8 @@ from voxlive.reference import offline_padded_audio
 
 from test_quant import dequantized
 
-needs_kernels = pytest.mark.skipif(not cpu_kernels.available(), reason=f"{cpu_kernels.unavailable_reason()}")
+needs_kernels = pytest.mark.skipif(not cpu_kernels.bf16_available(),
+                                   reason=f"kernels unavailable ({cpu_kernels.unavailable_reason() or 'no AVX-512 BF16'})")
 
 
 def activations(m: int, k: int, seed: int) -> torch.Tensor:
@@ -113,6 +114,16 @@ def test_without_kernels_pytorch_kernels_do_the_work(kernels_off):
                                          torch.device("cpu")).path == "aten"
     w = torch.randn(16, 128).bfloat16()
     assert Bf16Weight.wrap(w) is w
+
+
+@needs_kernels
+def test_without_bf16_the_int_kernels_still_run(monkeypatch):
+    """A CPU with VNNI but not AVX-512 BF16 (Ice Lake, Cascade Lake): int8 and int4 only."""
+    monkeypatch.setattr(cpu_kernels, "_bf16", False)
+    w = torch.randn(16, 128).bfloat16()
+    assert Bf16Weight.wrap(w) is w
+    parts = quantize(torch.randn(16, 128), "int8")
+    assert QUANTIZED["int8"].from_stored(parts, torch.bfloat16, torch.device("cpu")).path == "voxlive"
 
 
 @needs_kernels

@@ -1,4 +1,5 @@
-// Matrix-vector products for decode steps on x86-64 CPUs with AVX-512 (F, BW, VL, VNNI, BF16).
+// Matrix-vector products for decode steps on x86-64 CPUs with AVX-512 (F, BW, VL, VNNI; BF16 for
+// bf16 weights).
 //
 // A decode step multiplies a few activation rows (one per stream) by every weight matrix, so its
 // time is the time it takes to stream the weights from memory. These kernels read each weight row
@@ -108,8 +109,10 @@ void check_matrix(const at::Tensor& x, const at::Tensor& w, int64_t k_per_row, i
 
 // ---- bf16 ------------------------------------------------------------------------------------------
 
+// The only function that needs AVX-512 BF16 (the file is built for F/BW/VL/VNNI): the caller only
+// runs it on CPUs that have it.
 template <int R>
-void bf16_row(const uint16_t* x, int64_t K, const uint16_t* w, float* y, int64_t N) {
+__attribute__((target("avx512bf16"))) void bf16_row(const uint16_t* x, int64_t K, const uint16_t* w, float* y, int64_t N) {
   __m512 acc[R][2];
   for (int r = 0; r < R; r++) acc[r][0] = acc[r][1] = _mm512_setzero_ps();
   int64_t k = 0;

@@ -4,9 +4,9 @@ PyTorch's stock paths stream weights at about 60 % of this machine's plain read 
 decode step (bf16 ``F.linear`` ~19 GB/s, ``aten._weight_int8pack_mm`` ~21 GB/s,
 ``aten._weight_int4pack_mm_for_cpu`` ~19 GB/s, against ~35 GB/s for a plain read): they spend too
 many instructions per weight byte. These kernels use AVX-512 BF16 and VNNI to get the step to the
-memory's speed (README, "Speed"). They need an x86-64 CPU with those extensions, a C++ compiler
-and ninja; the first load builds them into PyTorch's extension cache (about 30 s), later loads
-reuse the build. Where any of that is missing, or with ``VOXLIVE_CPU_KERNELS=0``, the stock paths
+memory's speed (README, "Speed"). They need an x86-64 CPU with AVX-512 F/BW/VL/VNNI (and BF16 for
+the bf16 kernel), a C++ compiler and ninja; the first load builds them into PyTorch's extension
+cache (10-30 s), later loads reuse the build. Where any of that is missing, or with ``VOXLIVE_CPU_KERNELS=0``, the stock paths
 run instead and ``unavailable_reason()`` says why.
 """
 
@@ -20,16 +20,17 @@ from pathlib import Path
 import torch
 
 SOURCE = Path(__file__).with_name("cpu_kernels.cpp")
-CPU_FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx512_bf16")
+CPU_FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512_vnni")  # int8 and int4 (Ice Lake, Cascade Lake, Zen 4 on)
+BF16_FLAG = "avx512_bf16"  # and the bf16 kernel (Sapphire Rapids, Zen 4 on)
 INT4_GROUP = 64  # the int4 kernel's group size
 K_MULTIPLE = 32  # the bf16 and int8 kernels' input sizes are multiples of this
-COMPILER_FLAGS = ["-O3", "-std=c++20", "-fopenmp", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni",
-                  "-mavx512bf16", "-mfma"]
+COMPILER_FLAGS = ["-O3", "-std=c++20", "-fopenmp", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni", "-mfma"]
 
 log = logging.getLogger(__name__)
 
 _reason: str | None = None  # why the kernels are unavailable; None once they are loaded
 _tried = False
+_bf16 = False  # whether the CPU runs the bf16 kernel too
 
 
 def _cpu_flags() -> set[str]:
@@ -44,11 +45,14 @@ def _cpu_flags() -> set[str]:
 
 
 def _load() -> str | None:
+    global _bf16
     if os.environ.get("VOXLIVE_CPU_KERNELS", "1") == "0":
         return "disabled by VOXLIVE_CPU_KERNELS=0"
-    missing = [f for f in CPU_FLAGS if f not in _cpu_flags()]
+    flags = _cpu_flags()
+    missing = [f for f in CPU_FLAGS if f not in flags]
     if missing:
         return f"this CPU lacks {', '.join(missing)}"
+    _bf16 = BF16_FLAG in flags
     try:
         from torch.utils.cpp_extension import load
 
@@ -84,6 +88,11 @@ def available() -> bool:
 
 def unavailable_reason() -> str | None:
     return None if available() else _reason
+
+
+def bf16_available() -> bool:
+    """Whether the bf16 kernel runs here too (it needs AVX-512 BF16 on top of the others' VNNI)."""
+    return available() and _bf16
 
 
 def linear_bf16(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:

@@ -221,9 +221,9 @@ class Bf16Weight:
 
     @classmethod
     def wrap(cls, w: torch.Tensor) -> torch.Tensor | Bf16Weight:
-        """``w`` itself unless the kernel applies (CPU, bfloat16, kernels available)."""
+        """``w`` itself unless the kernel applies (CPU, bfloat16, the bf16 kernel available)."""
         if (w.device.type == "cpu" and w.dtype == torch.bfloat16 and w.shape[1] % cpu_kernels.K_MULTIPLE == 0
-                and cpu_kernels.available()):
+                and cpu_kernels.bf16_available()):
             return cls(w)
         return w
 
