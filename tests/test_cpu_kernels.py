@@ -3,6 +3,11 @@ batch invariance and errors, and the fallback to PyTorch's kernels where they ar
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -76,8 +81,8 @@ def test_bf16_kernel_against_float64(k):
     assert ((got.double() - expected).abs() <= bound).all()
     for m in range(9):
         assert torch.equal(linear(x[m:m + 1], weight)[0], got[m])
-    # more rows than a decode step has go through the stock GEMM, within bfloat16 rounding of it
-    many = activations(Bf16Weight.KERNEL_ROWS + 1, k, seed=1).bfloat16()
+    # more rows than the kernel takes go through the stock GEMM
+    many = activations(weight.max_rows + 1, k, seed=1).bfloat16()
     assert torch.equal(linear(many, weight), torch.nn.functional.linear(many, w))
 
 
@@ -149,3 +154,24 @@ def test_model_logits_with_and_without_kernels(varied_dir, speech, monkeypatch, 
     scale = np.abs(without).max()
     assert np.abs(with_kernels - without).max() <= 0.05 * scale
     assert (with_kernels.argmax(-1) == without.argmax(-1)).mean() >= 0.9
+
+
+def test_the_variant_asked_for_is_the_one_loaded():
+    wanted = os.environ.get("VOXLIVE_CPU_KERNELS")
+    if wanted not in cpu_kernels.VARIANTS:
+        pytest.skip("VOXLIVE_CPU_KERNELS names no build")
+    assert cpu_kernels.variant() == wanted, cpu_kernels.unavailable_reason()
+
+
+@needs_kernels
+@pytest.mark.skipif(os.environ.get("VOXLIVE_CPU_KERNELS") == "avx2", reason="this is the avx2 run")
+def test_avx2_build_passes_the_same_tests():
+    """The AVX2 build (for CPUs without AVX-512) on this machine: these tests and the quantization
+    tests again, in a process that loads it."""
+    tests = Path(__file__).parent
+    env = {**os.environ, "VOXLIVE_CPU_KERNELS": "avx2"}
+    run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+                          str(tests / "test_cpu_kernels.py"), str(tests / "test_quant.py")],
+                         env=env, capture_output=True, text=True, cwd=tests.parent)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    assert " passed" in run.stdout and " failed" not in run.stdout

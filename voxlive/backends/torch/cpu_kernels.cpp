@@ -1,5 +1,5 @@
-// Matrix-vector products for decode steps on x86-64 CPUs with AVX-512 (F, BW, VL, VNNI; BF16 for
-// bf16 weights).
+// Matrix-vector products for decode steps on x86-64 CPUs, built for AVX-512 (F, BW, VL, VNNI; BF16
+// for bf16 weights) or, where that is missing, for AVX2 and FMA (the same products, 256 bits wide).
 //
 // A decode step multiplies a few activation rows (one per stream) by every weight matrix, so its
 // time is the time it takes to stream the weights from memory. These kernels read each weight row
@@ -26,7 +26,7 @@ namespace {
 
 constexpr int64_t kPrefetch = 512;  // bytes ahead of the current position in a weight row (measured best)
 constexpr int kRows = 4;            // activation rows per pass over a weight row (accumulators held in registers)
-constexpr float kInt16Max = 16383;  // int32 lanes hold K/32 products of at most 2 * 16383 * 127: safe for K <= 32768
+constexpr float kInt16Max = 16383;  // activations as int16: see kMaxInputs
 constexpr int64_t kGroup = 64;      // int4 group size this kernel reads (the decoder's default)
 constexpr int64_t kMaxGroups = 512; // int4: at most 32768 inputs
 
@@ -35,11 +35,6 @@ inline float bf16_to_float(uint16_t v) {
   float f;
   std::memcpy(&f, &bits, sizeof f);
   return f;
-}
-
-// Up to 16 bfloat16 values (those of mask m, zeros elsewhere) as float32.
-inline __m512 load_bf16x16(const uint16_t* p, __mmask16 m) {
-  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, p)), 16));
 }
 
 // Weights are read once per step: non-temporal prefetch keeps them from evicting the activations
@@ -107,7 +102,21 @@ void check_matrix(const at::Tensor& x, const at::Tensor& w, int64_t k_per_row, i
   TORCH_CHECK(x.size(1) % k_multiple == 0, what, ": the input size must be a multiple of ", k_multiple, ", got ", x.size(1));
 }
 
-// ---- bf16 ------------------------------------------------------------------------------------------
+// ---- the inner loops, per instruction set -----------------------------------------------------------
+// Each *_row<R> multiplies one weight row by R activation rows. Activations: int16 rows for int8 and
+// int4 (int4: per group of 64 the 32 even inputs, then the 32 odd ones), Bf16Input rows for bf16.
+
+#if defined(__AVX512F__)
+
+constexpr int64_t kMaxInputs = 32768;  // int32 lanes hold K/32 products of at most 2 * 16383 * 127
+using Bf16Input = uint16_t;             // vdpbf16ps takes the bf16 activations as they are
+
+at::Tensor bf16_input(const at::Tensor& x) { return x.contiguous(); }
+
+// Up to 16 bfloat16 values (those of mask m, zeros elsewhere) as float32.
+inline __m512 load_bf16x16(const uint16_t* p, __mmask16 m) {
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, p)), 16));
+}
 
 // The only function that needs AVX-512 BF16 (the file is built for F/BW/VL/VNNI): the caller only
 // runs it on CPUs that have it.
@@ -132,23 +141,6 @@ __attribute__((target("avx512bf16"))) void bf16_row(const uint16_t* x, int64_t K
   for (int r = 0; r < R; r++) y[r * N] = _mm512_reduce_add_ps(_mm512_add_ps(acc[r][0], acc[r][1]));
 }
 
-at::Tensor linear_bf16(const at::Tensor& x_in, const at::Tensor& w) {
-  check_matrix(x_in, w, 1, 32, "linear_bf16");
-  TORCH_CHECK(x_in.scalar_type() == at::kBFloat16 && w.scalar_type() == at::kBFloat16, "linear_bf16: bfloat16 x and weight");
-  at::Tensor x = x_in.contiguous();
-  const int64_t M = x.size(0), K = x.size(1), N = w.size(0);
-  at::Tensor y = at::empty({M, N}, x.options().dtype(at::kFloat));
-  auto xp = (const uint16_t*)x.data_ptr();
-  auto wp = (const uint16_t*)w.data_ptr();
-  float* yp = y.data_ptr<float>();
-  for_each_row(N, M, [&](int64_t n, int64_t m0, int64_t rows) {
-    with_rows(rows, [&]<int R>() { bf16_row<R>(xp + m0 * K, K, wp + n * K, yp + m0 * N + n, N); });
-  });
-  return y.to(at::kBFloat16);
-}
-
-// ---- int8 ------------------------------------------------------------------------------------------
-
 template <int R>
 void int8_row(const int16_t* x, int64_t K, const int8_t* w, float* dots) {
   __m512i acc[R][2];
@@ -171,29 +163,6 @@ void int8_row(const int16_t* x, int64_t K, const int8_t* w, float* dots) {
   for (int r = 0; r < R; r++)
     dots[r] = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_cvtepi32_ps(acc[r][0]), _mm512_cvtepi32_ps(acc[r][1])));
 }
-
-at::Tensor linear_int8(const at::Tensor& x_in, const at::Tensor& q, const at::Tensor& scale) {
-  check_matrix(x_in, q, 1, 32, "linear_int8");
-  TORCH_CHECK(q.scalar_type() == at::kChar, "linear_int8: int8 weight");
-  TORCH_CHECK(x_in.size(1) <= 32768, "linear_int8: at most 32768 inputs");
-  TORCH_CHECK(scale.numel() == q.size(0) && scale.is_contiguous(), "linear_int8: one scale per output");
-  Int16Rows x = quantize_rows(x_in);
-  const int64_t M = x_in.size(0), K = x_in.size(1), N = q.size(0);
-  at::Tensor y = at::empty({M, N}, x.scale.options());
-  auto xp = x.q.data_ptr<int16_t>();
-  auto xs = x.scale.data_ptr<float>();
-  auto wp = q.data_ptr<int8_t>();
-  Scales ws = scales_of(scale);
-  float* yp = y.data_ptr<float>();
-  for_each_row(N, M, [&](int64_t n, int64_t m0, int64_t rows) {
-    float dots[kRows];
-    with_rows(rows, [&]<int R>() { int8_row<R>(xp + m0 * K, K, wp + n * K, dots); });
-    for (int64_t r = 0; r < rows; r++) yp[(m0 + r) * N + n] = dots[r] * ws[n] * xs[m0 + r];
-  });
-  return y.to(x_in.scalar_type());
-}
-
-// ---- int4 ------------------------------------------------------------------------------------------
 
 // Byte j of a group's 32 holds input 2j in its high nibble and input 2j+1 in its low one; the
 // activations are given per group as the 32 even inputs, then the 32 odd ones, to match.
@@ -229,6 +198,133 @@ void int4_row(const int16_t* x, const float* xsum, int64_t K, const uint8_t* w, 
   }
   for (int r = 0; r < R; r++) dots[r] = _mm512_reduce_add_ps(acc[r]) + offset[r];
 }
+
+#else  // AVX2 and FMA: the same products with 256-bit vectors, vpmaddwd for vpdpwssd, FMA for vdpbf16ps
+
+constexpr int64_t kMaxInputs = 16384;  // int32 lanes hold K/16 products of at most 2 * 16383 * 127
+using Bf16Input = float;                // bf16 weights widened to float32 meet float32 activations
+
+at::Tensor bf16_input(const at::Tensor& x) { return x.to(at::kFloat).contiguous(); }
+
+inline float hsum(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
+}
+
+inline __m256 load_bf16x8(const uint16_t* p) {
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i*)p)), 16));
+}
+
+template <int R>
+void bf16_row(const float* x, int64_t K, const uint16_t* w, float* y, int64_t N) {
+  __m256 acc[R][2];
+  for (int r = 0; r < R; r++) acc[r][0] = acc[r][1] = _mm256_setzero_ps();
+  for (int64_t k = 0; k < K; k += 32) {
+    prefetch(w + k + kPrefetch / 2);
+    for (int64_t i = 0; i < 32; i += 16) {
+      __m256 w0 = load_bf16x8(w + k + i), w1 = load_bf16x8(w + k + i + 8);
+      for (int r = 0; r < R; r++) {
+        acc[r][0] = _mm256_fmadd_ps(w0, _mm256_loadu_ps(x + r * K + k + i), acc[r][0]);
+        acc[r][1] = _mm256_fmadd_ps(w1, _mm256_loadu_ps(x + r * K + k + i + 8), acc[r][1]);
+      }
+    }
+  }
+  for (int r = 0; r < R; r++) y[r * N] = hsum(_mm256_add_ps(acc[r][0], acc[r][1]));
+}
+
+template <int R>
+void int8_row(const int16_t* x, int64_t K, const int8_t* w, float* dots) {
+  __m256i acc[R][2];
+  for (int r = 0; r < R; r++) acc[r][0] = acc[r][1] = _mm256_setzero_si256();
+  for (int64_t k = 0; k < K; k += 32) {
+    prefetch(w + k + kPrefetch);
+    __m256i raw = _mm256_loadu_si256((const __m256i*)(w + k));
+    __m256i w0 = _mm256_cvtepi8_epi16(_mm256_castsi256_si128(raw)), w1 = _mm256_cvtepi8_epi16(_mm256_extracti128_si256(raw, 1));
+    for (int r = 0; r < R; r++) {
+      const __m256i* xr = (const __m256i*)(x + r * K + k);
+      acc[r][0] = _mm256_add_epi32(acc[r][0], _mm256_madd_epi16(w0, _mm256_loadu_si256(xr)));
+      acc[r][1] = _mm256_add_epi32(acc[r][1], _mm256_madd_epi16(w1, _mm256_loadu_si256(xr + 1)));
+    }
+  }
+  for (int r = 0; r < R; r++)
+    dots[r] = hsum(_mm256_add_ps(_mm256_cvtepi32_ps(acc[r][0]), _mm256_cvtepi32_ps(acc[r][1])));
+}
+
+template <int R>
+void int4_row(const int16_t* x, const float* xsum, int64_t K, const uint8_t* w, const uint16_t* scale,
+              const uint16_t* zero, float* dots) {
+  const int64_t G = K / kGroup;
+  // the offset term: sum over groups of (zero - 8 * scale) * (sum of the group's activations)
+  float offset[R] = {};
+  for (int64_t g = 0; g < G; g++) {
+    float c = bf16_to_float(zero[g]) - 8.0f * bf16_to_float(scale[g]);
+    for (int r = 0; r < R; r++) offset[r] += c * xsum[r * G + g];
+  }
+  __m256 acc[R];
+  for (int r = 0; r < R; r++) acc[r] = _mm256_setzero_ps();
+  const __m256i low = _mm256_set1_epi16(15);
+  for (int64_t g = 0; g < G; g++) {
+    if (!(g & 1)) prefetch(w + g * 32 + kPrefetch);
+    __m256i raw = _mm256_loadu_si256((const __m256i*)(w + g * 32));
+    __m256i b0 = _mm256_cvtepu8_epi16(_mm256_castsi256_si128(raw)), b1 = _mm256_cvtepu8_epi16(_mm256_extracti128_si256(raw, 1));
+    __m256i e0 = _mm256_srli_epi16(b0, 4), o0 = _mm256_and_si256(b0, low);
+    __m256i e1 = _mm256_srli_epi16(b1, 4), o1 = _mm256_and_si256(b1, low);
+    __m256 sg = _mm256_set1_ps(bf16_to_float(scale[g]));
+    for (int r = 0; r < R; r++) {
+      const __m256i* xg = (const __m256i*)(x + r * K + g * kGroup);  // even 0-15, even 16-31, odd 0-15, odd 16-31
+      __m256i d = _mm256_add_epi32(_mm256_madd_epi16(e0, _mm256_loadu_si256(xg)), _mm256_madd_epi16(e1, _mm256_loadu_si256(xg + 1)));
+      d = _mm256_add_epi32(d, _mm256_add_epi32(_mm256_madd_epi16(o0, _mm256_loadu_si256(xg + 2)),
+                                               _mm256_madd_epi16(o1, _mm256_loadu_si256(xg + 3))));
+      acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(d), sg, acc[r]);
+    }
+  }
+  for (int r = 0; r < R; r++) dots[r] = hsum(acc[r]) + offset[r];
+}
+
+#endif
+
+// ---- bf16 ------------------------------------------------------------------------------------------
+
+at::Tensor linear_bf16(const at::Tensor& x_in, const at::Tensor& w) {
+  check_matrix(x_in, w, 1, 32, "linear_bf16");
+  TORCH_CHECK(x_in.scalar_type() == at::kBFloat16 && w.scalar_type() == at::kBFloat16, "linear_bf16: bfloat16 x and weight");
+  at::Tensor x = bf16_input(x_in);
+  const int64_t M = x.size(0), K = x.size(1), N = w.size(0);
+  at::Tensor y = at::empty({M, N}, x.options().dtype(at::kFloat));
+  auto xp = (const Bf16Input*)x.data_ptr();
+  auto wp = (const uint16_t*)w.data_ptr();
+  float* yp = y.data_ptr<float>();
+  for_each_row(N, M, [&](int64_t n, int64_t m0, int64_t rows) {
+    with_rows(rows, [&]<int R>() { bf16_row<R>(xp + m0 * K, K, wp + n * K, yp + m0 * N + n, N); });
+  });
+  return y.to(at::kBFloat16);
+}
+
+// ---- int8 ------------------------------------------------------------------------------------------
+
+at::Tensor linear_int8(const at::Tensor& x_in, const at::Tensor& q, const at::Tensor& scale) {
+  check_matrix(x_in, q, 1, 32, "linear_int8");
+  TORCH_CHECK(q.scalar_type() == at::kChar, "linear_int8: int8 weight");
+  TORCH_CHECK(x_in.size(1) <= kMaxInputs, "linear_int8: at most ", kMaxInputs, " inputs");
+  TORCH_CHECK(scale.numel() == q.size(0) && scale.is_contiguous(), "linear_int8: one scale per output");
+  Int16Rows x = quantize_rows(x_in);
+  const int64_t M = x_in.size(0), K = x_in.size(1), N = q.size(0);
+  at::Tensor y = at::empty({M, N}, x.scale.options());
+  auto xp = x.q.data_ptr<int16_t>();
+  auto xs = x.scale.data_ptr<float>();
+  auto wp = q.data_ptr<int8_t>();
+  Scales ws = scales_of(scale);
+  float* yp = y.data_ptr<float>();
+  for_each_row(N, M, [&](int64_t n, int64_t m0, int64_t rows) {
+    float dots[kRows];
+    with_rows(rows, [&]<int R>() { int8_row<R>(xp + m0 * K, K, wp + n * K, dots); });
+    for (int64_t r = 0; r < rows; r++) yp[(m0 + r) * N + n] = dots[r] * ws[n] * xs[m0 + r];
+  });
+  return y.to(x_in.scalar_type());
+}
+
+// ---- int4 ------------------------------------------------------------------------------------------
 
 at::Tensor linear_int4(const at::Tensor& x_in, const at::Tensor& q, const at::Tensor& scale, const at::Tensor& zero) {
   check_matrix(x_in, q, 2, kGroup, "linear_int4");

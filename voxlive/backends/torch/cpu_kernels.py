@@ -5,8 +5,8 @@ decode step (bf16 ``F.linear`` ~19 GB/s, ``aten._weight_int8pack_mm`` ~21 GB/s,
 ``aten._weight_int4pack_mm_for_cpu`` ~19 GB/s, against ~35 GB/s for a plain read): they spend too
 many instructions per weight byte. These kernels use AVX-512 BF16 and VNNI to get the step to the
 memory's speed (README, "Speed"). They need an x86-64 CPU with AVX-512 F/BW/VL/VNNI (and BF16 for
-the bf16 kernel), a C++ compiler and ninja; the first load builds them into PyTorch's extension
-cache (10-30 s), later loads reuse the build. Where any of that is missing, or with ``VOXLIVE_CPU_KERNELS=0``, the stock paths
+the bf16 kernel), or else AVX2 and FMA (a 256-bit build), a C++ compiler and ninja; the first load
+builds them into PyTorch's extension cache (10-30 s), later loads reuse the build. Where any of that is missing, or with ``VOXLIVE_CPU_KERNELS=0``, the stock paths
 run instead and ``unavailable_reason()`` says why.
 """
 
@@ -20,16 +20,27 @@ from pathlib import Path
 import torch
 
 SOURCE = Path(__file__).with_name("cpu_kernels.cpp")
-CPU_FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512_vnni")  # int8 and int4 (Ice Lake, Cascade Lake, Zen 4 on)
-BF16_FLAG = "avx512_bf16"  # and the bf16 kernel (Sapphire Rapids, Zen 4 on)
 INT4_GROUP = 64  # the int4 kernel's group size
 K_MULTIPLE = 32  # the bf16 and int8 kernels' input sizes are multiples of this
-COMPILER_FLAGS = ["-O3", "-std=c++20", "-fopenmp", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni", "-mfma"]
+BASE_FLAGS = ["-O3", "-std=c++20", "-fopenmp"]
+# Builds of the same source, best first: the CPU flags each needs, and the compiler's.
+VARIANTS = {
+    "avx512": (("avx512f", "avx512bw", "avx512vl", "avx512_vnni"),  # Ice Lake, Cascade Lake, Zen 4 on
+               ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni", "-mfma"]),
+    "avx2": (("avx2", "fma"), ["-mavx2", "-mfma"]),  # Haswell, Zen 1 on
+}
+BF16_FLAG = "avx512_bf16"  # the avx512 build's bf16 kernel also needs this (Sapphire Rapids, Zen 4 on)
+# The bf16 kernel's cost grows with the rows; above this many, the stock GEMM is faster. Measured
+# here (Zen 4), kernel against F.linear: avx512 on 4 decoder layers' matrices (931 MB), 35 / 33 /
+# 41 / 44 / 69 ms against 45 / 40 / 46 / 44 / 51 ms for 1 / 2 / 3 / 4 / 8 rows; avx2 on one
+# 18432 x 3072 matrix, 3.6 / 5.8 ms against 5.4 / 5.0 ms for 1 / 2 rows.
+BF16_MAX_ROWS = {"avx512": 3, "avx2": 1}
 
 log = logging.getLogger(__name__)
 
 _reason: str | None = None  # why the kernels are unavailable; None once they are loaded
 _tried = False
+_variant: str | None = None  # the build loaded
 _bf16 = False  # whether the CPU runs the bf16 kernel too
 
 
@@ -45,24 +56,31 @@ def _cpu_flags() -> set[str]:
 
 
 def _load() -> str | None:
-    global _bf16
-    if os.environ.get("VOXLIVE_CPU_KERNELS", "1") == "0":
+    """Loads the best build this CPU runs (``VOXLIVE_CPU_KERNELS``: 0 for none, or a variant's name)."""
+    global _variant, _bf16
+    choice = os.environ.get("VOXLIVE_CPU_KERNELS", "1")
+    if choice == "0":
         return "disabled by VOXLIVE_CPU_KERNELS=0"
+    if choice not in ("1", *VARIANTS):
+        return f"VOXLIVE_CPU_KERNELS={choice!r} is not 0, 1 or one of {list(VARIANTS)}"
     flags = _cpu_flags()
-    missing = [f for f in CPU_FLAGS if f not in flags]
-    if missing:
-        return f"this CPU lacks {', '.join(missing)}"
-    _bf16 = BF16_FLAG in flags
+    runnable = [v for v, (needs, _) in VARIANTS.items() if all(f in flags for f in needs) and choice in ("1", v)]
+    if not runnable:
+        wanted = VARIANTS[choice][0] if choice in VARIANTS else VARIANTS["avx2"][0]
+        return f"this CPU lacks {', '.join(f for f in wanted if f not in flags)}"
+    variant = runnable[0]
     try:
         from torch.utils.cpp_extension import load
 
-        log.info("building voxlive's CPU kernels (once; cached by PyTorch)")
-        load("voxlive_cpu_kernels", [str(SOURCE)], extra_cflags=COMPILER_FLAGS, extra_ldflags=["-fopenmp"],
-             is_python_module=False)
+        log.info("building voxlive's CPU kernels for %s (once; cached by PyTorch)", variant)
+        load(f"voxlive_cpu_kernels_{variant}", [str(SOURCE)], extra_cflags=BASE_FLAGS + VARIANTS[variant][1],
+             extra_ldflags=["-fopenmp"], is_python_module=False)
     except Exception as err:  # no compiler, no ninja, a failed build: the stock kernels do the work
         lines = str(err).strip().splitlines() or [""]
         first_error = next((line for line in lines if "error" in line.lower()), lines[-1])
         return f"could not build them: {type(err).__name__}: {first_error.strip()}"
+    _variant = variant
+    _bf16 = variant == "avx2" or BF16_FLAG in flags
     for name in ("linear_bf16", "linear_int8", "linear_int4"):
         torch.library.register_fake(f"voxlive::{name}")(_fake_linear)
     return None
@@ -91,8 +109,13 @@ def unavailable_reason() -> str | None:
 
 
 def bf16_available() -> bool:
-    """Whether the bf16 kernel runs here too (it needs AVX-512 BF16 on top of the others' VNNI)."""
+    """Whether the bf16 kernel runs here too (the avx512 build's needs AVX-512 BF16 as well)."""
     return available() and _bf16
+
+
+def variant() -> str | None:
+    """The build in use ("avx512", "avx2"), None when PyTorch's kernels do the work."""
+    return _variant if available() else None
 
 
 def linear_bf16(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:

@@ -211,20 +211,17 @@ class Int4Weight:
 @dataclass
 class Bf16Weight:
     """A bfloat16 decoder matrix on a CPU with voxlive's kernels: ``cpu_kernels.linear_bf16`` for
-    the few rows of a decode step, the stock GEMM for the many rows of a prompt or teacher forcing."""
+    the few rows of a decode step, the stock GEMM for more rows (a prompt, teacher forcing, big batches)."""
 
     w: torch.Tensor  # [N, K] bfloat16
-    # At most this many rows go through the kernel, whose cost grows with the rows. Measured on the
-    # matrices of 4 decoder layers (931 MB), kernel against F.linear: 35 / 33 / 41 / 44 / 69 ms
-    # against 45 / 40 / 46 / 44 / 51 ms for 1 / 2 / 3 / 4 / 8 rows.
-    KERNEL_ROWS = 3
+    max_rows: int  # at most this many rows go through the kernel (cpu_kernels.BF16_MAX_ROWS)
 
     @classmethod
     def wrap(cls, w: torch.Tensor) -> torch.Tensor | Bf16Weight:
         """``w`` itself unless the kernel applies (CPU, bfloat16, the bf16 kernel available)."""
         if (w.device.type == "cpu" and w.dtype == torch.bfloat16 and w.shape[1] % cpu_kernels.K_MULTIPLE == 0
                 and cpu_kernels.bf16_available()):
-            return cls(w)
+            return cls(w, cpu_kernels.BF16_MAX_ROWS[cpu_kernels.variant()])
         return w
 
     @property
@@ -233,7 +230,7 @@ class Bf16Weight:
 
     def linear(self, x: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(-1, x.shape[-1])
-        if flat.shape[0] > self.KERNEL_ROWS or x.dtype != torch.bfloat16:
+        if flat.shape[0] > self.max_rows or x.dtype != torch.bfloat16:
             return F.linear(x, self.w)
         return cpu_kernels.linear_bf16(flat, self.w).view(*x.shape[:-1], -1)
 
