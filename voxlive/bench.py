@@ -136,6 +136,10 @@ def _load_timed(model_dir: str, dtype: str | None, device: str | None, quantize:
             "dtype": str(timed.dtype).replace("torch.", "").replace("mlx.core.", ""),
             "quantize": getattr(timed, "quantize", quantize), "compile": compile, "threads": torch.get_num_threads(),
             "load_s": load_s}
+    if model.backend == "torch" and dev.type == "cpu":
+        from .backends.torch import cpu_kernels
+
+        info["cpu_kernels"] = cpu_kernels.variant() or "PyTorch's"
     return model, timed, sync, info
 
 
@@ -214,6 +218,8 @@ def report(results: list[dict]) -> str:
         weights = (f"{r['dtype']}" + (f", {r['quantize']} weights" if r.get("quantize") else "")
                    + (", compiled step" if r.get("compile") else ""))
         backend = f", {r['backend']} backend" if "backend" in r else ""
+        if r.get("cpu_kernels"):
+            backend += f" ({r['cpu_kernels']} CPU kernels)"
         lines.append(f"[{r['engine']}] {r['device']} {weights}{backend}, {r['threads']} threads, "
                      f"{r['audio_s']:.0f} s of audio, {r['tokens']} tokens")
         lines.append(f"  load            {r['load_s']:8.1f} s")
