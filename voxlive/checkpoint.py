@@ -229,6 +229,20 @@ class ShardedSafetensors:
         return self._owner[name].read(name)
 
 
+def _check_tensors(path, expected: dict[str, tuple[tuple[int, ...], tuple[str, ...]]], found: dict,
+                   source: str) -> None:
+    """Exactly the ``expected`` tensors (name -> shape, allowed dtypes), with shapes from ``source``."""
+    _check_names(path, expected, found)
+    for name, (shape, dtypes) in expected.items():
+        info = found[name]
+        if info.shape != shape:
+            raise CheckpointError(
+                f"{path}: tensor {name!r} has shape {list(info.shape)}, expected {list(shape)} from {source}"
+            )
+        if info.dtype not in dtypes:
+            raise CheckpointError(f"{path}: tensor {name!r} has dtype {info.dtype}, expected {' or '.join(dtypes)}")
+
+
 def _check_names(path, expected: dict, found: dict) -> None:
     missing = [n for n in expected if n not in found]
     if missing:
@@ -297,18 +311,8 @@ class Checkpoint:
         if self.layout == "mlx":
             self._validate_converted()
             return
-        expected = expected_native_tensors(self.config)
-        found = self.weights.tensors
-        path = self.weights.path
-        _check_names(path, expected, found)
-        for name, shape in expected.items():
-            info = found[name]
-            if info.shape != shape:
-                raise CheckpointError(
-                    f"{path}: tensor {name!r} has shape {list(info.shape)}, expected {list(shape)} from params.json"
-                )
-            if info.dtype not in FLOAT_DTYPES:
-                raise CheckpointError(f"{path}: tensor {name!r} has dtype {info.dtype}, expected a float type")
+        expected = {name: (shape, FLOAT_DTYPES) for name, shape in expected_native_tensors(self.config).items()}
+        _check_tensors(self.weights.path, expected, self.weights.tensors, "params.json")
 
     def _validate_converted(self) -> None:
         found = self.weights.tensors
@@ -328,15 +332,7 @@ class Checkpoint:
                 expected[scales] = expected[biases] = ((out, n_in // q["group_size"]), FLOAT_DTYPES)
             else:
                 expected[name] = (shape, FLOAT_DTYPES)
-        _check_names(path, expected, found)
-        for name, (shape, dtypes) in expected.items():
-            info = found[name]
-            if info.shape != shape:
-                raise CheckpointError(
-                    f"{path}: tensor {name!r} has shape {list(info.shape)}, expected {list(shape)} from config.json"
-                )
-            if info.dtype not in dtypes:
-                raise CheckpointError(f"{path}: tensor {name!r} has dtype {info.dtype}, expected {' or '.join(dtypes)}")
+        _check_tensors(path, expected, found, "config.json")
 
 
 def resolve(source: str | os.PathLike | None) -> Path:
