@@ -143,6 +143,12 @@ def encoder_layer_tensors(c: ModelConfig, i: int) -> dict[str, list[str | tuple[
     }
 
 
+def read_layer(reader, tensors: dict[str, list], matrices: tuple[str, ...]) -> dict:
+    """A layer's fields from a backend's ``WeightReader``: the fields in ``matrices`` as weight
+    matrices (``reader.matrix``: quantizable), the others as they are (``reader.fused``)."""
+    return {field: reader.matrix(names) if field in matrices else reader.fused(names) for field, names in tensors.items()}
+
+
 def decoder_layer_tensors(i: int) -> dict[str, list[str | tuple[int, ...]]]:
     L = f"layers.{i}."
     a = L + "attention."

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import mlx.core as mx
 import mlx.nn as nn
 
-from ...checkpoint import EMBEDDING, LAYER_MATRICES, decoder_layer_tensors
+from ...checkpoint import EMBEDDING, LAYER_MATRICES, decoder_layer_tensors, read_layer
 from ...config import ModelConfig
 from .cache import RingKVCache
 from .layers import Matrix, Rope, attend_chunk, linear, rms_norm, rows
@@ -49,7 +49,7 @@ class Decoder:
     def from_weights(cls, w: WeightReader, config: ModelConfig) -> Decoder:
         # ada0/ada2 as matrices too: they are quantized like every matrix whose inputs fill whole groups
         # (as voxmlx's converter does)
-        layers = [DecoderLayer(**w.layer(decoder_layer_tensors(i), LAYER_MATRICES + ("ada0", "ada2")))
+        layers = [DecoderLayer(**read_layer(w, decoder_layer_tensors(i), LAYER_MATRICES + ("ada0", "ada2")))
                   for i in range(config.decoder.n_layers)]
         embedding = w.matrix([EMBEDDING])
         return cls(config, embedding, layers, w.get("norm.weight"), w.dtype)

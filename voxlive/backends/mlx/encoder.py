@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import mlx.core as mx
 import mlx.nn as nn
 
-from ...checkpoint import ADAPTER, ENCODER, LAYER_MATRICES, encoder_layer_tensors
+from ...checkpoint import ADAPTER, ENCODER, LAYER_MATRICES, encoder_layer_tensors, read_layer
 from ...config import ModelConfig
 from .cache import RingKVCache
 from .layers import Matrix, Rope, attend_chunk, linear, rms_norm
@@ -54,7 +54,7 @@ class Encoder:
         e = ENCODER
         conv = [(w.get(f"{e}conv_layers.{i}.conv.weight").transpose(0, 2, 1), w.get(f"{e}conv_layers.{i}.conv.bias"))
                 for i in range(2)]
-        layers = [EncoderLayer(**w.layer(encoder_layer_tensors(config, i), LAYER_MATRICES))
+        layers = [EncoderLayer(**read_layer(w, encoder_layer_tensors(config, i), LAYER_MATRICES))
                   for i in range(config.encoder.n_layers)]
         return cls(config, conv, layers, w.get(e + "transformer.norm.weight"))
 

@@ -55,10 +55,6 @@ class WeightReader:
         return QuantizedMatrix(self._raw(weight), self._raw(scales).astype(self.dtype),
                                self._raw(biases).astype(self.dtype), q["group_size"], q["bits"])
 
-    def layer(self, tensors: dict[str, list], matrices: tuple[str, ...]) -> dict[str, mx.array | QuantizedMatrix]:
-        """A layer's fields (``checkpoint.*_layer_tensors``): ``matrices`` as weight matrices, the rest as they are."""
-        return {field: self.matrix(names) if field in matrices else self.fused(names) for field, names in tensors.items()}
-
     def matrix(self, names: list[str]) -> mx.array | QuantizedMatrix:
         """A weight matrix (several fused along dim 0): quantized if stored so or if ``bits`` is set."""
         stored = [self._stored_quantized(n) for n in names]

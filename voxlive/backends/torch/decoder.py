@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from ...checkpoint import EMBEDDING, LAYER_MATRICES, decoder_layer_tensors
+from ...checkpoint import EMBEDDING, LAYER_MATRICES, decoder_layer_tensors, read_layer
 from ...config import ModelConfig
 from .cache import RingKVCache
 from .layers import Rope, attend_chunk, attend_ring, rms_norm
@@ -46,7 +46,7 @@ class Decoder:
     def from_weights(cls, w: WeightReader, config: ModelConfig, device: torch.device) -> Decoder:
         # First: quantizing it needs its float copy (0.8 GB) beside the result, best before the rest is in memory.
         embedding = w.matrix([EMBEDDING])
-        layers = [DecoderLayer(**w.layer(decoder_layer_tensors(i), LAYER_MATRICES)) for i in range(config.decoder.n_layers)]
+        layers = [DecoderLayer(**read_layer(w, decoder_layer_tensors(i), LAYER_MATRICES)) for i in range(config.decoder.n_layers)]
         return cls(config, embedding, layers, w.get("norm.weight"), device)
 
     def new_cache(self, dtype, device) -> RingKVCache:

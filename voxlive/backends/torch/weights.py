@@ -66,10 +66,6 @@ class WeightReader:
         source_dtype = self._FILE_DTYPES[self.file.tensors[names[0]].dtype]
         return quantize(self.fused(names, dtype=source_dtype, device=torch.device("cpu")), scheme)
 
-    def layer(self, tensors: dict[str, list], matrices: tuple[str, ...]) -> dict[str, Weight]:
-        """A layer's fields (``checkpoint.*_layer_tensors``): ``matrices`` as weight matrices, the rest as they are."""
-        return {field: self.matrix(names) if field in matrices else self.fused(names) for field, names in tensors.items()}
-
     def matrix(self, names: list[str]) -> Weight:
         """A linear layer's weight: the rows of ``names`` stacked, quantized as the mode says."""
         scheme = scheme_for(names[0], self.mode)
