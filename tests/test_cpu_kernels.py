@@ -104,11 +104,15 @@ def test_kernels_reject_bad_shapes_and_types():
         cpu_kernels.linear_bf16(torch.zeros(1, 64), torch.zeros(8, 64, dtype=torch.bfloat16))
 
 
-@pytest.fixture
-def kernels_off(monkeypatch):
+def switch_kernels_off(monkeypatch) -> None:
     """As on a machine where the kernels cannot be built or run."""
     monkeypatch.setattr(cpu_kernels, "_tried", True)
     monkeypatch.setattr(cpu_kernels, "_reason", "switched off by the test")
+
+
+@pytest.fixture
+def kernels_off(monkeypatch):
+    switch_kernels_off(monkeypatch)
 
 
 def test_without_kernels_pytorch_kernels_do_the_work(kernels_off):
@@ -147,8 +151,7 @@ def test_model_logits_with_and_without_kernels(varied_dir, speech, monkeypatch, 
     decoder = model.runtime.decoder
     expected = {None: "Bf16Weight", "int8": "Int8Weight", "int4": "Int4Weight"}[mode]
     assert type(decoder.layers[0].w2).__name__ == expected and getattr(decoder.layers[0].w2, "path", "voxlive") == "voxlive"
-    monkeypatch.setattr(cpu_kernels, "_tried", True)
-    monkeypatch.setattr(cpu_kernels, "_reason", "switched off by the test")
+    switch_kernels_off(monkeypatch)
     _, without = run()
     assert with_kernels.shape == without.shape
     scale = np.abs(without).max()
