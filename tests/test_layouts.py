@@ -72,9 +72,12 @@ def mlx_audio_config(params: dict, quantization: dict | None) -> dict:
     return config
 
 
-def write_mlx_audio(src, out, *, dtype: str = "float16", bits: int | None = None, native_names: bool = False):
+def write_mlx_audio(src, out, *, dtype: str = "float16", bits: int | None = None, native_names: bool = False,
+                    mixed: dict[str, int] | None = None):
     """A native checkpoint in mlx-audio's layout: module paths (or, like its first converter, the native
-    names), norms and biases float32, the rest ``dtype``, quantized with ``mx.quantize`` if ``bits``."""
+    names), norms and biases float32, the rest ``dtype``, quantized with ``mx.quantize`` if ``bits``;
+    ``mixed`` gives some modules other bits, recorded per module in the config as its mixed recipes do."""
+    mixed = mixed or {}
     out.mkdir()
     f = SafetensorsFile(src / "consolidated.safetensors")
     tensors = {}
@@ -92,13 +95,16 @@ def write_mlx_audio(src, out, *, dtype: str = "float16", bits: int | None = None
         if bits and a.ndim == 2 and a.shape[-1] % 64 == 0 and not any(
                 s in module for s in ("norm", "ada_rms_norm", "conv_layers")):
             tensors[name], tensors[module + ".scales"], tensors[module + ".biases"] = mx.quantize(
-                a, group_size=64, bits=bits)
+                a, group_size=64, bits=mixed.get(module, bits))
         else:
             tensors[name] = a
     mx.save_safetensors(str(out / "model.safetensors"), tensors, metadata={"format": "mlx"})
     params = json.loads((src / "params.json").read_text())
     quantization = {"group_size": 64, "bits": bits} if bits else None
-    (out / "config.json").write_text(json.dumps(mlx_audio_config(params, quantization), indent=4))
+    config = mlx_audio_config(params, quantization)
+    for module, b in mixed.items():
+        config["quantization"][module] = {"group_size": 64, "bits": b, "mode": "affine"}
+    (out / "config.json").write_text(json.dumps(config, indent=4))
     shutil.copy(src / "tekken.json", out / "tekken.json")
     return out
 
@@ -165,6 +171,36 @@ def test_mlx_audio_quantized_layout_within_the_quantization_error(float_source, 
         voxlive.load(out, backend="torch")
     with pytest.raises(ValueError, match=f"already quantized to {bits} bits"):
         voxlive.load(out, backend="mlx", quantize="int6")
+
+
+def test_mlx_audio_mixed_recipe_reads_each_module_at_its_bits(float_source, tmp_path):
+    out = write_mlx_audio(float_source, tmp_path / "mixed", bits=4, mixed={"decoder.layers.0.attention.wo": 8,
+                                                                         "decoder.tok_embeddings": 6})
+    ckpt = open_checkpoint(out)
+    assert ckpt.packed["layers.0.attention.wo.weight"].bits == 8 and ckpt.packed[MM + "tok_embeddings.weight"].bits == 6
+    assert ckpt.packed["layers.1.attention.wo.weight"].bits == 4
+    native = voxlive.load(float_source, backend="mlx", dtype="float32", device="cpu")
+    quant = voxlive.load(out, backend="mlx", dtype="float32", device="cpu")
+    emb, ids = _inputs(native)
+    ref = native.logits(ids, emb)
+    assert np.abs(quant.logits(ids, emb) - ref).max() < 0.2 * np.abs(ref).max()
+    # q, k and v at different bits: voxlive multiplies them as one matrix, so it refuses, with the reason
+    out = write_mlx_audio(float_source, tmp_path / "mixed-qkv", bits=4, mixed={"decoder.layers.0.attention.wv": 8})
+    with pytest.raises(CheckpointError, match="quantized with different bits .* cannot read this mixed recipe"):
+        voxlive.load(out, backend="mlx", dtype="float32", device="cpu")
+
+
+def test_voxmlx_float_layout_loads_on_torch_exactly(float_source, tmp_path):
+    from voxlive.backends.mlx.convert import convert
+
+    out = convert(float_source, tmp_path / "voxmlx", dtype="float32")
+    native = voxlive.load(float_source, backend="torch", dtype="float32", device="cpu")
+    converted = voxlive.load(out, backend="torch", dtype="float32", device="cpu")
+    assert open_checkpoint(out).layout == "voxmlx"
+    emb, ids = _inputs(native)
+    assert np.array_equal(converted.logits(ids, emb), native.logits(ids, emb))
+    mel = voxlive.log_mel(np.zeros(40 * 1280, np.float32))
+    assert np.array_equal(converted.embed_audio(mel), native.embed_audio(mel))
 
 
 def test_mlx_audio_layout_errors(float_source, tmp_path):

@@ -55,6 +55,9 @@ class WeightReader:
         if any(s is not None for s in stored):
             if any(s is None for s in stored):
                 raise CheckpointError(f"{self.file.path}: {names} must be all quantized or all float to be fused")
+            if len({(s.group_size, s.bits) for s in stored}) > 1:
+                raise CheckpointError(f"{self.file.path}: {names} are quantized with different bits or group sizes; "
+                                      f"voxlive multiplies them as one matrix, so it cannot read this mixed recipe")
             m = stored[0] if len(stored) == 1 else QuantizedMatrix.concatenate(stored)
             mx.eval(m.arrays())
             return m
