@@ -110,7 +110,7 @@ def cmd_listen(a) -> int:
 
 
 def cmd_bench(a) -> int:
-    from .bench import bench, report
+    from voxlive_bench.bench import bench, report
 
     if not a.random_weights and not a.model:
         print("voxlive bench: give --model SRC or --random-weights", file=sys.stderr)
@@ -143,8 +143,9 @@ def cmd_serve(a) -> int:
 def _bench_streams(a, modes: list[str | None]) -> int:
     import gc
 
-    from .bench import random_checkpoint_dir
-    from .bench_streams import bench_streams, report_streams
+    from voxlive_bench.bench import random_checkpoint_dir
+    from voxlive_bench.streams import bench_streams, report_streams
+
     from .model import load
 
     counts = sorted(set(a.streams))
