@@ -12,7 +12,7 @@ import mlx.core as mx
 
 from ... import mlx_layout
 from ...checkpoint import Checkpoint, CheckpointError
-from .quantize import GROUP_SIZE, QuantizedMatrix
+from .quant import GROUP_SIZE, QuantizedWeight
 
 
 class WeightReader:
@@ -45,28 +45,28 @@ class WeightReader:
         mx.eval(out)
         return out
 
-    def _stored_quantized(self, native: str) -> QuantizedMatrix | None:
+    def _stored_quantized(self, native: str) -> QuantizedWeight | None:
         if not self.converted:
             return None
         weight, scales, biases = mlx_layout.quantized_parts(mlx_layout.converted_name(native))
         if scales not in self.file.tensors:
             return None
         q = self.ckpt.quantization
-        return QuantizedMatrix(self._raw(weight), self._raw(scales).astype(self.dtype),
+        return QuantizedWeight(self._raw(weight), self._raw(scales).astype(self.dtype),
                                self._raw(biases).astype(self.dtype), q["group_size"], q["bits"])
 
-    def matrix(self, names: list[str]) -> mx.array | QuantizedMatrix:
+    def matrix(self, names: list[str]) -> mx.array | QuantizedWeight:
         """A weight matrix (several fused along dim 0): quantized if stored so or if ``bits`` is set."""
         stored = [self._stored_quantized(n) for n in names]
         if any(s is not None for s in stored):
             if any(s is None for s in stored):
                 raise CheckpointError(f"{self.file.path}: {names} must be all quantized or all float to be fused")
-            m = stored[0] if len(stored) == 1 else QuantizedMatrix.concatenate(stored)
+            m = stored[0] if len(stored) == 1 else QuantizedWeight.concatenate(stored)
             mx.eval(m.arrays())
             return m
         dense = self.fused(names)
         if self.bits is not None and mlx_layout.quantizable(names[0], tuple(dense.shape), self.group_size):
-            m = QuantizedMatrix.quantize(dense, self.bits, self.group_size)
+            m = QuantizedWeight.quantize(dense, self.bits, self.group_size)
             mx.eval(m.arrays())
             return m
         return dense
