@@ -242,7 +242,7 @@ def cmd_bench(a) -> int:
         check_delay_ms(a.delay_ms)
     if a.streams:
         return _bench_streams(a, quantize)
-    from .bench import bench, report
+    from voxlive_bench.bench import bench, report
 
     results = bench(a.model, random_weights=a.random_weights, seconds=a.seconds, dtype=a.dtype, device=a.device,
                     chunk_ms=a.chunk_ms, delay_ms=a.delay_ms, reference=a.reference, quantize=quantize,
@@ -254,8 +254,9 @@ def cmd_bench(a) -> int:
 def _bench_streams(a, modes: list[str | None]) -> int:
     import gc
 
-    from .bench import random_checkpoint_dir
-    from .bench_streams import bench_streams, report_streams
+    from voxlive_bench.bench import random_checkpoint_dir
+    from voxlive_bench.streams import bench_streams, report_streams
+
     from .model import load
 
     counts = sorted(set(a.streams))

@@ -163,7 +163,7 @@ def load(source: str | os.PathLike | None = None, *, backend: str = "auto", devi
             raise ImportError(f"the MLX backend needs mlx ({e}): pip install mlx (or pip install '.[mlx]' in "
                               f"voxlive's folder)") from e
         ckpt = open_checkpoint(source)
-        if ckpt.layout not in ("native", "mlx"):
+        if ckpt.quantize is not None:
             raise CheckpointError(f"{ckpt.directory}: a torch-quantized checkpoint (voxlive convert) is read by the "
                                   f"torch backend only")
         runtime = MLXRuntime(ckpt, device=device, dtype=dtype, quantize=quantize)
@@ -171,8 +171,8 @@ def load(source: str | os.PathLike | None = None, *, backend: str = "auto", devi
     from .backends.torch.runtime import TorchRuntime
 
     ckpt = open_checkpoint(source)
-    if ckpt.layout == "mlx":
-        raise CheckpointError(f"{ckpt.directory}: the mlx-community converted layout is read by the MLX backend "
-                              f"only (backend='mlx')")
+    if ckpt.packed:
+        raise CheckpointError(f"{ckpt.directory}: an MLX-quantized checkpoint ({ckpt.layout} layout) is read by the "
+                              f"MLX backend only (backend='mlx')")
     runtime = TorchRuntime(ckpt, device=device, dtype=dtype, quantize=quantize, compile=compile)
     return Model(runtime, Tokenizer(ckpt.tokenizer_path), str(ckpt.directory))
