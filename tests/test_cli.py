@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 import soundfile as sf
 
 import voxlive
@@ -57,17 +58,143 @@ def test_progress_bar_on_long_files(varied_dir, tmp_path):
     assert r.stderr == ""
 
 
-def test_clear_errors(varied_dir, tmp_path):
-    r = run("transcribe", tmp_path / "missing.wav", "--model", varied_dir)
-    assert r.returncode == 2 and "missing.wav: no such file" in r.stderr
-    wav = tmp_path / "a.wav"
-    sf.write(wav, np.zeros(1600, np.float32), 16000)
-    r = run("transcribe", wav, "--model", varied_dir, "--delay-ms", 500)
-    assert r.returncode == 2 and "delay_ms must be a multiple of 80" in r.stderr
-    r = run("transcribe", wav, "--model", tmp_path / "nowhere")
-    assert r.returncode == 2 and "no such directory" in r.stderr
-    for line in r.stderr.splitlines():
-        assert "Traceback" not in line
+def one_line_error(r) -> str:
+    """A mistake's whole report: exit status 2 and one line on stderr, no traceback."""
+    assert r.returncode == 2, (r.returncode, r.stderr)
+    assert "Traceback" not in r.stderr
+    lines = r.stderr.splitlines()
+    assert len(lines) == 1, lines
+    return lines[0]
+
+
+@pytest.fixture(scope="module")
+def unloadable(tmp_path_factory):
+    """A checkpoint directory whose loading fails: a mistake reported instead proves it came first."""
+    d = tmp_path_factory.mktemp("unloadable")
+    (d / "params.json").write_text("{ not json")
+    (d / "tekken.json").write_text("{}")
+    (d / "consolidated.safetensors").write_bytes(b"")
+    return d
+
+
+@pytest.fixture(scope="module")
+def two_wavs(tmp_path_factory):
+    """x/a.wav and y/a.wav: two different files with the same name."""
+    d = tmp_path_factory.mktemp("wavs")
+    rng = np.random.default_rng(0)
+    for sub in ("x", "y"):
+        (d / sub).mkdir()
+        sf.write(d / sub / "a.wav", (0.1 * rng.standard_normal(16000)).astype(np.float32), 16000)
+    (d / "file").write_text("not a folder")
+    return d
+
+
+MISTAKES = {  # arguments after the command -> what the one line must say
+    "device gpu on torch": (["transcribe", "{wav}", "--device", "gpu"], "'gpu' is the MLX backend's name"),
+    "unknown device": (["transcribe", "{wav}", "--device", "tpu"], "runs on device 'cpu', 'cuda'"),
+    "bad delay": (["transcribe", "{wav}", "--delay-ms", "100"], "delay_ms must be a multiple of 80"),
+    "output dir is a file": (["transcribe", "{wav}", "--output-dir", "{dir}/file"], "is not a directory"),
+    "output dir cannot be made": (["transcribe", "{wav}", "--output-dir", "{dir}/file/sub"], "cannot create it"),
+    "same output twice": (["transcribe", "{dir}/x/a.wav", "{dir}/y/a.wav", "--output-dir", "{dir}/out"],
+                          "would both write"),
+    "several srt on stdout": (["transcribe", "{dir}/x/a.wav", "{dir}/y/a.wav", "--format", "srt"],
+                              "need --output-dir"),
+    "missing file": (["transcribe", "{dir}/missing.wav"], "missing.wav: no such file"),
+    "int6 on torch": (["transcribe", "{wav}", "--backend", "torch", "--quantize", "int6"], "int6 is MLX only"),
+    "argparse choice": (["transcribe", "{wav}", "--dtype", "bf16"], "invalid choice: 'bf16'"),
+    "serve bad delay": (["serve", "--delay-ms", "100"], "delay_ms must be a multiple of 80"),
+    "serve no sessions": (["serve", "--max-sessions", "0"], "--max-sessions must be at least 1"),
+    "listen device gpu": (["listen", "--device", "gpu"], "'gpu' is the MLX backend's name"),
+}
+
+
+@pytest.mark.parametrize("case", MISTAKES)
+def test_ordinary_mistakes_are_one_line_before_loading(case, unloadable, two_wavs):
+    args, says = MISTAKES[case]
+    args = [a.format(wav=two_wavs / "x" / "a.wav", dir=two_wavs) for a in args]
+    line = one_line_error(run(*args, "--model", unloadable))
+    assert line.startswith("voxlive") and says in line, line
+    assert "params.json" not in line  # the checkpoint was never opened
+    assert not (two_wavs / "out").exists()
+
+
+def test_busy_port_is_said_before_loading(unloadable):
+    import socket
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        line = one_line_error(run("serve", "--model", unloadable, "--port", port))
+    assert f"cannot listen on 127.0.0.1:{port}" in line and "choose another --port" in line
+
+
+def test_convert_without_quantize_asks_for_int8_or_int4(unloadable, tmp_path):
+    line = one_line_error(run("convert", unloadable, tmp_path / "out"))
+    assert "--quantize int8 or int4" in line and "int6" not in line
+
+
+def test_offline_download_failure_says_how_to_give_a_local_checkpoint(tmp_path, two_wavs):
+    import os
+
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")}
+    r = subprocess.run([sys.executable, "-m", "voxlive", "transcribe", str(two_wavs / "x" / "a.wav"), "--model",
+                        "voxlive-test/does-not-exist", "--quiet"], capture_output=True, text=True, env=env, timeout=300)
+    line = one_line_error(r)
+    assert "voxlive-test/does-not-exist: no such directory, and it could not be downloaded" in line
+    for needed in ("--model DIR", "params.json", "consolidated.safetensors", "tekken.json",
+                   "hf download voxlive-test/does-not-exist"):
+        assert needed in line, needed
+
+
+def test_several_files_json_lines_text_prefixes_and_outputs_kept_apart(varied_dir, two_wavs, tmp_path):
+    x, y = two_wavs / "x" / "a.wav", two_wavs / "y" / "a.wav"
+    r = run("transcribe", x, y, "--model", varied_dir, "--dtype", "float32", "--format", "json", "--quiet")
+    assert r.returncode == 0, r.stderr
+    records = [json.loads(line) for line in r.stdout.splitlines()]
+    assert [rec["file"] for rec in records] == [str(x), str(y)]
+    assert all({"text", "words", "duration"} <= rec.keys() for rec in records)
+    r = run("transcribe", x, y, "--model", varied_dir, "--dtype", "float32", "--quiet")
+    assert [line.partition(": ")[0] for line in r.stdout.splitlines()] == [str(x), str(y)]
+    out = tmp_path / "out"
+    r = run("transcribe", x, two_wavs / "y" / ".." / "x" / "a.wav", "--model", varied_dir, "--output-dir", out,
+            "--quiet")  # the same file twice is one output, not a clash
+    assert r.returncode == 0, r.stderr
+    assert [p.name for p in out.iterdir()] == ["a.txt"]
+
+
+def test_version_and_python_m_voxlive():
+    r = subprocess.run([sys.executable, "-m", "voxlive", "--version"], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0 and r.stdout == f"voxlive {voxlive.__version__}\n"
+    r = subprocess.run([sys.executable, "-m", "voxlive", "--help"], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0
+    for command in ("transcribe", "listen", "serve", "bench", "convert", "demo-checkpoint"):
+        assert command in r.stdout
+
+
+def test_demo_checkpoint_says_words_that_follow_the_audio(tmp_path):
+    import shutil
+
+    if shutil.which("espeak-ng") is None:
+        pytest.skip("espeak-ng is not installed")
+    demo = tmp_path / "demo"
+    r = subprocess.run([sys.executable, "-m", "voxlive", "demo-checkpoint", str(demo)], capture_output=True,
+                       text=True, timeout=120)
+    assert r.returncode == 0 and f"--model {demo}" in r.stderr
+    wavs = []
+    for i, sentence in enumerate(["The quick brown fox jumps over the lazy dog.",
+                                  "Streaming speech to text, word by word, in the terminal."]):
+        subprocess.run(["espeak-ng", "-w", str(tmp_path / f"s{i}.wav"), sentence], check=True)
+        wavs.append(tmp_path / f"s{i}.wav")
+    sf.write(tmp_path / "silence.wav", np.zeros(3 * 16000, np.float32), 16000)
+    r = run("transcribe", *wavs, tmp_path / "silence.wav", "--model", demo, "--format", "json", "--quiet")
+    assert r.returncode == 0, r.stderr
+    first, second, silence = [json.loads(line) for line in r.stdout.splitlines()]
+    for speech in (first, second):
+        assert len(speech["words"]) >= 5
+        assert all(w["text"].isalpha() for w in speech["words"])  # words, not byte fragments
+    assert first["text"] != second["text"]  # other speech, other words
+    assert silence["text"] == "" and silence["words"] == []
 
 
 def test_listen_without_an_input_device_says_so(varied_dir):
@@ -124,36 +251,52 @@ def test_bench_streams_reports_each_count(varied_dir):
     assert run("bench", "--model", varied_dir, "--streams", 0).returncode == 2
 
 
-def test_serve_runs_the_server_until_interrupted(varied_dir, varied_model, speech, tmp_path):
+def test_serve_says_what_it_serves_and_never_logs_the_key(varied_dir, varied_model, speech, tmp_path):
+    import re
     import signal
+    import threading
     import time
 
     import httpx
-    from serving import free_port
+    from websockets.sync.client import connect
 
+    key = "s3cret-key-1234"
     wav = tmp_path / "speech.wav"
     sf.write(wav, speech, 16000, subtype="FLOAT")
-    port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "voxlive.cli", "serve", "--model", str(varied_dir), "--dtype",
-                             "float32", "--port", str(port), "--api-key", "k", "--delay-ms", "240"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen([sys.executable, "-m", "voxlive", "serve", "--model", str(varied_dir), "--dtype",
+                             "float32", "--port", "0", "--api-key", key, "--delay-ms", "240"],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    output: list[str] = []  # everything the server prints, its logs included
+    reader = threading.Thread(target=lambda: output.extend(proc.stdout), daemon=True)
+    reader.start()
     try:
-        deadline = time.monotonic() + 120
-        while True:
-            assert proc.poll() is None, proc.stderr.read()
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/health").status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert time.monotonic() < deadline, "server did not come up"
-            time.sleep(0.2)
+        deadline = time.monotonic() + 300  # a first run builds the CPU kernels
+        while not any("Uvicorn running" in line for line in output):
+            assert proc.poll() is None, "".join(output)
+            assert time.monotonic() < deadline, "".join(output)
+            time.sleep(0.1)
+        text = "".join(output)
+        assert re.search(r"voxlive: model .* \(torch backend, cpu, float32, unquantized\), up to 16 sessions", text)
+        base = re.search(r"voxlive: open (http://127\.0\.0\.1:\d+)/ in a browser", text).group(1)
+        routes = re.search(r"voxlive: routes: (.*)", text).group(1)
+        for route in ("GET /", "WS /v1/realtime", "WS /asr", "POST /v1/audio/transcriptions", "GET /health"):
+            assert route in routes.split(", "), routes
+        assert httpx.get(f"{base}/").status_code == 200  # the page needs no key (it holds no data)
+        assert httpx.get(f"{base}/v1/models").status_code == 401
+        assert httpx.get(f"{base}/v1/models?token={key}").status_code == 200
+        assert httpx.get(f"{base}/v1/models?token=mistyped-{key}").status_code == 401
+        with connect(f"ws{base[4:]}/asr?token={key}&delay_ms=240") as ws:
+            assert json.loads(ws.recv())["type"] == "config"
         with open(wav, "rb") as f:
-            r = httpx.post(f"http://127.0.0.1:{port}/v1/audio/transcriptions", files={"file": f},
-                           headers={"Authorization": "Bearer k"}, timeout=120)
-        assert r.json()["text"] == varied_model.transcribe(speech, delay_ms=240).text.strip()  # --delay-ms is the default
+            r = httpx.post(f"{base}/v1/audio/transcriptions", files={"file": f},
+                           headers={"Authorization": f"Bearer {key}"}, timeout=120)
+        assert r.json()["text"] == varied_model.transcribe(speech, delay_ms=240).text  # --delay-ms is the default
     finally:
         proc.send_signal(signal.SIGINT)
         proc.wait(timeout=60)
+        reader.join(timeout=10)
     assert proc.returncode == 0
-    assert run("serve", "--model", varied_dir, "--max-sessions", 0).returncode == 2
+    logged = "".join(output)
+    assert logged.count("token=<redacted>") >= 4, logged  # the requests were logged...
+    assert "WebSocket /asr?token=<redacted>&delay_ms=240" in logged
+    assert key not in logged  # ...and no key, right or wrong, in any line

@@ -3,7 +3,7 @@
 Chromium's fake microphone plays a WAV of espeak-ng speech into the page's AudioWorklet, which
 streams PCM over ``WS /asr``; the file upload goes through ``/v1/audio/transcriptions`` and the
 downloads through ``/v1/subtitles``. The server runs with an API key, which the page gets only from
-its own URL (``/?token=``), so every request passing proves the page forwards it.
+its own URL (``/?token=``) or its key field, so every request passing proves the page forwards it.
 
 Screenshots of the page are saved to ``$VOXLIVE_ARTIFACTS_DIR/page.png`` (after an upload, word
 times shown) and ``page-live.png`` (while the microphone streams); the default folder is
@@ -70,6 +70,7 @@ def server(varied_dir, wav):
     # What the upload must show: the server decodes the same file the same way. Computed before the
     # engine thread starts, so that nothing else uses the model meanwhile.
     expected = [w.text for w in model.transcribe(load_audio(wav)).words]
+    expected_240 = [w.text for w in model.transcribe(load_audio(wav), delay_ms=240).words]
     app = create_app(Engine(model, max_sessions=4), model_id="tiny", api_key=API_KEY)
     port = _free_port()
     srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
@@ -80,7 +81,7 @@ def server(varied_dir, wav):
         assert thread.is_alive(), "the server did not start"
         assert time.monotonic() < deadline, "the server did not start within 30 s"
         time.sleep(0.05)
-    yield f"http://127.0.0.1:{port}", expected
+    yield f"http://127.0.0.1:{port}", expected, expected_240
     srv.should_exit = True
     thread.join(timeout=30)
 
@@ -99,18 +100,26 @@ def browser(wav):
         browser.close()
 
 
-@pytest.fixture
-def page(browser, server):
-    base, _ = server
+def _open(browser, url):
     context = browser.new_context(accept_downloads=True, viewport={"width": 1000, "height": 820})
     page = context.new_page()
-    console_errors = []
-    page.on("pageerror", lambda err: console_errors.append(str(err)))
-    page.goto(f"{base}/?token={API_KEY}")
+    page.console_errors = []
+    page.failed_loads = []  # what the page itself asked for and did not get (a favicon, a script)
+    page.on("pageerror", lambda err: page.console_errors.append(str(err)))
+    page.on("response", lambda r: r.status == 404 and page.failed_loads.append(r.url))
+    page.goto(url)
     page.set_default_timeout(WAIT_MS)
+    return context, page
+
+
+@pytest.fixture
+def page(browser, server):
+    base = server[0]
+    context, page = _open(browser, f"{base}/?token={API_KEY}")
     yield page
     context.close()
-    assert not console_errors, f"JavaScript errors on the page: {console_errors}"
+    assert not page.console_errors, f"JavaScript errors on the page: {page.console_errors}"
+    assert not page.failed_loads, f"404 on {page.failed_loads}"
 
 
 def _wait_status(page, prefix: str) -> str:
@@ -136,18 +145,51 @@ def _screenshot(page, tmp_path, name="page.png") -> None:
     shutil.copyfile(tmp_path / name, folder / name)
 
 
-def test_page_needs_the_key(server):
+def test_page_is_served_without_the_key_but_nothing_else_is(server):
     import httpx
 
-    base, _ = server
-    assert httpx.get(f"{base}/").status_code == 401
-    assert httpx.get(f"{base}/?token=wrong").status_code == 401
-    response = httpx.get(f"{base}/?token={API_KEY}")
+    base = server[0]
+    response = httpx.get(f"{base}/")  # the page holds no data: anyone may load it, and it asks for the key
     assert response.status_code == 200
-    for element in ("start", "stop", "transcript", "lag", "status", "file", "upload", "download-txt", "download-srt"):
+    for element in ("start", "stop", "transcript", "lag", "status", "file", "upload", "download-txt", "download-srt",
+                    "key", "delay"):
         assert f'id="{element}"' in response.text
     # One self-contained file: nothing loaded from elsewhere.
     assert not re.search(r"""(src|href)=["']?(https?:)?//""", response.text)
+    assert httpx.get(f"{base}/v1/models").status_code == 401
+    assert httpx.get(f"{base}/v1/models", headers={"Authorization": f"Bearer {API_KEY}"}).status_code == 200
+    icon = httpx.get(f"{base}/favicon.ico")
+    assert icon.status_code == 200 and icon.headers["content-type"] == "image/svg+xml"
+    assert icon.text.startswith("<svg")
+
+
+def test_key_field_unlocks_the_page(browser, server):
+    base = server[0]
+    context, page = _open(browser, f"{base}/")
+    try:
+        page.wait_for_selector("#key-card", state="visible")
+        assert page.inner_text("#key-note") == "This server needs its API key."
+        assert page.inner_text("#status") == "waiting for the API key"
+        assert page.is_disabled("#start")
+        page.fill("#key", "wrong-key")
+        page.click("#key-use")
+        page.wait_for_function("document.querySelector('#key-note').textContent === 'The server refused this key.'")
+        assert page.is_visible("#key-card") and page.is_disabled("#start")
+        page.fill("#key", API_KEY)
+        page.click("#key-use")
+        page.wait_for_selector("#key-card", state="hidden")
+        assert page.inner_text("#status") == "ready" and page.is_enabled("#start")
+        page.reload()  # the tab keeps the key
+        page.wait_for_function("document.querySelector('#status').textContent === 'ready'")
+        assert not page.is_visible("#key-card")
+    finally:
+        context.close()
+    assert not page.console_errors and not page.failed_loads
+
+
+def test_key_is_taken_out_of_the_address_bar(page):
+    page.wait_for_function("document.querySelector('#status').textContent === 'ready'")
+    assert "token" not in page.url and not page.is_visible("#key-card")
 
 
 def test_microphone_streams_live(page, tmp_path):
@@ -196,7 +238,7 @@ def test_microphone_streams_live(page, tmp_path):
 
 
 def test_upload_and_downloads(page, server, wav, tmp_path):
-    _, expected = server
+    expected = server[1]
     assert len(expected) >= 5, "the tiny model should say something about this speech"
     assert page.is_disabled("#upload")
     page.set_input_files("#file", str(wav))
@@ -225,6 +267,33 @@ def test_upload_and_downloads(page, server, wav, tmp_path):
 
     page.check("#show-times")  # the screenshot shows every word's time
     _screenshot(page, tmp_path)
+
+
+def test_delay_selector_sets_the_delay(page, server, wav):
+    expected, expected_240 = server[1], server[2]
+    assert expected_240 != expected  # the delay changes what this model says
+    assert page.eval_on_selector("#delay", "s => s.value") == ""  # the server's default
+    page.select_option("#delay", "240")
+    page.set_input_files("#file", str(wav))
+    page.click("#upload")
+    _wait_status(page, "transcribed")
+    assert [w["text"] for w in _words(page)] == expected_240
+
+
+def test_failed_microphone_start_keeps_the_transcript(page, server, wav):
+    expected = server[1]
+    page.set_input_files("#file", str(wav))
+    page.click("#upload")
+    _wait_status(page, "transcribed")
+    assert [w["text"] for w in _words(page)] == expected
+    page.evaluate("""() => { navigator.mediaDevices.getUserMedia =
+        () => Promise.reject(new DOMException('Permission denied', 'NotAllowedError')); }""")
+    page.click("#start")
+    page.wait_for_function("document.querySelector('#error').classList.contains('shown')")
+    assert "Could not start: Permission denied" in page.inner_text("#error")
+    page.wait_for_function("document.querySelector('#status').textContent === 'stopped with an error'")
+    assert [w["text"] for w in _words(page)] == expected  # the file's transcript is still there
+    assert page.is_enabled("#download-srt") and page.is_enabled("#start")
 
 
 def test_upload_error_is_shown(page, tmp_path):

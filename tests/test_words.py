@@ -118,3 +118,65 @@ def test_long_cues_are_split_and_hours_formatted():
     assert len(blocks) > 1
     assert all(len(b.splitlines()[2]) <= 42 for b in blocks)
     assert blocks[0].splitlines()[1].startswith("01:00:00,000 --> ")
+
+
+def _word_at(tok, positions, limit):
+    a = _assembler(tok)
+    ids = tok.encode("late")
+    for i, p in enumerate(positions):
+        a.push(ids[0] if i == 0 else tok.streaming_pad, p, limit=limit)
+    (w,) = a.flush(limit=limit)
+    return w
+
+
+def test_words_after_the_audio_keep_one_token_inside_it(tok):
+    # Decoded from the right pad, far after the 2 s of audio: the word ends with the audio and is one
+    # token long, never a zero-length word at the end.
+    first = LEFT + DELAY + 40  # placed at 3.2 s
+    w = _word_at(tok, [first], limit=2.0)
+    assert (w.start, w.end) == (pytest.approx(2.0 - STEP), 2.0)
+    # Straddling the end: it keeps its start and ends with the audio.
+    straddle = LEFT + DELAY + 24  # placed at 1.92 s, ending at 2.0 s
+    w = _word_at(tok, [straddle, straddle + 1], limit=2.0)
+    assert (w.start, w.end) == (pytest.approx(1.92), 2.0)
+    # Audio shorter than one token: the word is all of it; shorter than a millisecond: still not empty.
+    w = _word_at(tok, [first], limit=0.05)
+    assert (w.start, w.end) == (0.0, 0.05)
+    w = _word_at(tok, [first], limit=0.0)
+    assert w.end > w.start == 0.0
+
+
+def test_no_zero_length_word_or_cue_when_words_come_after_the_audio(speech, tmp_path):
+    # The demo checkpoint says words until well after this short cut of speech ends.
+    import voxlive
+    from voxlive.testing import write_demo_checkpoint
+
+    model = voxlive.load(write_demo_checkpoint(tmp_path / "demo"), dtype="float32", device="cpu")
+    t = model.transcribe(speech[:20000])
+    assert t.words and t.words[-1].end == pytest.approx(t.duration, abs=1e-3)  # words did come after the audio
+    for w in t.words:
+        assert 0 <= w.start < w.end <= round(t.duration, 3) + 1e-9, w
+    for fmt in ("srt", "vtt"):
+        cues = [line.split(" --> ") for line in t.format(fmt).splitlines() if " --> " in line]
+        assert cues
+        assert all(start < end for start, end in cues), cues
+    assert all(w["start"] < w["end"] for w in json.loads(t.format("json"))["words"])
+
+
+def test_text_has_no_leading_space(varied_model, speech):
+    t = varied_model.transcribe(speech)
+    raw = varied_model.tokenizer.decode(t.tokens)
+    assert raw.startswith(" ")  # the first word's token carries its space
+    assert t.text == raw.strip() and t.format("text") == t.text + "\n"
+
+
+def test_text_deltas_add_up_to_the_text(tok):
+    from voxlive.transcript import TextDeltas
+
+    text = "  Hello wörld,\n  again  "
+    data = text.encode()
+    for cut in range(1, 6):  # pieces of every size, splitting "ö" between two pieces too
+        d = TextDeltas()
+        pieces = [d.push(data[i:i + cut]) for i in range(0, len(data), cut)] + [d.push(b"", final=True)]
+        assert "".join(pieces) == text.strip()
+        assert not pieces[0].startswith(" ")

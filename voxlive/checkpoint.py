@@ -81,8 +81,8 @@ def resolve(source: str | os.PathLike | None) -> Path:
         raise CheckpointError(f"{text}: not a directory (give the checkpoint directory)")
     if text.count("/") != 1 or text.startswith((".", "/", "~")):
         raise CheckpointError(f"{text}: no such directory, and not a Hugging Face repo id (org/name)")
-    offline = (f"a local checkpoint needs no network: a directory with {', '.join(NATIVE_FILES)} (fetch them "
-               f"where there is a network with: hf download {text} {' '.join(NATIVE_FILES)} --local-dir DIR), "
+    offline = (f"a local checkpoint needs no network: a directory with {', '.join(native.FILES)} (fetch them "
+               f"where there is a network with: hf download {text} {' '.join(native.FILES)} --local-dir DIR), "
                f"given as --model DIR")
     from huggingface_hub import snapshot_download
 

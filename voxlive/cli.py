@@ -117,7 +117,7 @@ def _output_paths(files: list[str], out_dir: Path, fmt: str) -> dict[str, Path]:
     return targets
 
 
-def _make_output_dir(path: str) -> Path:
+def _make_output_dir(path: str) -> None:
     out = Path(path)
     if out.exists() and not out.is_dir():
         raise UsageError(f"--output-dir {path}: exists and is not a directory")
@@ -125,7 +125,6 @@ def _make_output_dir(path: str) -> Path:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise UsageError(f"--output-dir {path}: cannot create it ({e.strerror})") from None
-    return out
 
 
 def cmd_transcribe(a) -> int:
@@ -140,7 +139,9 @@ def cmd_transcribe(a) -> int:
     if several and a.format in ("srt", "vtt") and not a.output_dir:
         raise UsageError(f"several files in {a.format} need --output-dir (one subtitle file each)")
     _check_model_args(a)
-    targets = _output_paths(a.files, _make_output_dir(a.output_dir), a.format) if a.output_dir else {}
+    targets = _output_paths(a.files, Path(a.output_dir), a.format) if a.output_dir else {}
+    if targets:
+        _make_output_dir(a.output_dir)
     model = _load(a, quiet=a.quiet)
     failed = 0
     for f in a.files:
