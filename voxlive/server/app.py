@@ -32,7 +32,8 @@ class ApiError(Exception):
 
 
 def create_app(engine: Engine, *, model_id: str, api_key: str | None = None, delay_ms: int | None = None,
-               max_upload_mb: float = 200.0) -> FastAPI:
+               max_upload_mb: float = 200.0, idle_timeout: float | None = 7200.0,
+               send_timeout: float | None = 60.0) -> FastAPI:
     """The app around a (not yet started) engine; the app's lifespan starts and stops it."""
 
     @asynccontextmanager
@@ -42,7 +43,8 @@ def create_app(engine: Engine, *, model_id: str, api_key: str | None = None, del
         engine.stop()
 
     app = FastAPI(title="voxlive", lifespan=lifespan)
-    app.state.voxlive = ServerState(engine, model_id, api_key, delay_ms, int(max_upload_mb * 1024 * 1024))
+    app.state.voxlive = ServerState(engine, model_id, api_key, delay_ms, int(max_upload_mb * 1024 * 1024),
+                                    idle_timeout=idle_timeout, send_timeout=send_timeout)
 
     @app.exception_handler(ApiError)
     async def api_error(request: Request, err: ApiError):
