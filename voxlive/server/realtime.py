@@ -12,21 +12,21 @@ start, end) on a delta as soon as they are complete (a delta may then carry word
 ``?done_words=true`` also puts every word of the utterance on ``transcription.done``; it is off by
 default because that message would grow with the utterance's length (1.7 MB after 4 h).
 Text deltas are the generated tokens' bytes decoded incrementally, so their concatenation is
-exactly the final text. A finished utterance is forgotten: its caches are freed, however many
-utterances the connection goes on to run.
+exactly the final text (whitespace goes with the word after it). A finished utterance is
+forgotten: its caches are freed, however many utterances the connection goes on to run.
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
-import codecs
 import json
 import time
 import uuid
 
 from starlette.websockets import WebSocket
 
+from ..transcript import TextDeltas
 from .connection import Connection, pcm16_to_float
 from .engine import Session, SessionOver
 
@@ -88,7 +88,7 @@ class RealtimeConnection(Connection):
         return self.session
 
     async def deliver(self, session: Session) -> None:
-        utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        deltas = TextDeltas()
         tokenizer = self.model.tokenizer
         completion_tokens = 0
         while True:
@@ -98,7 +98,7 @@ class RealtimeConnection(Connection):
                 await self.error(update.error, "processing_error")
                 return
             completion_tokens += len(update.tokens)
-            delta = utf8.decode(b"".join(tokenizer.token_bytes(t) for t in update.tokens),
+            delta = deltas.push(b"".join(tokenizer.token_bytes(t) for t in update.tokens),
                                 final=update.transcript is not None)
             if delta or update.words:
                 event = {"type": "transcription.delta", "delta": delta, "lag": update.lag}
