@@ -19,7 +19,8 @@ WEBSOCKET_OPTIONS = {"ws_ping_interval": 20.0, "ws_ping_timeout": None}
 def serve(model, *, model_id: str | None = None, host: str = "127.0.0.1", port: int = 8000,
           sock: socket.socket | None = None, max_sessions: int = 16, api_key: str | None = None,
           delay_ms: int | None = None, max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
-          max_upload_mb: float = 200.0, idle_timeout: float | None = 7200.0, send_timeout: float | None = 60.0,
+          max_upload_mb: float = 200.0, max_upload_seconds: float | None = 4 * 3600.0,
+          idle_timeout: float | None = 7200.0, send_timeout: float | None = 60.0,
           log_level: str = "info") -> None:
     """Serve ``model`` until interrupted (uvicorn in this process, one engine thread).
 
@@ -33,7 +34,7 @@ def serve(model, *, model_id: str | None = None, host: str = "127.0.0.1", port: 
     engine = Engine(model, max_sessions=max_sessions)
     model_id = model_id or model.source
     app = create_app(engine, model_id=model_id, api_key=api_key, delay_ms=delay_ms, max_upload_mb=max_upload_mb,
-                     idle_timeout=idle_timeout, send_timeout=send_timeout)
+                     max_upload_seconds=max_upload_seconds, idle_timeout=idle_timeout, send_timeout=send_timeout)
     config = uvicorn.Config(app, host=host, port=port, ws_max_size=max_message_bytes, log_level=log_level,
                             **WEBSOCKET_OPTIONS)
     redact_keys_in_uvicorn_logs(api_key)  # after uvicorn.Config, which configures its logging

@@ -116,7 +116,12 @@ class Connection:
             receiving.cancel()
 
     async def send(self, message: dict) -> None:
-        await self.send_text(json.dumps(message, ensure_ascii=False))
+        text = json.dumps(message, ensure_ascii=False)
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError:  # a lone surrogate from the client's own JSON, echoed in an error
+            text = json.dumps(message)  # escaped as \udXXX: valid JSON, valid UTF-8
+        await self.send_text(text)
 
     async def send_text(self, text: str) -> None:
         """Send one message; a client that has not read for ``send_timeout`` seconds loses its slot."""
@@ -154,6 +159,6 @@ class Connection:
                     await asyncio.wait_for(self.ws.close(CLOSE_POLICY, "not reading"), 1.0)
                 else:
                     await self.ws.close()
-            except (RuntimeError, ClientDisconnected, asyncio.TimeoutError):
+            except (RuntimeError, WebSocketDisconnect, ClientDisconnected, asyncio.TimeoutError):
                 pass  # already closed by the peer
         log.debug("connection closed")

@@ -45,7 +45,7 @@ class RealtimeConnection(Connection):
                 continue
             try:
                 event = json.loads(message["text"])
-            except json.JSONDecodeError:
+            except (ValueError, RecursionError):  # bad JSON, a 4,300-digit integer, deep nesting
                 await self.error("Invalid JSON", "invalid_json")
                 continue
             if not isinstance(event, dict):
