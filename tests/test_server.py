@@ -57,28 +57,33 @@ def words_of(transcript) -> list[dict]:
     return [{"text": w.text, "start": w.start, "end": w.end} for w in transcript.words]
 
 
-async def realtime_utterance(ws, pcm: np.ndarray, chunk: int = 2560) -> tuple[str, dict, list[float]]:
-    """vLLM's client flow for one utterance: commit, appends, final commit; deltas and done."""
+def delta_words(deltas: list[dict]) -> list[dict]:
+    return [w for d in deltas for w in d.get("words", [])]
+
+
+async def realtime_utterance(ws, pcm: np.ndarray, chunk: int = 2560) -> tuple[str, dict, list[dict]]:
+    """vLLM's client flow for one utterance: commit, appends, final commit; text, done, the deltas."""
     await ws.send(json.dumps({"type": "input_audio_buffer.commit"}))
     data = pcm16(pcm)
     for i in range(0, len(data), chunk):
         audio = base64.b64encode(data[i:i + chunk]).decode()
         await ws.send(json.dumps({"type": "input_audio_buffer.append", "audio": audio}))
     await ws.send(json.dumps({"type": "input_audio_buffer.commit", "final": True}))
-    text, lags = "", []
+    text, deltas = "", []
     while True:
         event = json.loads(await ws.recv())
         if event["type"] == "transcription.delta":
             text += event["delta"]
-            lags.append(event["lag"])
+            deltas.append(event)
         elif event["type"] == "transcription.done":
-            return text, event, lags
+            return text, event, deltas
         else:
             raise AssertionError(f"unexpected event {event}")
 
 
-async def realtime_transcribe(host: str, pcm: np.ndarray, chunk: int = 2560, delay_ms: int | None = None):
-    query = f"?delay_ms={delay_ms}" if delay_ms else ""
+async def realtime_transcribe(host: str, pcm: np.ndarray, chunk: int = 2560, delay_ms: int | None = None,
+                              done_words: bool = False):
+    query = "?" + "&".join(([f"delay_ms={delay_ms}"] if delay_ms else []) + (["done_words=true"] if done_words else []))
     async with websockets.connect(f"ws://{host}/v1/realtime{query}", additional_headers=AUTH) as ws:
         assert json.loads(await ws.recv())["type"] == "session.created"
         await ws.send(json.dumps({"type": "session.update", "model": "tiny"}))
@@ -146,13 +151,14 @@ def test_realtime_protocol_matches_offline(server, offline, speech):
             # two utterances on one connection, as vLLM allows after transcription.done
             return [await realtime_utterance(ws, a) for a in (first, second)]
 
-    for (text, done, lags), exp in zip(asyncio.run(run()), expected):
+    for (text, done, deltas), exp in zip(asyncio.run(run()), expected):
         assert len(exp.words) >= 3
         assert done["text"] == exp.text
         assert text == exp.text  # the deltas add up to exactly the final text
-        assert done["words"] == words_of(exp)
+        assert delta_words(deltas) == words_of(exp)  # words arrive as they complete
+        assert "words" not in done  # the whole list is opt-in
         assert done["usage"]["completion_tokens"] == len(exp.tokens)
-        assert lags and all(lag >= 0 for lag in lags)
+        assert deltas and all(d["lag"] >= 0 for d in deltas)
 
 
 def test_realtime_bad_events_get_errors_and_the_connection_goes_on(server, offline, speech):
@@ -394,7 +400,7 @@ def test_concurrent_streams_are_batched_and_each_equals_offline(server, offline,
     async def one(i, audio, delay, chunk):
         if i % 2:
             return (await asr_transcribe(host, audio, chunk, delay_ms=delay))
-        return (await realtime_transcribe(host, audio, chunk, delay_ms=delay))[1]
+        return (await realtime_transcribe(host, audio, chunk, delay_ms=delay, done_words=True))[1]
 
     async def run():
         return await asyncio.gather(*(one(i, *case) for i, case in enumerate(cases)))

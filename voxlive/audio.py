@@ -52,7 +52,7 @@ class AudioError(ValueError):
     """The audio source cannot be turned into samples; the message names the source."""
 
 
-def load_audio(source: AudioSource, *, sample_rate: int = SAMPLE_RATE) -> np.ndarray:
+def load_audio(source: AudioSource, *, sample_rate: int = SAMPLE_RATE, max_seconds: float | None = None) -> np.ndarray:
     """Decode ``source`` to a 1-D, C-contiguous float32 array at ``sample_rate``.
 
     ``source`` may be a path (str / os.PathLike), an encoded file in memory
@@ -61,6 +61,10 @@ def load_audio(source: AudioSource, *, sample_rate: int = SAMPLE_RATE) -> np.nda
     dtypes are scaled to [-1, 1]). A file that is cut short returns the part
     that decodes, with a warning on the ``voxlive`` logger, because losing a
     whole recording to a damaged tail is worse than transcribing its start.
+
+    ``max_seconds``: refuse (AudioError) audio longer than this, from the duration its header
+    declares before anything is decoded or resampled, and from the samples decoded when the header
+    does not say (a 4 KB WAV whose header claims 1 Hz holds over an hour of "audio").
     """
     if not isinstance(sample_rate, (int, np.integer)) or sample_rate <= 0:
         raise ValueError(f"sample_rate must be a positive int, got {sample_rate!r}")
@@ -90,7 +94,7 @@ def load_audio(source: AudioSource, *, sample_rate: int = SAMPLE_RATE) -> np.nda
             f"got {type(source).__name__}"
         )
 
-    audio, rate = _decode(opener, name)
+    audio, rate = _decode(opener, name, max_seconds)
     audio = _from_array(audio, name)
     return _contiguous(resample(audio, rate, sample_rate))
 
@@ -176,14 +180,19 @@ class _CannotDecode(Exception):
     """This decoder got nothing out of the source; the other one may do better."""
 
 
-def _decode(opener, name: str) -> tuple[np.ndarray, int]:
+def _too_long(name: str, seconds: float, max_seconds: float | None) -> None:
+    if max_seconds is not None and seconds > max_seconds:
+        raise AudioError(f"{name} is {seconds:.0f} s of audio, over the limit of {max_seconds:g} s")
+
+
+def _decode(opener, name: str, max_seconds: float | None = None) -> tuple[np.ndarray, int]:
     """Try soundfile, then PyAV; returns ``([samples, channels] float32, rate)``."""
     try:
-        return _decode_soundfile(opener(), name)
+        return _decode_soundfile(opener(), name, max_seconds)
     except _CannotDecode as e:
         sf_reason = str(e)
     try:
-        return _decode_pyav(opener(), name)
+        return _decode_pyav(opener(), name, max_seconds)
     except _CannotDecode as e:
         av_reason = str(e)
     raise AudioError(
@@ -192,13 +201,15 @@ def _decode(opener, name: str) -> tuple[np.ndarray, int]:
     )
 
 
-def _decode_soundfile(file: str | BinaryIO, name: str) -> tuple[np.ndarray, int]:
+def _decode_soundfile(file: str | BinaryIO, name: str, max_seconds: float | None = None) -> tuple[np.ndarray, int]:
     try:
         f = sf.SoundFile(file)
     except (sf.SoundFileError, RuntimeError, TypeError, ValueError) as e:
         raise _CannotDecode(_reason(e)) from None
     blocks, error = [], None
     with f:
+        if f.samplerate > 0 and f.frames > 0:
+            _too_long(name, f.frames / f.samplerate, max_seconds)
         try:
             while True:
                 block = f.read(_SF_BLOCK, dtype="float32", always_2d=True)
@@ -221,12 +232,14 @@ def _decode_soundfile(file: str | BinaryIO, name: str) -> tuple[np.ndarray, int]
     return np.concatenate(blocks) if len(blocks) > 1 else blocks[0], rate
 
 
-def _decode_pyav(file: str | BinaryIO, name: str) -> tuple[np.ndarray, int]:
+def _decode_pyav(file: str | BinaryIO, name: str, max_seconds: float | None = None) -> tuple[np.ndarray, int]:
     try:
         container = av.open(file, mode="r")
     except (av.FFmpegError, OSError, ValueError) as e:
         raise _CannotDecode(_reason(e)) from None
     with container:
+        if container.duration:  # microseconds, from the header when it says
+            _too_long(name, container.duration / 1e6, max_seconds)
         if not container.streams.audio:
             kinds = sorted({s.type for s in container.streams}) or ["no"]
             raise _CannotDecode(
@@ -234,7 +247,7 @@ def _decode_pyav(file: str | BinaryIO, name: str) -> tuple[np.ndarray, int]:
                 f"({', '.join(kinds)} streams only)"
             )
         stream = container.streams.audio[0]
-        chunks, rate, channels, error = [], None, None, None
+        chunks, rate, channels, error, decoded = [], None, None, None, 0
         try:
             for frame in container.decode(stream):
                 if not frame.samples:
@@ -246,6 +259,8 @@ def _decode_pyav(file: str | BinaryIO, name: str) -> tuple[np.ndarray, int]:
                     error = "sample rate or channel count changes mid-stream"
                     break
                 chunks.append(samples)
+                decoded += len(samples)
+                _too_long(name, decoded / rate, max_seconds)
         except av.FFmpegError as e:
             error = _reason(e)
     if error is not None:

@@ -53,6 +53,7 @@ class Stream:
         self.encoded = 0  # audio tokens encoded (left pad included)
         self.decoded = 0  # decoder positions run
         self.tokens: list[int] = []
+        self._text = bytearray()  # the text tokens' bytes so far: the transcript is never re-decoded
         self.samples = 0  # input samples received
         self.finished = False  # end_audio() called: no more audio
         self.pad_penalty = 0.0  # subtracted from [STREAMING_PAD]'s logit margin before the choice
@@ -76,6 +77,7 @@ class Stream:
         new._mel = copy.deepcopy(self._mel)
         new.tokens = list(self.tokens)
         new._drafts = list(self._drafts)
+        new._text = bytearray(self._text)
         new._words = self._words.copy()
         new._new_words = list(self._new_words)
         return new
@@ -181,6 +183,7 @@ class Stream:
 
     def _accept(self, token: int, position: int) -> None:
         self.tokens.append(token)
+        self._text += self.tokenizer.token_bytes(token)
         self._new_words += self._words.push(token, position, self.duration)
 
     @property
@@ -221,7 +224,8 @@ class Stream:
         return self.transcript()
 
     def transcript(self) -> Transcript:
-        return Transcript(text=self.tokenizer.decode(self.tokens), words=list(self._words.words),
+        # The first word's token carries the space before it; the text starts at the first word.
+        return Transcript(text=self._text.decode("utf-8", errors="replace").strip(), words=list(self._words.words),
                           tokens=list(self.tokens), duration=self.duration, delay_ms=self.delay_ms)
 
 

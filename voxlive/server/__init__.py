@@ -10,12 +10,18 @@ from .engine import Engine
 from .logs import redact_keys_in_uvicorn_logs
 
 DEFAULT_MAX_MESSAGE_BYTES = 4 * 1024 * 1024  # one WebSocket message; 2 minutes of PCM16
+# uvicorn pings every 20 s and answers the client's pings, but never drops a late pong: liveness
+# is the connection's idle and send timeouts (see connection.py), which know when the server is
+# deliberately not reading.
+WEBSOCKET_OPTIONS = {"ws_ping_interval": 20.0, "ws_ping_timeout": None}
 
 
 def serve(model, *, model_id: str | None = None, host: str = "127.0.0.1", port: int = 8000,
           sock: socket.socket | None = None, max_sessions: int = 16, api_key: str | None = None,
           delay_ms: int | None = None, max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
-          max_upload_mb: float = 200.0, log_level: str = "info") -> None:
+          max_upload_mb: float = 200.0, max_upload_seconds: float | None = 4 * 3600.0,
+          idle_timeout: float | None = 7200.0, send_timeout: float | None = 60.0,
+          log_level: str = "info") -> None:
     """Serve ``model`` until interrupted (uvicorn in this process, one engine thread).
 
     ``sock``: an already bound socket (the CLI binds it before loading the model, so a busy port
@@ -27,8 +33,10 @@ def serve(model, *, model_id: str | None = None, host: str = "127.0.0.1", port: 
         host, port = sock.getsockname()[:2]
     engine = Engine(model, max_sessions=max_sessions)
     model_id = model_id or model.source
-    app = create_app(engine, model_id=model_id, api_key=api_key, delay_ms=delay_ms, max_upload_mb=max_upload_mb)
-    config = uvicorn.Config(app, host=host, port=port, ws_max_size=max_message_bytes, log_level=log_level)
+    app = create_app(engine, model_id=model_id, api_key=api_key, delay_ms=delay_ms, max_upload_mb=max_upload_mb,
+                     max_upload_seconds=max_upload_seconds, idle_timeout=idle_timeout, send_timeout=send_timeout)
+    config = uvicorn.Config(app, host=host, port=port, ws_max_size=max_message_bytes, log_level=log_level,
+                            **WEBSOCKET_OPTIONS)
     redact_keys_in_uvicorn_logs(api_key)  # after uvicorn.Config, which configures its logging
     for line in startup_lines(app, model, model_id, host, port, max_sessions, api_key is not None):
         print(f"voxlive: {line}", file=sys.stderr, flush=True)
@@ -53,4 +61,4 @@ def startup_lines(app, model, model_id: str, host: str, port: int, max_sessions:
             f"routes: {', '.join(routes)}"]
 
 
-__all__ = ["Engine", "create_app", "serve"]
+__all__ = ["WEBSOCKET_OPTIONS", "Engine", "create_app", "serve"]

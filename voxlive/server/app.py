@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import math
 from contextlib import asynccontextmanager
 from importlib import resources
@@ -10,6 +11,7 @@ from importlib import resources
 from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, Response
 from starlette.datastructures import UploadFile
+from starlette.formparsers import MultiPartParser
 
 from ..audio import AudioError, load_audio
 from ..transcript import Word, cues, subtitles
@@ -20,6 +22,8 @@ from .wlk import asr_endpoint
 
 RESPONSE_FORMATS = ("json", "text", "srt", "vtt", "verbose_json")
 UPLOAD_CHUNK_SECONDS = 1.0
+MAX_SUBTITLES_BYTES = 16 * 1024 * 1024
+MAX_WORD_SECONDS = 1e7  # 115 days: a time past this is no word of a recording
 
 
 class ApiError(Exception):
@@ -32,7 +36,8 @@ class ApiError(Exception):
 
 
 def create_app(engine: Engine, *, model_id: str, api_key: str | None = None, delay_ms: int | None = None,
-               max_upload_mb: float = 200.0) -> FastAPI:
+               max_upload_mb: float = 200.0, max_upload_seconds: float | None = 4 * 3600.0,
+               idle_timeout: float | None = 7200.0, send_timeout: float | None = 60.0) -> FastAPI:
     """The app around a (not yet started) engine; the app's lifespan starts and stops it."""
 
     @asynccontextmanager
@@ -42,7 +47,9 @@ def create_app(engine: Engine, *, model_id: str, api_key: str | None = None, del
         engine.stop()
 
     app = FastAPI(title="voxlive", lifespan=lifespan)
-    app.state.voxlive = ServerState(engine, model_id, api_key, delay_ms, int(max_upload_mb * 1024 * 1024))
+    app.state.voxlive = ServerState(engine, model_id, api_key, delay_ms, int(max_upload_mb * 1024 * 1024),
+                                    max_upload_seconds=max_upload_seconds, idle_timeout=idle_timeout,
+                                    send_timeout=send_timeout)
 
     @app.exception_handler(ApiError)
     async def api_error(request: Request, err: ApiError):
@@ -82,11 +89,11 @@ def create_app(engine: Engine, *, model_id: str, api_key: str | None = None, del
     async def subtitles_route(request: Request):
         """Words (as the live protocols send them) -> SRT or WebVTT, for the page's download button."""
         require_key(request)
+        body = await json_body(request, MAX_SUBTITLES_BYTES)
         try:
-            body = await request.json()
-            words = [Word(str(w["text"]), float(w["start"]), float(w["end"])) for w in body["words"]]
+            words = [subtitle_word(w) for w in body["words"]]
             fmt = body.get("format", "srt")
-        except (ValueError, KeyError, TypeError) as err:
+        except (ValueError, KeyError, TypeError, AttributeError) as err:
             raise ApiError(400, f"expected {{words: [{{text, start, end}}], format}}: {err}") from None
         if fmt not in ("srt", "vtt"):
             raise ApiError(400, f"format must be srt or vtt, got {fmt!r}", param="format")
@@ -97,13 +104,59 @@ def create_app(engine: Engine, *, model_id: str, api_key: str | None = None, del
     return app
 
 
+async def json_body(request: Request, limit: int):
+    """The request's JSON, or a 400 for what cannot be parsed (nesting too deep, integers of more
+    than 4,300 digits) and a 413 past ``limit`` bytes. NaN and Infinity parse: callers check ranges."""
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > limit:
+            raise ApiError(413, f"body larger than {limit // (1024 * 1024)} MB")
+    try:
+        return json.loads(bytes(body))
+    except (ValueError, RecursionError) as err:  # JSONDecodeError is a ValueError
+        raise ApiError(400, f"invalid JSON: {str(err)[:200]}") from None
+
+
+def subtitle_word(w: dict) -> Word:
+    text = w["text"]
+    if not isinstance(text, str):
+        raise TypeError("a word's text must be a string")
+    start, end = float(w["start"]), float(w["end"])
+    if not (0 <= start <= end <= MAX_WORD_SECONDS):
+        raise ValueError(f"a word's times must be 0 <= start <= end <= {MAX_WORD_SECONDS:g} s, got {start}, {end}")
+    return Word(text, start, end)
+
+
+async def limited_body(request: Request, limit: int):
+    """The request body as it arrives, ended with a 413 as soon as it passes ``limit`` bytes (also
+    when the client sends no Content-Length), so no more than that is ever received."""
+    received = 0
+    async for chunk in request.stream():
+        received += len(chunk)
+        if received > limit:
+            raise ApiError(413, f"upload larger than {limit // (1024 * 1024)} MB", param="file")
+        yield chunk
+
+
+async def hung_up(request: Request) -> None:
+    """Returns when the client closes the connection (the body has been read by then)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
 async def transcribe_upload(request: Request, state: ServerState) -> Response:
     """POST /v1/audio/transcriptions: the file runs as one more stream in the engine's batches."""
     size = request.headers.get("content-length")
     if size is not None and size.isdigit() and int(size) > state.max_upload_bytes + 64 * 1024:
         raise ApiError(413, f"upload larger than {state.max_upload_bytes // (1024 * 1024)} MB", param="file")
+    if not request.headers.get("content-type", "").startswith("multipart/form-data"):
+        raise ApiError(400, "expected multipart/form-data")
     try:
-        form = await request.form()
+        parser = MultiPartParser(request.headers, limited_body(request, state.max_upload_bytes + 64 * 1024))
+        form = await parser.parse()
+    except ApiError:
+        raise
     except Exception as err:  # noqa: BLE001 - malformed multipart of any kind
         raise ApiError(400, f"expected multipart/form-data: {err}") from None
     file = form.get("file")
@@ -117,10 +170,11 @@ async def transcribe_upload(request: Request, state: ServerState) -> Response:
     except ValueError as err:
         raise ApiError(400, str(err), param="delay_ms") from None
     data = await file.read(state.max_upload_bytes + 1)
+    await form.close()
     if len(data) > state.max_upload_bytes:
         raise ApiError(413, f"upload larger than {state.max_upload_bytes // (1024 * 1024)} MB", param="file")
     try:
-        pcm = await asyncio.to_thread(load_audio, data)
+        pcm = await asyncio.to_thread(load_audio, data, max_seconds=state.max_upload_seconds)
     except AudioError as err:
         raise ApiError(400, f"{file.filename or 'file'}: {err}", param="file") from None
     try:
@@ -134,16 +188,24 @@ async def transcribe_upload(request: Request, state: ServerState) -> Response:
             await session.append(pcm[start:start + step])
         session.end()
 
-    feeder = asyncio.create_task(feed())
-    try:
+    async def result():
         while True:
             update = await session.next_update()
             if update.error:
                 raise ApiError(500, update.error, "server_error")
             if update.transcript is not None:
-                break
+                return update
+
+    feeder = asyncio.create_task(feed())
+    waiting, gone = asyncio.create_task(result()), asyncio.create_task(hung_up(request))
+    try:
+        await asyncio.wait({waiting, gone}, return_when=asyncio.FIRST_COMPLETED)
+        if not waiting.done():
+            return Response(status_code=499)  # nobody will read it: the transcription is cancelled
+        update = waiting.result()
     finally:
-        feeder.cancel()
+        for task in (feeder, waiting, gone):
+            task.cancel()
         session.close()
     t = update.transcript
     if fmt in ("text", "srt", "vtt"):

@@ -1,4 +1,13 @@
-"""What every WebSocket protocol shares: authentication, admission, JSON sends, cleanup."""
+"""What every WebSocket protocol shares: authentication, admission, JSON sends, timeouts, cleanup.
+
+Liveness is the application's business, not the WebSocket layer's: while the server stops
+reading a client for backpressure, that client's keepalive pong waits behind its own queued
+audio, so a pong deadline would drop exactly the clients that backpressure is slowing down. The
+server therefore answers pings but never drops a connection for a late pong (``serve`` runs
+uvicorn without a ping timeout); instead a connection is closed when it sends nothing for
+``idle_timeout`` seconds while the server waits to read (1001), or when one message to it cannot
+be written for ``send_timeout`` seconds because it stopped reading (1008).
+"""
 
 from __future__ import annotations
 
@@ -8,6 +17,7 @@ import logging
 
 import numpy as np
 from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketState
+from uvicorn.protocols.utils import ClientDisconnected
 
 from ..audio import decode_pcm16
 from .engine import EngineBusy, Session, SessionOver
@@ -15,7 +25,8 @@ from .settings import authorized, state_of
 
 log = logging.getLogger("voxlive.server")
 
-CLOSE_POLICY = 1008  # bad key, bad parameters
+CLOSE_GOING_AWAY = 1001  # idle for too long
+CLOSE_POLICY = 1008  # bad key, bad parameters, not reading what the server sends
 CLOSE_TRY_AGAIN = 1013  # server busy
 
 
@@ -41,8 +52,10 @@ class Connection:
         self.session: Session | None = None
         self.sessions: list[Session] = []
         self.senders: set[asyncio.Task] = set()
+        self.stuck = False  # a send timed out: the socket's buffer is full
 
     async def serve(self) -> None:
+        self.main = asyncio.current_task()
         await self.ws.accept()
         try:
             if not authorized(self.ws, self.state.api_key):
@@ -52,8 +65,11 @@ class Connection:
             except ValueError as err:
                 await self.close_with_error(str(err), "invalid_parameter", CLOSE_POLICY)
             await self.run()
-        except (Closed, WebSocketDisconnect, SessionOver):
+        except (Closed, WebSocketDisconnect, SessionOver, ClientDisconnected):
             pass
+        except asyncio.CancelledError:
+            if not self.stuck:
+                raise
         finally:
             await self.shutdown()
 
@@ -81,16 +97,54 @@ class Connection:
     async def _guard(coroutine) -> None:
         try:
             await coroutine
-        except (WebSocketDisconnect, RuntimeError, Closed):
+        except (WebSocketDisconnect, RuntimeError, Closed, ClientDisconnected):
             pass  # the client went away while we were sending
 
+    async def receive(self) -> dict:
+        """The next ASGI message. A connection that sends nothing for ``idle_timeout`` seconds while
+        none of its sessions is being finished for it is closed."""
+        receiving = asyncio.ensure_future(self.ws.receive())
+        try:
+            while True:
+                done, _ = await asyncio.wait({receiving}, timeout=self.state.idle_timeout)
+                if done:
+                    return receiving.result()
+                if not any(s.ending and not s.finished for s in self.sessions):
+                    await self.close_with_error(f"nothing received for {self.state.idle_timeout:g} s",
+                                                "idle_timeout", CLOSE_GOING_AWAY)
+        finally:
+            receiving.cancel()
+
     async def send(self, message: dict) -> None:
-        await self.ws.send_text(json.dumps(message, ensure_ascii=False))
+        text = json.dumps(message, ensure_ascii=False)
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError:  # a lone surrogate from the client's own JSON, echoed in an error
+            text = json.dumps(message)  # escaped as \udXXX: valid JSON, valid UTF-8
+        await self.send_text(text)
+
+    async def send_text(self, text: str) -> None:
+        """Send one message; a client that has not read for ``send_timeout`` seconds loses its slot."""
+        try:
+            await asyncio.wait_for(self.ws.send_text(text), self.state.send_timeout)
+        except asyncio.TimeoutError:
+            for session in self.sessions:
+                session.close()  # the slot is free now, whatever the socket does
+            self.stuck = True
+            log.info("closing a connection that has not read for %g s", self.state.send_timeout)
+            if asyncio.current_task() is not self.main:
+                self.main.cancel()  # the receive loop ends too
+            raise Closed("client not reading") from None
 
     async def close_with_error(self, message: str, code: str, close_code: int):
         await self.error(message, code)
         await self.ws.close(close_code, message[:120])
         raise Closed(message)
+
+    def forget(self, session: Session) -> None:
+        """A finished session is no longer this connection's to close (its state can be freed)."""
+        if session in self.sessions:
+            self.sessions.remove(session)
 
     async def shutdown(self) -> None:
         """The connection is over: sessions nobody will read are dropped, senders stopped."""
@@ -101,7 +155,10 @@ class Connection:
             task.cancel()
         if self.ws.application_state != WebSocketState.DISCONNECTED:
             try:
-                await self.ws.close()
-            except RuntimeError:
+                if self.stuck:  # the close frame queues behind what the client has not read
+                    await asyncio.wait_for(self.ws.close(CLOSE_POLICY, "not reading"), 1.0)
+                else:
+                    await self.ws.close()
+            except (RuntimeError, WebSocketDisconnect, ClientDisconnected, asyncio.TimeoutError):
                 pass  # already closed by the peer
         log.debug("connection closed")

@@ -53,6 +53,7 @@ class Update:
     partial: str = ""  # the word in progress
     lag: float = 0.0  # seconds of received audio not yet transcribed
     transcript: Transcript | None = None  # set once, on the last update of a finished session
+    positions: int = 0  # with the transcript: decoder positions run (prompt included)
     error: str | None = None  # set once, when the engine failed this session
 
     def merge(self, news: Update) -> None:
@@ -60,6 +61,7 @@ class Update:
         self.words += news.words
         self.partial, self.lag = news.partial, news.lag
         self.transcript = news.transcript or self.transcript
+        self.positions = news.positions or self.positions
 
 
 class Session:
@@ -136,6 +138,11 @@ class Session:
         return self._done
 
     @property
+    def ending(self) -> bool:
+        """The client said no more audio; the engine is finishing the session."""
+        return self._ending
+
+    @property
     def buffered(self) -> int:
         """Samples accepted and not yet taken by the engine."""
         return self._inbox_samples
@@ -173,8 +180,10 @@ class Session:
         news.lag = round(max(0.0, self.received / self.engine.sample_rate - st.transcribed), 2)
         if complete:
             news.transcript = st.complete()
+            news.positions = st.decoded
             news.words += st.take_words()
             news.partial, news.lag = "", 0.0
+            self.stream = None  # its caches are freed as soon as the client's side lets go
         return news
 
     def publish(self, news: Update) -> None:
@@ -191,6 +200,7 @@ class Session:
         if not self._done:
             self._pending.error = message
             self._done = True
+            self.stream = None
             self._notify(self._changed, self._drained)
 
     def _notify(self, *events: asyncio.Event) -> None:
@@ -262,6 +272,8 @@ class Engine:
                     if plan:
                         break
                     self.work.wait()
+                for s in plan.drop:
+                    s.stream = None
                 if plan.drop:
                     self.sessions = [s for s in self.sessions if not s._closed]
                 audio = {s: s.take_audio(n) for s, n in plan.ingest.items()}

@@ -7,9 +7,13 @@ Client events: ``session.update`` {model}, ``input_audio_buffer.append`` {audio:
 As in vLLM, ``commit`` without ``final`` starts (or continues) an utterance and ``commit`` with
 ``final: true`` ends it; after ``transcription.done`` the connection can start another. Audio
 appended before the first commit is kept, not dropped. voxlive adds fields that clients ignore:
-``lag`` (seconds of audio received and not yet transcribed) on deltas, ``words`` with timestamps
-on ``transcription.done``. Text deltas are the generated tokens' bytes decoded incrementally, so
-their concatenation is exactly the final text (whitespace goes with the word after it).
+``lag`` (seconds of audio received and not yet transcribed) on deltas, and ``words`` (text,
+start, end) on a delta as soon as they are complete (a delta may then carry words and no text).
+``?done_words=true`` also puts every word of the utterance on ``transcription.done``; it is off by
+default because that message would grow with the utterance's length (1.7 MB after 4 h).
+Text deltas are the generated tokens' bytes decoded incrementally, so their concatenation is
+exactly the final text (whitespace goes with the word after it). A finished utterance is
+forgotten: its caches are freed, however many utterances the connection goes on to run.
 """
 
 from __future__ import annotations
@@ -29,10 +33,11 @@ from .engine import Session, SessionOver
 
 class RealtimeConnection(Connection):
     async def run(self) -> None:
+        self.done_words = self.ws.query_params.get("done_words", "").lower() in ("1", "true", "yes")
         await self.send({"type": "session.created", "id": f"sess-{uuid.uuid4().hex}",
                          "created": int(time.time())})
         while True:
-            message = await self.ws.receive()
+            message = await self.receive()
             if message["type"] == "websocket.disconnect":
                 return
             if message.get("text") is None:
@@ -40,7 +45,7 @@ class RealtimeConnection(Connection):
                 continue
             try:
                 event = json.loads(message["text"])
-            except json.JSONDecodeError:
+            except (ValueError, RecursionError):  # bad JSON, a 4,300-digit integer, deep nesting
                 await self.error("Invalid JSON", "invalid_json")
                 continue
             if not isinstance(event, dict):
@@ -89,22 +94,30 @@ class RealtimeConnection(Connection):
         while True:
             update = await session.next_update()
             if update.error:
+                self.forget(session)
                 await self.error(update.error, "processing_error")
                 return
             completion_tokens += len(update.tokens)
             delta = deltas.push(b"".join(tokenizer.token_bytes(t) for t in update.tokens),
                                 final=update.transcript is not None)
-            if delta:
-                await self.send({"type": "transcription.delta", "delta": delta, "lag": update.lag})
+            if delta or update.words:
+                event = {"type": "transcription.delta", "delta": delta, "lag": update.lag}
+                if update.words:
+                    event["words"] = [w.to_dict() for w in update.words]
+                await self.send(event)
             if update.transcript is not None:
+                self.forget(session)
                 t = update.transcript
-                prompt_tokens = session.stream.decoded - completion_tokens
-                await self.send({
+                prompt_tokens = update.positions - completion_tokens
+                done = {
                     "type": "transcription.done", "text": t.text,
                     "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
                               "total_tokens": prompt_tokens + completion_tokens},
-                    "words": t.to_dict()["words"], "duration": round(t.duration, 3),
-                })
+                    "duration": round(t.duration, 3),
+                }
+                if self.done_words:
+                    done["words"] = t.to_dict()["words"]
+                await self.send(done)
                 return
 
     async def error(self, message: str, code: str) -> None:

@@ -15,6 +15,9 @@ class ServerState:
     api_key: str | None = None
     delay_ms: int | None = None  # the default for sessions that do not ask for one
     max_upload_bytes: int = 200 * 1024 * 1024
+    max_upload_seconds: float | None = 4 * 3600.0  # uploads longer than this are refused (None: no limit)
+    idle_timeout: float | None = 7200.0  # seconds without a client message (None: never)
+    send_timeout: float | None = 60.0  # seconds one message may wait for a client that does not read
 
     def delay_from(self, raw: str | None) -> int | None:
         """A client's ``delay_ms`` (query or form field), validated; the server default if absent."""

@@ -3,6 +3,9 @@
 PyAV demuxes and decodes from a file-like object whose ``read`` blocks until the WebSocket has
 delivered more bytes, on a thread of its own (one per such connection), so the event loop never
 waits on the decoder. Decoded audio is resampled to float32 16 kHz mono and handed to a callback.
+At most ``max_buffer`` bytes wait for the decoder: ``feed`` blocks beyond that (call it off the
+event loop), so a client that sends faster than the engine transcribes is slowed down by TCP,
+as PCM clients are, instead of growing the server.
 """
 
 from __future__ import annotations
@@ -21,24 +24,34 @@ def is_container(first_bytes: bytes) -> bool:
     return first_bytes.startswith((EBML_MAGIC, OGG_MAGIC))
 
 
-class _Pipe:
-    """A blocking, read-only file for PyAV, fed from another thread."""
+MAX_BUFFER_BYTES = 256 * 1024  # ~1 minute of browser Opus
 
-    def __init__(self):
+
+class _Pipe:
+    """A blocking, read-only file for PyAV, fed from another thread, holding at most ``limit`` bytes."""
+
+    def __init__(self, limit: int):
         self._buf = bytearray()
+        self._limit = limit
         self._eof = False
         self._cond = threading.Condition()
+        self.peak = 0  # the most bytes it has held
 
     def feed(self, data: bytes) -> None:
         with self._cond:
+            while len(self._buf) >= self._limit and not self._eof:
+                self._cond.wait()
             if not self._eof:  # after close (or a decode error) bytes are dropped
                 self._buf += data
-                self._cond.notify()
+                self.peak = max(self.peak, len(self._buf))
+                self._cond.notify_all()
 
-    def close(self) -> None:
+    def close(self, *, discard: bool = False) -> None:
         with self._cond:
             self._eof = True
-            self._cond.notify()
+            if discard:
+                self._buf = bytearray()
+            self._cond.notify_all()
 
     def read(self, n: int = -1) -> bytes:
         with self._cond:
@@ -47,6 +60,7 @@ class _Pipe:
             n = len(self._buf) if n is None or n < 0 else min(n, len(self._buf))
             out = bytes(self._buf[:n])
             del self._buf[:n]
+            self._cond.notify_all()
             return out
 
 
@@ -57,17 +71,27 @@ class StreamDecoder:
     with a message if the bytes could not be decoded (what decoded before the error was delivered).
     """
 
-    def __init__(self, on_pcm, on_done):
-        self._pipe = _Pipe()
+    def __init__(self, on_pcm, on_done, *, max_buffer: int = MAX_BUFFER_BYTES):
+        self._pipe = _Pipe(max_buffer)
         self._on_pcm, self._on_done = on_pcm, on_done
         self._thread = threading.Thread(target=self._run, name="voxlive-decoder", daemon=True)
         self._thread.start()
 
     def feed(self, data: bytes) -> None:
+        """Queue bytes for the decoder; blocks while ``max_buffer`` bytes are waiting."""
         self._pipe.feed(data)
 
     def close(self) -> None:
+        """No more bytes: the decoder finishes what it has."""
         self._pipe.close()
+
+    def abort(self) -> None:
+        """The client is gone: drop what is queued, the decoder ends at once."""
+        self._pipe.close(discard=True)
+
+    @property
+    def peak_buffered(self) -> int:
+        return self._pipe.peak
 
     def _run(self) -> None:
         import av

@@ -154,7 +154,7 @@ class WhisperLiveKitConnection(Connection):
         self.senders.add(sender)
         decoded: asyncio.Future | None = None
         while True:
-            message = await self.ws.receive()
+            message = await self.receive()
             if message["type"] == "websocket.disconnect":
                 return
             data = message.get("bytes")
@@ -167,7 +167,7 @@ class WhisperLiveKitConnection(Connection):
                 decoded = asyncio.get_running_loop().create_future()
                 self.decoder = self.start_decoder(session, decoded)
             if self.decoder is not None:
-                self.decoder.feed(data)
+                await asyncio.to_thread(self.decoder.feed, data)  # waits while the decoder is behind
                 if decoded.done():
                     break  # the stream cannot be decoded further: finish with what was
                 continue
@@ -205,18 +205,18 @@ class WhisperLiveKitConnection(Connection):
                 await self.error(update.error, "processing_error")
                 return
             self.updates.partial, self.updates.lag = update.partial, update.lag
-            await self.ws.send_text(self.updates.message(update.words))
+            await self.send_text(self.updates.message(update.words))
             if update.transcript is not None:
                 return
 
     async def shutdown(self) -> None:
         if self.decoder is not None:
-            self.decoder.close()  # its thread ends instead of waiting for bytes that will not come
+            self.decoder.abort()  # its thread ends instead of waiting for bytes that will not come
         await super().shutdown()
 
     async def error(self, message: str, code: str) -> None:
         updates = self.updates or Updates("full")
-        await self.ws.send_text(updates.message(error=message))
+        await self.send_text(updates.message(error=message))
 
 
 async def asr_endpoint(ws: WebSocket) -> None:
