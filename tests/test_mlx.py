@@ -24,7 +24,7 @@ import voxlive
 from voxlive import layouts
 from voxlive.checkpoint import CheckpointError, SafetensorsFile
 from voxlive.config import ConfigError
-from voxlive.session import Stream, decode_ready
+from voxlive.session import Stream, decode_available
 from voxlive.testing import write_random_checkpoint
 from voxlive_bench.reference import offline_padded_audio
 
@@ -106,7 +106,7 @@ def test_batched_encode_and_decode_equal_one_by_one(mlx_model, speech, monkeypat
     for i in range(max(-(-len(a) // step) for a, step in zip(audios, steps))):
         for s, a, step in zip(streams, audios, steps):
             s.push(a[i * step:(i + 1) * step])
-        decode_ready(streams)  # several streams share each encoder pass and decode step
+        decode_available(streams)  # several streams share each encoder pass and decode step
     assert max(batch_sizes) == 3  # the three streams' frames went through the encoder together
     for s, exp in zip(streams, expected):
         assert s.finish().tokens == exp

@@ -81,6 +81,9 @@ def resolve(source: str | os.PathLike | None) -> Path:
         raise CheckpointError(f"{text}: not a directory (give the checkpoint directory)")
     if text.count("/") != 1 or text.startswith((".", "/", "~")):
         raise CheckpointError(f"{text}: no such directory, and not a Hugging Face repo id (org/name)")
+    offline = (f"a local checkpoint needs no network: a directory with {', '.join(native.FILES)} (fetch them "
+               f"where there is a network with: hf download {text} {' '.join(native.FILES)} --local-dir DIR), "
+               f"given as --model DIR")
     from huggingface_hub import snapshot_download
 
     try:
@@ -91,7 +94,9 @@ def resolve(source: str | os.PathLike | None) -> Path:
             return Path(snapshot_download(repo_id=text, allow_patterns=list(native.FILES)))
         return Path(snapshot_download(repo_id=text, allow_patterns=layouts.CONVERTED_FILES))
     except Exception as e:  # network, auth, missing repo: all say the same to the user
-        raise CheckpointError(f"could not download {text} from the Hugging Face Hub: {e}") from e
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
+        raise CheckpointError(f"{text}: no such directory, and it could not be downloaded from the Hugging Face "
+                              f"Hub ({reason}); {offline}") from e
 
 
 def open_checkpoint(source: str | os.PathLike | None) -> Checkpoint:
