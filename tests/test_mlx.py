@@ -24,9 +24,9 @@ import voxlive
 from voxlive import layouts
 from voxlive.checkpoint import CheckpointError, SafetensorsFile
 from voxlive.config import ConfigError
-from voxlive_bench.reference import offline_padded_audio
 from voxlive.session import Stream, decode_available
 from voxlive.testing import write_random_checkpoint
+from voxlive_bench.reference import offline_padded_audio
 
 # Sizes whose every matrix input is a multiple of MLX's default quantization group (64), so every
 # matrix but ada_rms_norm_t_cond.2 (32 inputs, as in the real model) is quantized.

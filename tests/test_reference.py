@@ -16,9 +16,9 @@ import torch
 
 pytest.importorskip("transformers.models.voxtral_realtime")
 
-from voxlive_bench import reference as R  # noqa: E402
 from voxlive.checkpoint import expected_native_tensors, open_checkpoint  # noqa: E402
 from voxlive.testing import write_random_checkpoint  # noqa: E402
+from voxlive_bench import reference as R  # noqa: E402
 
 from transformers.models.voxtral_realtime import modeling_voxtral_realtime as hfm  # noqa: E402
 

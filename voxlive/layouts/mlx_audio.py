@@ -66,7 +66,8 @@ def native_params(config: dict, where: Path) -> dict:
     """params.json's structure rebuilt from mlx-audio's config.json (the same keys, regrouped)."""
     decoder, encoder = config.get("decoder"), config.get("encoder_args")
     if not isinstance(decoder, dict) or not isinstance(encoder, dict):
-        raise ConfigError(f"{where}: model_type {MODEL_TYPE!r} but no 'decoder' and 'encoder_args' objects")
+        raise ConfigError(f"{where}: model_type {MODEL_TYPE!r} but no 'decoder' and 'encoder_args' objects "
+                          f"(mlx-audio's converter writes them; a transformers config.json is not read)")
     encoder = dict(encoder)
     if "audio_encoding_args" not in encoder and isinstance(config.get("audio_encoding_args"), dict):
         encoder["audio_encoding_args"] = config["audio_encoding_args"]
