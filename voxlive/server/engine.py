@@ -53,8 +53,27 @@ class Update:
     words: list[Word] = field(default_factory=list)  # newly completed words
     partial: str = ""  # the word in progress
     lag: float = 0.0  # seconds of received audio not yet transcribed
+    cuts: list[Cut] = field(default_factory=list)  # forced finals, to apply before ``tokens``
     transcript: Transcript | None = None  # set once, on the last update of a finished session
     error: str | None = None  # set once, when the engine failed this session
+
+
+@dataclass
+class Cut:
+    """A forced final: the tokens offline ``transcribe`` gives for the first ``samples`` received
+    (a fork of the stream, right-padded and decoded as ``finish()`` does). Its first ``forked_at``
+    tokens are the main stream's, published before it; the main stream's tokens from ``forked_at``
+    on are published after it (the engine holds them back while the fork runs)."""
+
+    samples: int
+    forked_at: int
+    tokens: list[int]
+
+
+@dataclass
+class _Fork:
+    samples: int
+    stream: Stream | None = None
 
 
 class Session:
@@ -76,6 +95,7 @@ class Session:
         self._changed = asyncio.Event()
         self._drained = asyncio.Event()
         self._last_lag = 0.0  # the lag the client was last told
+        self._forks: list[_Fork] = []  # forced finals asked for, in order (engine side)
 
     # -- asyncio side -----------------------------------------------------------------------------
 
@@ -99,6 +119,18 @@ class Session:
                 self.received += len(pcm)
             self.engine.work.notify()
 
+    def cut(self) -> int:
+        """Force a final for the audio received so far without ending the session: the engine forks
+        the stream there, and a later Update's ``cuts`` carries the fork's tokens. Returns the cut's
+        sample count (its key)."""
+        with self.engine.lock:
+            if self._ending:
+                raise SessionOver("audio after the end of the stream")
+            fork = _Fork(self.received)
+            self._inbox.append(fork)  # in line with the audio: the fork takes exactly what came before
+            self.engine.work.notify()
+        return fork.samples
+
     def end(self) -> None:
         """No more audio: the engine right-pads, decodes to the end and delivers the transcript."""
         with self.engine.lock:
@@ -117,7 +149,8 @@ class Session:
         while True:
             with self.engine.lock:
                 news = self._pending
-                if news.tokens or news.words or news.transcript or news.error or news.lag != self._last_lag:
+                if news.tokens or news.words or news.cuts or news.transcript or news.error \
+                        or news.lag != self._last_lag:
                     self._pending = Update(partial=news.partial, lag=news.lag)
                     self._last_lag = news.lag
                     self._changed.clear()
@@ -209,7 +242,7 @@ class Engine:
 
     def _has_work(self) -> bool:
         for s in self.sessions:
-            if s._closed or s.stream is None or s._inbox or (s._ending and not s.stream.finished):
+            if s._closed or s.stream is None or s._inbox or s._forks or (s._ending and not s.stream.finished):
                 return True
             if s.stream.ready() or (s.stream.finished and not s._done):
                 return True
@@ -220,7 +253,7 @@ class Engine:
             if s.stream is None:
                 s.stream = self.model.stream(delay_ms=s.delay_ms)
         self._ingest(sessions)
-        streams = [s.stream for s in sessions]
+        streams = [s.stream for s in sessions] + [f.stream for s in sessions for f in s._forks]
         prepare_ready(streams)
         advanced = decode_step(streams)
         if advanced:
@@ -237,8 +270,16 @@ class Engine:
                 lagging = st.backlog > self.refill_below_tokens
                 room = 0 if lagging else (self.max_backlog_tokens - st.backlog) * per_token
                 taken = []
-                while s._inbox and room > 0:
+                while s._inbox and (room > 0 or isinstance(s._inbox[0], _Fork)):
                     chunk = s._inbox.popleft()
+                    if isinstance(chunk, _Fork):
+                        if taken:
+                            st.push(np.concatenate(taken) if len(taken) > 1 else taken[0])
+                            taken = []
+                        chunk.stream = st.fork()
+                        chunk.stream.end_audio()
+                        s._forks.append(chunk)
+                        continue
                     if len(chunk) > room:
                         s._inbox.appendleft(chunk[room:])
                         chunk = chunk[:room]
@@ -261,6 +302,13 @@ class Engine:
                 if s._done:
                     continue
                 news = s._pending
+                while s._forks and s._forks[0].stream.finished and not s._forks[0].stream.ready() \
+                        and not s._forks[0].stream.backlog:
+                    fork = s._forks.pop(0)
+                    news.cuts.append(Cut(fork.samples, s._published, fork.stream.tokens))
+                    s._notify(s._changed)
+                if s._forks:
+                    continue  # the main stream's tokens wait until the fork before them is out
                 new_tokens = st.tokens[s._published:]
                 s._published = len(st.tokens)
                 news.tokens += new_tokens

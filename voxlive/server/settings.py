@@ -15,6 +15,7 @@ class ServerState:
     api_key: str | None = None
     delay_ms: int | None = None  # the default for sessions that do not ask for one
     max_upload_bytes: int = 200 * 1024 * 1024
+    vad: object = None  # the shared SileroVad, loaded by the first session that detects turns
 
     def delay_from(self, raw: str | None) -> int | None:
         """A client's ``delay_ms`` (query or form field), validated; the server default if absent."""
