@@ -16,6 +16,7 @@ import math
 import numpy as np
 import pytest
 import websockets
+from dialogue import RATE, as_float, build
 from serving import running
 
 import voxlive
@@ -29,43 +30,12 @@ from mistralai.client import Mistral  # noqa: E402
 from mistralai.extra.realtime import AudioFormat  # noqa: E402
 
 KEY = "mistral-key"
-RATE = 16000
 TOKEN = 0.08
-PHRASES = ["hello world", "good morning", "open the door", "thank you very much"]
-PAUSES = [0.3, 0.8, 2.0]  # after phrases 0, 1, 2: only 0.8 and 2.0 exceed min_silence_ms=500
-LEAD, TAIL = 0.5, 1.6
-
-
-def energy_bounds(pcm: np.ndarray) -> tuple[float, float]:
-    """Where the speech in ``pcm`` starts and stops, from its 10 ms frame energy (not the VAD)."""
-    frames = pcm[:len(pcm) // 160 * 160].reshape(-1, 160)
-    rms = np.sqrt((frames ** 2).mean(axis=1))
-    loud = np.flatnonzero(rms > 0.02 * rms.max())
-    return loud[0] * 0.01, (loud[-1] + 1) * 0.01
 
 
 @pytest.fixture(scope="module")
 def dialogue(tmp_path_factory):
-    """Phrases separated by known silences; the expected turns' start and stop from the audio."""
-    from conftest import speak
-
-    tmp = tmp_path_factory.mktemp("dialogue")
-    parts, bounds, t = [np.zeros(int(LEAD * RATE), np.float32)], [], LEAD
-    for i, phrase in enumerate(PHRASES):
-        pcm = speak(phrase, tmp / f"{i}.wav")
-        start, stop = energy_bounds(pcm)
-        pcm = pcm[int(start * RATE):int(stop * RATE)]  # espeak's own leading and trailing silence off
-        bounds.append((t, t + len(pcm) / RATE))
-        parts.append(pcm)
-        t += len(pcm) / RATE
-        pause = PAUSES[i] if i < len(PAUSES) else TAIL
-        parts.append(np.zeros(int(pause * RATE), np.float32))
-        t += pause
-    audio = np.concatenate(parts)
-    pcm16 = (np.clip(audio, -1, 1) * 32767).astype("<i2")
-    # turns: phrases 0+1 (0.3 s pause), 2, 3
-    turns = [(bounds[0][0], bounds[1][1]), bounds[2], bounds[3]]
-    return pcm16, turns
+    return build(tmp_path_factory.mktemp("dialogue"))
 
 
 @pytest.fixture(scope="module")
@@ -74,10 +44,6 @@ def server(varied_dir):
     app = create_app(Engine(model, max_sessions=8), model_id="tiny", api_key=KEY)
     with running(app, ws_max_size=512 * 1024) as host:
         yield host
-
-
-def as_float(pcm16: np.ndarray) -> np.ndarray:
-    return pcm16.astype(np.float32) / 32768.0
 
 
 def chunks(data: bytes, size: int = 3200):

@@ -223,15 +223,18 @@ class Turns:
         self._queue.append(_Cut(samples))
 
     def push_cut(self, samples: int, tokens: list[int], forked_at: int) -> list:
-        """The fork's tokens for the cut at ``samples``; ``forked_at`` main tokens existed when it
-        was taken (they equal the fork's first ones, and every one is already in)."""
+        """The fork's tokens for the cut at ``samples``; ``forked_at`` main tokens have been
+        published before it (they equal the fork's first ones). Main tokens between those and the
+        fork point come with the fork (the engine holds them back while forks are pending)."""
         cut = next(c for c in self._queue if isinstance(c, _Cut) and c.tokens is None and c.samples == samples)
         if forked_at != self.main_seen:
             raise RuntimeError(f"fork taken at {forked_at} tokens, {self.main_seen} received")
         cut.tokens = tokens
-        at = self._at(forked_at)
-        self.timeline[at:] = tokens[forked_at:]
-        self._index[at:] = range(forked_at, len(tokens))
+        start = max(forked_at, self._drop_below)  # before that, an earlier fork has the text
+        at = self._at(start)
+        assert at == len(self.timeline)
+        self.timeline += tokens[start:]
+        self._index += range(start, len(tokens))
         resume = math.ceil(samples / self.samples_per_token)
         self._pieces.append(_Piece(resume, at + len(tokens) - forked_at))
         self._drop_below = resume
