@@ -55,6 +55,7 @@ class TurnSettings:
     min_silence_ms: int = 500
     end_timeout_ms: int | None = None
     min_speech_ms: int = 64  # speech this long before a turn starts (two frames): a click is no turn
+    utterance_end_ms: int | None = None  # a longer silence after a turn's end: UtteranceEnded
 
     def check(self) -> None:
         for name in ("start_threshold", "eager_end_threshold", "end_threshold"):
@@ -87,6 +88,11 @@ class TurnResumed:
 
 
 @dataclass
+class UtteranceEnded:
+    time: float  # where the speech stopped; the silence since reached utterance_end_ms
+
+
+@dataclass
 class Delta:
     tokens: list[int]  # next tokens of the text, in order
 
@@ -99,7 +105,8 @@ class Segment:
     first: int  # token index of tokens[0] (for word times: token j starts at 0.08 j)
     start: float
     end: float
-    forced: bool  # cut by the client (flush, commit, Finalize) rather than by a turn's end
+    forced: bool  # cut by the client (flush, commit, Finalize)
+    ends_turn: bool = False  # closed by a turn's end (else by a cut or the end of the stream)
 
 
 @dataclass
@@ -151,6 +158,7 @@ class Turns:
     _quiet: float | None = None  # first frame below eager_end_threshold since the last speech frame
     _silent: float | None = None  # first frame below end_threshold since the last speech frame
     _eager_sent: bool = False
+    _ended_at: float | None = None  # where the last turn's speech stopped, while no new one started
     # token side
     main_seen: int = 0  # main-stream tokens received
     timeline: list[int] = field(default_factory=list)  # tokens as delivered (cuts spliced in)
@@ -175,6 +183,7 @@ class Turns:
                 self._run += 1
                 if not self.speaking and self._run * FRAME_SECONDS * 1000 >= s.min_speech_ms - 1e-6:
                     self.speaking = True
+                    self._ended_at = None
                     self.turn_start = t - (self._run - 1) * FRAME_SECONDS
                     self._queue.append(TurnStarted(round(self.turn_start, 3)))
                 elif self.speaking and self._eager_sent:
@@ -186,6 +195,11 @@ class Turns:
                 continue
             self._run = 0
             if not self.speaking:
+                ended = self._ended_at
+                if ended is not None and s.utterance_end_ms is not None \
+                        and (t + FRAME_SECONDS - ended) * 1000 >= s.utterance_end_ms - 1e-6:
+                    self._queue.append(UtteranceEnded(round(ended, 3)))
+                    self._ended_at = None
                 continue
             if p < s.eager_end_threshold and self._quiet is None:
                 self._quiet = t
@@ -201,6 +215,7 @@ class Turns:
 
     def _end(self, stopped: float, decided: float, reason: str) -> None:
         self.speaking = False
+        self._ended_at = stopped
         self._eager_sent = False
         self._quiet = self._silent = None
         boundary = math.ceil(decided / TOKEN_SECONDS - 1e-9)
@@ -280,11 +295,11 @@ class Turns:
             self._out.append(Delta(self.timeline[self._sent:upto]))
             self._sent = upto
 
-    def _close(self, upto: int, end: float, forced: bool) -> None:
+    def _close(self, upto: int, end: float, forced: bool, ends_turn: bool = False) -> None:
         self._deliver(upto)
         first_main = self._index[self._segment_from] if self._segment_from < len(self._index) else self.main_seen
         self._out.append(Segment(self.timeline[self._segment_from:upto], first_main,
-                                 round(self._segment_start, 3), round(end, 3), forced))
+                                 round(self._segment_start, 3), round(end, 3), forced, ends_turn))
         self._segment_from = upto
         self._segment_start = end
 
@@ -296,7 +311,7 @@ class Turns:
                 if len(self.timeline) < upto:
                     self._deliver(len(self.timeline))
                     break
-                self._close(max(upto, self._segment_from), item.event.decided, forced=False)
+                self._close(max(upto, self._segment_from), item.event.decided, forced=False, ends_turn=True)
                 self._out.append(item.event)
             elif isinstance(item, _Cut):
                 if item.tokens is None:

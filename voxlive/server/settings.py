@@ -34,9 +34,10 @@ def state_of(app) -> ServerState:
 
 
 def authorized(conn, api_key: str | None) -> bool:
-    """``Authorization: Bearer KEY``, or ``?token=KEY`` (browsers cannot set WebSocket headers)."""
+    """``Authorization: Bearer KEY`` (or ``Token KEY``, Deepgram's form), or ``?token=KEY`` (browsers
+    cannot set WebSocket headers)."""
     if api_key is None:
         return True
-    header = conn.headers.get("authorization", "")
-    given = header[7:].strip() if header[:7].lower() == "bearer " else conn.query_params.get("token", "")
+    scheme, _, value = conn.headers.get("authorization", "").partition(" ")
+    given = value.strip() if scheme.lower() in ("bearer", "token") else conn.query_params.get("token", "")
     return hmac.compare_digest(given.encode(), api_key.encode())
