@@ -247,7 +247,8 @@ class Turns:
         cut.tokens = tokens
         start = max(forked_at, self._drop_below)  # before that, an earlier fork has the text
         at = self._at(start)
-        assert at == len(self.timeline)
+        if at != len(self.timeline):
+            raise RuntimeError(f"fork spliced at {at}, the timeline has {len(self.timeline)} tokens")
         self.timeline += tokens[start:]
         self._index += range(start, len(tokens))
         resume = math.ceil(samples / self.samples_per_token)

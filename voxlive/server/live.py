@@ -15,9 +15,13 @@ import codecs
 
 from ..pcm import PcmDecoder
 from ..turns import Delta, Segment, Turns, TurnSettings
-from ..vad import SileroVad
-from .connection import Connection
+from ..vad import SileroVad, VadUnavailable
+from starlette.websockets import WebSocketDisconnect
+
+from .connection import Closed, Connection, log
 from .engine import Session
+
+CLOSE_INTERNAL = 1011
 
 
 def shared_vad(state) -> SileroVad:
@@ -52,7 +56,10 @@ class LiveConnection(Connection):
             self.turns = Turns(self.settings or TurnSettings(), is_text=tok.is_text,
                                samples_per_token=self.model.config.audio.samples_per_token)
             if self.settings is not None:
-                self.vad_stream = shared_vad(self.state).stream()
+                try:
+                    self.vad_stream = shared_vad(self.state).stream()
+                except VadUnavailable as err:
+                    await self.close_with_error(str(err), "processing_error", CLOSE_INTERNAL)
             self.session = await self.open()
             self.spawn(self.deliver(self.session))
         return self.session
@@ -85,6 +92,16 @@ class LiveConnection(Connection):
         session.end()
 
     async def deliver(self, session: Session) -> None:
+        try:
+            await self._deliver(session)
+        except (WebSocketDisconnect, Closed):
+            raise
+        except Exception as err:  # noqa: BLE001 - a broken session must tell its client, not hang it
+            log.exception("session failed")
+            await self.error(f"internal error: {err}", "processing_error")
+            await self.ws.close(CLOSE_INTERNAL, "internal error")
+
+    async def _deliver(self, session: Session) -> None:
         while True:
             update = await session.next_update()
             if update.error:
