@@ -21,11 +21,11 @@ from conftest import VARIED_ADAPTER_SCALE
 from test_streaming import _EosEvery, _random_chunks, _stream_tokens
 
 import voxlive
-from voxlive import mlx_layout
+from voxlive import layouts
 from voxlive.checkpoint import CheckpointError, SafetensorsFile
 from voxlive.config import ConfigError
-from voxlive.reference import offline_padded_audio
-from voxlive.session import Stream, decode_ready
+from voxlive_bench.reference import offline_padded_audio
+from voxlive.session import Stream, decode_available
 from voxlive.testing import write_random_checkpoint
 
 # Sizes whose every matrix input is a multiple of MLX's default quantization group (64), so every
@@ -106,7 +106,7 @@ def test_batched_encode_and_decode_equal_one_by_one(mlx_model, speech, monkeypat
     for i in range(max(-(-len(a) // step) for a, step in zip(audios, steps))):
         for s, a, step in zip(streams, audios, steps):
             s.push(a[i * step:(i + 1) * step])
-        decode_ready(streams)  # several streams share each encoder pass and decode step
+        decode_available(streams)  # several streams share each encoder pass and decode step
     assert max(batch_sizes) == 3  # the three streams' frames went through the encoder together
     for s, exp in zip(streams, expected):
         assert s.finish().tokens == exp
@@ -259,7 +259,7 @@ def test_converted_layout_errors(quant_dir, tmp_path, varied_dir):
     (out / "config.json").write_text(json.dumps({**config, "quantization": {"group_size": 64, "bits": 7}}))
     with pytest.raises(ConfigError, match="quantization must be"):
         voxlive.load(out, backend="mlx")
-    assert not mlx_layout.is_converted(varied_dir)
+    assert not layouts.is_converted(varied_dir)
 
 
 def test_cli_convert_and_transcribe(quant_dir, quant_base, speech, tmp_path):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from voxlive.session import decode_ready
+from voxlive.session import decode_available
 
 SAMPLES_PER_TOKEN = 1280
 
@@ -101,7 +101,7 @@ def test_batched_encode_and_decode_equal_one_by_one(varied_model, speech, monkey
     for i in range(max(-(-len(a) // step) for a, step in zip(audios, steps))):
         for s, a, step in zip(streams, audios, steps):
             s.push(a[i * step:(i + 1) * step])
-        decode_ready(streams)  # several streams share each encoder pass and decode step
+        decode_available(streams)  # several streams share each encoder pass and decode step
     assert max(batch_sizes) == 3
     for s, exp in zip(streams, expected):
         assert s.finish().tokens == exp

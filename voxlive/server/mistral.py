@@ -26,6 +26,7 @@ import uuid
 
 from starlette.websockets import WebSocket
 
+from ..config import allowed_delays_ms
 from ..pcm import ENCODINGS, PcmDecoder
 from ..turns import EagerEnd, Segment, TurnEnded, TurnResumed, TurnSettings, TurnStarted
 from .engine import SessionOver
@@ -144,7 +145,7 @@ class MistralConnection(LiveConnection):
     def nearest_delay(self, value) -> int:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ValueError(f"target_streaming_delay_ms must be a number, got {value!r}")
-        allowed = self.model.config.allowed_delays_ms()
+        allowed = allowed_delays_ms(self.model.config.audio.ms_per_token)
         return min(allowed, key=lambda d: (abs(d - value), d))
 
     @staticmethod

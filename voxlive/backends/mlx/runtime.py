@@ -99,7 +99,8 @@ class MLXRuntime:
         if bits and ckpt.quantization and ckpt.quantization["bits"] != bits:
             raise ValueError(f"{ckpt.directory} is already quantized to {ckpt.quantization['bits']} bits; "
                              f"load it without quantize={quantize!r}")
-        self.quantization = ckpt.quantization or ({"bits": bits} if bits else None)
+        # The weights' mode, named as the torch runtime names its own ("int4" for a 4-bit checkpoint).
+        self.quantize = quantize or (f"int{ckpt.quantization['bits']}" if ckpt.quantization else None)
         try:
             self._load(WeightReader(ckpt, self.dtype, bits))
         except OSError as err:

@@ -15,11 +15,12 @@ import torch
 
 from ...checkpoint import Checkpoint, CheckpointError
 from ...config import ModelConfig
+from ...layouts.torch_quantized import MODES
 from ..pending import take_rows
 from .cache import RingKVCache
 from .decoder import Decoder
 from .encoder import Adapter, ConvState, Encoder
-from .quant import MODES, embed
+from .quant import embed
 from .weights import WeightReader
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
