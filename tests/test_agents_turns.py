@@ -136,3 +136,19 @@ def test_cuts_splice_forks_and_drop_the_main_tokens_they_cover():
     delivered = [tok for e in out if isinstance(e, Delta) for tok in e.tokens]
     assert delivered == fork1 + fork2[5:] + main[10:20]
 
+
+
+def test_scheduler_stops_intake_at_a_cut_and_forks_there():
+    from voxlive.server.scheduler import Policy, SessionView, schedule
+
+    policy = Policy(samples_per_token=1280, max_backlog_tokens=50, refill_below_tokens=12)
+    plan = schedule([SessionView("s", started=True, inbox=9000, cut=3000)], policy)
+    assert plan.ingest == {"s": 3000} and plan.fork == ["s"]
+    # lagging far behind: it still forks at once when the cut is where the stream is
+    plan = schedule([SessionView("s", started=True, inbox=9000, backlog=40, cut=0)], policy)
+    assert "s" not in plan.ingest and plan.fork == ["s"]
+    # the end waits for the pending cut, and the transcript for the forks in flight
+    plan = schedule([SessionView("s", started=True, inbox=0, ending=True, cut=0)], policy)
+    assert plan.fork == ["s"] and plan.end_audio == []
+    plan = schedule([SessionView("s", started=True, audio_ended=True, forking=True)], policy)
+    assert plan.complete == [] and plan.forks == ["s"] and bool(plan)
