@@ -7,7 +7,6 @@ import asyncio
 import json
 import math
 
-import numpy as np
 import pytest
 import websockets
 from dialogue import RATE, as_float, build

@@ -262,3 +262,40 @@ def test_wrong_key_is_refused_in_openai_shape(server):
     event, code = asyncio.run(go())
     assert event["type"] == "error" and event["error"]["code"] == "unauthorized" and event["event_id"]
     assert code == 1008
+
+
+def test_clear_drops_the_uncommitted_transcript_and_the_session_goes_on(server, dialogue, varied_model):
+    pcm16, _ = dialogue
+    raw = to_24k_pcm16(pcm16[: int(2.0 * RATE)])
+    first, second = raw[: len(raw) // 2 // 2 * 2], raw[len(raw) // 2 // 2 * 2:]
+    messages = [{"type": "session.update", "session": {"type": "transcription",
+                                                       "audio": {"input": {"turn_detection": None}}}},
+                {"type": "input_audio_buffer.append", "audio": b64(first)},
+                {"type": "input_audio_buffer.clear"},
+                {"type": "input_audio_buffer.append", "audio": b64(second)},
+                {"type": "input_audio_buffer.commit"}]
+    received = asyncio.run(raw_session(server, messages, items=1))
+    assert any(m["type"] == "input_audio_buffer.cleared" for m in received)
+    completed = [m for m in received if m["type"] == "conversation.item.input_audio_transcription.completed"]
+    assert len(completed) == 1
+    decoder = PcmDecoder("pcm_s16le", 24000)
+    n_clear = len(decoder.decode(first))
+    streamed = np.concatenate([PcmDecoder("pcm_s16le", 24000).decode(first + second)])
+    offline = varied_model.transcribe(streamed[: n_clear + len(decoder.decode(second))])
+    assert completed[0]["transcript"] == varied_model.tokenizer.decode(offline.tokens[math.ceil(n_clear / 1280):])
+
+
+def test_audio_before_any_session_update_uses_the_announced_defaults(server, dialogue, varied_model):
+    """?intent=transcription announces PCM16 24 kHz with server_vad; audio sent at once is taken so."""
+    pcm16, turns = dialogue
+    raw = to_24k_pcm16(pcm16)
+    messages = [{"type": "input_audio_buffer.append", "audio": b64(raw[i:i + 48000])} for i in range(0, len(raw), 48000)]
+    received = asyncio.run(raw_session(server, messages, items=len(turns)))
+    created = received[0]["session"]["audio"]["input"]
+    assert created["format"] == {"type": "audio/pcm", "rate": 24000} and created["turn_detection"]["type"] == "server_vad"
+    completed = [m for m in received if m["type"] == "conversation.item.input_audio_transcription.completed"]
+    stopped = [m for m in received if m["type"] == "input_audio_buffer.speech_stopped"]
+    assert len(completed) == len(stopped) == len(turns)
+    offline = varied_model.transcribe(PcmDecoder("pcm_s16le", 24000).decode(raw, last=True))
+    boundary = math.ceil(stopped[0]["audio_end_ms"] / 1000 / TOKEN - 1e-9)
+    assert completed[0]["transcript"] == varied_model.tokenizer.decode(offline.tokens[:boundary])

@@ -44,6 +44,7 @@ RAW = {"linear16": "pcm_s16le", "linear32": "pcm_s32le", "mulaw": "pcm_mulaw", "
 CONTAINERS = ("opus", "ogg-opus", "webm")
 IDLE_SECONDS = 10.0
 DEFAULT_ENDPOINTING_MS = 10
+VAD_EVENTS_SILENCE_MS = 500  # vad_events without endpointing: when speech counts as stopped
 
 
 class BadParameter(ValueError):
@@ -110,9 +111,10 @@ class DeepgramConnection(LiveConnection):
             self.endpointing = integer(q, "endpointing", 0, 60000) if raw is not None else DEFAULT_ENDPOINTING_MS
         self.utterance_end_ms = integer(q, "utterance_end_ms", 1000, 60000)
         silence = self.endpointing if self.endpointing is not None else self.utterance_end_ms
-        if silence is not None or self.vad_events:  # vad_events alone: speech starts, no ends
-            self.settings = TurnSettings(min_silence_ms=silence if silence is not None else 10**9,
-                                         utterance_end_ms=self.utterance_end_ms)
+        if silence is None and self.vad_events:
+            silence = VAD_EVENTS_SILENCE_MS  # only to see where the next speech starts; no speech_final
+        if silence is not None:
+            self.settings = TurnSettings(min_silence_ms=silence, utterance_end_ms=self.utterance_end_ms)
 
     async def serve(self) -> None:
         if not authorized(self.ws, self.state.api_key):

@@ -23,6 +23,7 @@ import base64
 import binascii
 import json
 import uuid
+from collections import deque
 
 from starlette.websockets import WebSocket
 
@@ -64,6 +65,7 @@ class OpenAIRealtimeConnection(LiveConnection):
         self.previous_item: str | None = None
         self.item_audio = 0  # samples appended to the current item
         self.client_event: str | None = None  # the event_id of the event being handled
+        self._clears: deque[bool] = deque()  # per cut under way, in order: a clear (drop its transcript)
 
     # -- session ------------------------------------------------------------------------------------
 
@@ -239,7 +241,7 @@ class OpenAIRealtimeConnection(LiveConnection):
             raise RequestError(f"buffer too small: {self.item_audio / 16:.0f} ms of audio since the last commit, "
                                "at least 100 ms needed", None, "input_audio_buffer_commit_empty")
         self.item_audio = 0
-        self._discard = discard
+        self._clears.append(discard)
         await self.cut()
 
     # -- out --------------------------------------------------------------------------------------
@@ -254,8 +256,7 @@ class OpenAIRealtimeConnection(LiveConnection):
             await self.send_event({"type": "input_audio_buffer.speech_started", "item_id": self.item,
                                    "audio_start_ms": max(0, round(event.time * 1000) - pad)})
         elif isinstance(event, Segment):
-            if event.forced and getattr(self, "_discard", False):
-                self._discard = False
+            if event.forced and self._clears.popleft():
                 self.item = new_id("item")  # the cleared item's transcript is dropped
                 return
             if not event.forced:
