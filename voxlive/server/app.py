@@ -16,6 +16,8 @@ from starlette.formparsers import MultiPartParser
 from ..audio import AudioError, load_audio
 from ..transcript import Word, cues, subtitles
 from .engine import Engine, EngineBusy
+from .deepgram import deepgram_endpoint
+from .mistral import mistral_endpoint
 from .realtime import realtime_endpoint
 from .settings import ServerState, authorized, state_of
 from .wlk import asr_endpoint
@@ -101,6 +103,8 @@ def create_app(engine: Engine, *, model_id: str, api_key: str | None = None, del
 
     app.add_api_websocket_route("/v1/realtime", realtime_endpoint)
     app.add_api_websocket_route("/asr", asr_endpoint)
+    app.add_api_websocket_route("/v1/audio/transcriptions/realtime", mistral_endpoint)
+    app.add_api_websocket_route("/v1/listen", deepgram_endpoint)
     return app
 
 

@@ -52,16 +52,40 @@ class Update:
     words: list[Word] = field(default_factory=list)  # newly completed words
     partial: str = ""  # the word in progress
     lag: float = 0.0  # seconds of received audio not yet transcribed
+    cuts: list[Cut] = field(default_factory=list)  # forced finals, to apply before ``tokens``
     transcript: Transcript | None = None  # set once, on the last update of a finished session
     positions: int = 0  # with the transcript: decoder positions run (prompt included)
     error: str | None = None  # set once, when the engine failed this session
 
     def merge(self, news: Update) -> None:
+        self.cuts += news.cuts
         self.tokens += news.tokens
         self.words += news.words
         self.partial, self.lag = news.partial, news.lag
         self.transcript = news.transcript or self.transcript
         self.positions = news.positions or self.positions
+
+
+@dataclass
+class Cut:
+    """A forced final: the tokens offline ``transcribe`` gives for the first ``samples`` received
+    (a fork of the stream, right-padded and decoded as ``finish()`` does). Its first ``forked_at``
+    tokens are the main stream's, published before it; the main stream's tokens from ``forked_at``
+    on are published after it (they are held back while forks run)."""
+
+    samples: int
+    forked_at: int
+    tokens: list[int]
+
+
+@dataclass
+class _Fork:
+    samples: int
+    stream: Stream
+
+    @property
+    def done(self) -> bool:
+        return not (self.stream.can_prepare or self.stream.can_decode)
 
 
 class Session:
@@ -84,6 +108,8 @@ class Session:
         self._changed = asyncio.Event()
         self._drained = asyncio.Event()
         self._last_lag = 0.0  # the lag the client was last told
+        self._cuts: deque[int] = deque()  # received-sample counts where the client forced a final
+        self._forks: list[_Fork] = []  # engine thread: forks being decoded, in order
 
     # -- asyncio side -----------------------------------------------------------------------------
 
@@ -107,6 +133,17 @@ class Session:
                 self.received += len(pcm)
             self.engine.work.notify()
 
+    def cut(self) -> int:
+        """Force a final for the audio received so far without ending the session: the engine forks
+        the stream there, and a later Update's ``cuts`` carries the fork's tokens. Returns the cut's
+        sample count (its key)."""
+        with self.engine.lock:
+            if self._ending:
+                raise SessionOver("audio after the end of the stream")
+            self._cuts.append(self.received)
+            self.engine.work.notify()
+            return self.received
+
     def end(self) -> None:
         """No more audio: the engine right-pads, decodes to the end and delivers the transcript."""
         with self.engine.lock:
@@ -125,7 +162,8 @@ class Session:
         while True:
             with self.engine.lock:
                 news = self._pending
-                if news.tokens or news.words or news.transcript or news.error or news.lag != self._last_lag:
+                if news.tokens or news.words or news.cuts or news.transcript or news.error \
+                        or news.lag != self._last_lag:
                     self._pending = Update(partial=news.partial, lag=news.lag)
                     self._last_lag = news.lag
                     self._changed.clear()
@@ -152,10 +190,12 @@ class Session:
     def view(self) -> SessionView:
         """This session's public state for the scheduler (engine lock held)."""
         st = self.stream
+        taken = self.received - self._inbox_samples
         return SessionView(
             key=self, started=st is not None, closed=self._closed, done=self._done, inbox=self._inbox_samples,
             ending=self._ending, audio_ended=st is not None and st.finished, backlog=st.backlog if st else 0,
-            can_prepare=st is not None and st.can_prepare, can_decode=st is not None and st.can_decode)
+            can_prepare=st is not None and st.can_prepare, can_decode=st is not None and st.can_decode,
+            cut=self._cuts[0] - taken if self._cuts else None, forking=bool(self._forks))
 
     def take_audio(self, n: int) -> np.ndarray:
         """Remove the first ``n`` samples of the inbox (engine lock held); its writer may go on."""
@@ -175,9 +215,16 @@ class Session:
         """What the stream has that the client has not seen (engine thread, no lock: the final
         transcript is decoded here, not while every session waits for the lock)."""
         st = self.stream
-        news = Update(tokens=st.tokens[self._published:], words=st.take_words(), partial=st.partial_word)
+        lag = round(max(0.0, self.received / self.engine.sample_rate - st.transcribed), 2)
+        cuts = []
+        while self._forks and self._forks[0].done:
+            fork = self._forks.pop(0)
+            cuts.append(Cut(fork.samples, self._published, fork.stream.tokens))
+        if self._forks:  # the main stream's tokens wait until the forks before them are out
+            return Update(cuts=cuts, partial=self._pending.partial, lag=lag)
+        news = Update(tokens=st.tokens[self._published:], words=st.take_words(), partial=st.partial_word, cuts=cuts)
         self._published = len(st.tokens)
-        news.lag = round(max(0.0, self.received / self.engine.sample_rate - st.transcribed), 2)
+        news.lag = lag
         if complete:
             news.transcript = st.complete()
             news.positions = st.decoded
@@ -192,7 +239,7 @@ class Session:
             return
         self._pending.merge(news)
         self._done = news.transcript is not None
-        if news.tokens or news.words or news.transcript or news.lag != self._last_lag:
+        if news.tokens or news.words or news.cuts or news.transcript or news.lag != self._last_lag:
             self._notify(self._changed)
 
     def fail(self, message: str) -> None:
@@ -277,9 +324,10 @@ class Engine:
                 if plan.drop:
                     self.sessions = [s for s in self.sessions if not s._closed]
                 audio = {s: s.take_audio(n) for s, n in plan.ingest.items()}
+                cuts = {s: s._cuts.popleft() for s in plan.fork}
                 sessions = list(self.sessions)
             try:
-                self._execute(plan, audio)
+                self._execute(plan, audio, cuts)
                 updates = [(s, s.progress(complete=s in plan.complete)) for s in sessions if s.stream is not None]
             except Exception as err:  # noqa: BLE001 - one bad step must not stop the server
                 log.exception("engine step failed")
@@ -294,16 +342,21 @@ class Engine:
                 if plan.complete:
                     self.sessions = [s for s in self.sessions if not s.finished]
 
-    def _execute(self, plan: Plan, audio: dict[Session, np.ndarray]) -> None:
+    def _execute(self, plan: Plan, audio: dict[Session, np.ndarray], cuts: dict[Session, int]) -> None:
         """Run a plan's model work (engine thread, no lock held)."""
         for s in plan.start:
             s.stream = self.model.stream(delay_ms=s.delay_ms)
         for s, pcm in audio.items():
             s.stream.push(pcm)
+        for s, samples in cuts.items():  # the audio up to the cut is in: fork there, pad the fork
+            fork = s.stream.fork()
+            fork.end_audio()
+            s._forks.append(_Fork(samples, fork))
         for s in plan.end_audio:
             s.stream.end_audio()
-        encode_and_prefill([s.stream for s in plan.prepare])
-        advanced = decode_step([s.stream for s in plan.decode])
+        forks = [f.stream for s in dict.fromkeys(plan.forks + plan.fork) for f in s._forks]
+        encode_and_prefill([s.stream for s in plan.prepare] + forks)
+        advanced = decode_step([s.stream for s in plan.decode] + forks)
         if advanced:
             self.steps += 1
             self.max_batch = max(self.max_batch, len(advanced))

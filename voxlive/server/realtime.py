@@ -29,13 +29,15 @@ from starlette.websockets import WebSocket
 from ..transcript import TextDeltas
 from .connection import Connection, pcm16_to_float
 from .engine import Session, SessionOver
+from .openai_realtime import OpenAIRealtimeConnection, take_over, wants_openai
 
 
 class RealtimeConnection(Connection):
     async def run(self) -> None:
         self.done_words = self.ws.query_params.get("done_words", "").lower() in ("1", "true", "yes")
+        # event_id: OpenAI Realtime clients, which may turn out to be on this connection, expect one
         await self.send({"type": "session.created", "id": f"sess-{uuid.uuid4().hex}",
-                         "created": int(time.time())})
+                         "created": int(time.time()), "event_id": f"event_{uuid.uuid4().hex[:20]}"})
         while True:
             message = await self.receive()
             if message["type"] == "websocket.disconnect":
@@ -51,6 +53,9 @@ class RealtimeConnection(Connection):
             if not isinstance(event, dict):
                 await self.error("an event must be a JSON object", "invalid_event")
                 continue
+            if not self.sessions and wants_openai(event):
+                await take_over(self, event)  # an OpenAI Realtime transcription session after all
+                return
             await self.handle(event)
 
     async def handle(self, event: dict) -> None:
@@ -125,5 +130,8 @@ class RealtimeConnection(Connection):
 
 
 async def realtime_endpoint(ws: WebSocket) -> None:
-    await RealtimeConnection(ws).serve()
+    if ws.query_params.get("intent") == "transcription":
+        await OpenAIRealtimeConnection(ws).serve()
+    else:
+        await RealtimeConnection(ws).serve()
 

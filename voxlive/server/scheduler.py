@@ -33,6 +33,8 @@ class SessionView:
     backlog: int = 0  # audio tokens in the stream (whole, encoded or not) not yet decoded
     can_prepare: bool = False  # audio tokens to encode or prompt positions to run
     can_decode: bool = False  # a decode position whose audio is encoded
+    cut: int | None = None  # inbox samples before the next forced final (None: none asked for)
+    forking: bool = False  # forks for forced finals are being decoded
 
 
 @dataclass(frozen=True)
@@ -53,9 +55,12 @@ class Plan:
     prepare: list = field(default_factory=list)  # encode (one batched pass) and run prompt positions
     decode: list = field(default_factory=list)  # one batched decode step
     complete: list = field(default_factory=list)  # decoded to the end: deliver the transcript
+    fork: list = field(default_factory=list)  # the stream reaches a forced final: fork it (after ingest)
+    forks: list = field(default_factory=list)  # forks in flight: encode and decode them too
 
     def __bool__(self) -> bool:
-        return any((self.start, self.drop, self.ingest, self.end_audio, self.prepare, self.decode, self.complete))
+        return any((self.start, self.drop, self.ingest, self.end_audio, self.prepare, self.decode, self.complete,
+                    self.fork, self.forks))
 
 
 def intake(view: SessionView, policy: Policy) -> int:
@@ -82,15 +87,21 @@ def schedule(views: list[SessionView], policy: Policy) -> Plan:
         if not v.started:
             plan.start.append(v.key)
         take = intake(v, policy)
+        if v.cut is not None:  # a forced final: the stream stops at it, however far behind it is
+            take = min(take, v.cut)
+            if take == v.cut and v.started:
+                plan.fork.append(v.key)
         if take:
             plan.ingest[v.key] = take
-        ends = v.ending and not v.audio_ended and take == v.inbox
+        if v.forking:
+            plan.forks.append(v.key)
+        ends = v.ending and not v.audio_ended and take == v.inbox and v.cut is None
         if ends:
             plan.end_audio.append(v.key)
         if take or ends or v.can_prepare:
             plan.prepare.append(v.key)
         if v.can_decode:
             plan.decode.append(v.key)
-        elif v.audio_ended and not v.can_prepare:
+        elif v.audio_ended and not v.can_prepare and not v.forking:
             plan.complete.append(v.key)
     return plan

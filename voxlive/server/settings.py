@@ -18,6 +18,7 @@ class ServerState:
     max_upload_seconds: float | None = 4 * 3600.0  # uploads longer than this are refused (None: no limit)
     idle_timeout: float | None = 7200.0  # seconds without a client message (None: never)
     send_timeout: float | None = 60.0  # seconds one message may wait for a client that does not read
+    vad: object = None  # the shared SileroVad, loaded by the first session that detects turns
 
     def delay_from(self, raw: str | None) -> int | None:
         """A client's ``delay_ms`` (query or form field), validated; the server default if absent."""
@@ -36,9 +37,10 @@ def state_of(app) -> ServerState:
 
 
 def authorized(conn, api_key: str | None) -> bool:
-    """``Authorization: Bearer KEY``, or ``?token=KEY`` (browsers cannot set WebSocket headers)."""
+    """``Authorization: Bearer KEY`` (or ``Token KEY``, Deepgram's form), or ``?token=KEY`` (browsers
+    cannot set WebSocket headers)."""
     if api_key is None:
         return True
-    header = conn.headers.get("authorization", "")
-    given = header[7:].strip() if header[:7].lower() == "bearer " else conn.query_params.get("token", "")
+    scheme, _, value = conn.headers.get("authorization", "").partition(" ")
+    given = value.strip() if scheme.lower() in ("bearer", "token") else conn.query_params.get("token", "")
     return hmac.compare_digest(given.encode(), api_key.encode())
