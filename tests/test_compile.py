@@ -8,7 +8,7 @@ decoder's 40-position window holds.
 from __future__ import annotations
 
 import voxlive
-from voxlive.session import decode_ready
+from voxlive.session import decode_available
 
 
 def test_compiled_decode_equals_eager(varied_dir, speech):
@@ -24,6 +24,6 @@ def test_compiled_decode_equals_eager(varied_dir, speech):
         for s, a in zip(streams, audios):
             if start < len(a):
                 s.push(a[start:start + step])
-        decode_ready(streams)
+        decode_available(streams)
     for s, exp in zip(streams, expected):
         assert s.finish().tokens == exp

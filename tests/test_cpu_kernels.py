@@ -15,7 +15,7 @@ import torch
 import voxlive
 from voxlive.backends.torch import cpu_kernels
 from voxlive.backends.torch.quant import QUANTIZED, Bf16Weight, linear, quantize
-from voxlive.reference import offline_padded_audio
+from voxlive_bench.reference import offline_padded_audio
 
 from test_quant import dequantized
 

@@ -21,11 +21,11 @@ from conftest import VARIED_ADAPTER_SCALE
 from test_streaming import _EosEvery, _random_chunks, _stream_tokens
 
 import voxlive
-from voxlive import mlx_layout
+from voxlive import layouts
 from voxlive.checkpoint import CheckpointError, SafetensorsFile
 from voxlive.config import ConfigError
-from voxlive.reference import offline_padded_audio
-from voxlive.session import Stream, decode_ready
+from voxlive_bench.reference import offline_padded_audio
+from voxlive.session import Stream, decode_available
 from voxlive.testing import write_random_checkpoint
 
 # Sizes whose every matrix input is a multiple of MLX's default quantization group (64), so every
@@ -212,7 +212,7 @@ def test_converted_layout_errors(quant_dir, tmp_path, varied_dir):
     out = convert(quant_dir, tmp_path / "c", quantize="int4", dtype="float32")
     with pytest.raises(CheckpointError, match="read by the MLX backend only"):
         voxlive.load(out, backend="torch")
-    with pytest.raises(CheckpointError, match="already quantized to int4 cannot be loaded as int8"):
+    with pytest.raises(CheckpointError, match="already quantized to 4 bits: a checkpoint quantized to int4 cannot be loaded as int8"):
         voxlive.load(out, backend="mlx", quantize="int8")
     with pytest.raises(ValueError, match="exists and is not empty"):
         convert(quant_dir, out)
@@ -228,7 +228,7 @@ def test_converted_layout_errors(quant_dir, tmp_path, varied_dir):
     (out / "config.json").write_text(json.dumps({**config, "quantization": {"group_size": 64, "bits": 7}}))
     with pytest.raises(ConfigError, match="quantization must be"):
         voxlive.load(out, backend="mlx")
-    assert not mlx_layout.is_converted(varied_dir)
+    assert not layouts.is_converted(varied_dir)
 
 
 def test_cli_convert_and_transcribe(quant_dir, quant_base, speech, tmp_path):

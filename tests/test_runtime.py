@@ -11,7 +11,7 @@ import pytest
 
 import voxlive
 from voxlive.backends.runtime import BaseRuntime, Runtime
-from voxlive.session import decode_ready
+from voxlive.session import decode_available
 
 BACKENDS = ["torch", pytest.param("mlx", marks=pytest.mark.skipif(importlib.util.find_spec("mlx") is None,
                                                                    reason="MLX is not installed"))]
@@ -269,7 +269,7 @@ def test_drafted_tokens_right_or_wrong_give_the_offline_tokens(model, speech, mo
         s._step_feed = step_feed
         for start in range(0, len(speech), 8000):
             s.push(speech[start:start + 8000])
-            decode_ready([s])
+            decode_available([s])
         results.append(s.finish().tokens)
     assert results == [expected, expected]
     assert max(fed) == 5  # the last token and 4 drafts in one step

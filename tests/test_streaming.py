@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 import voxlive
-from voxlive.session import decode_ready
+from voxlive.session import decode_available
 
 SAMPLES_PER_TOKEN = 1280
 BACKENDS = ["torch", pytest.param("mlx", marks=pytest.mark.skipif(importlib.util.find_spec("mlx") is None,
@@ -114,7 +114,7 @@ def test_batched_encode_and_decode_equal_one_by_one(model, speech, monkeypatch):
     for i in range(max(-(-len(a) // step) for a, step in zip(audios, steps))):
         for s, a, step in zip(streams, audios, steps):
             s.push(a[i * step:(i + 1) * step])
-        decode_ready(streams)  # several streams share each encoder pass and decode step
+        decode_available(streams)  # several streams share each encoder pass and decode step
     assert max(batch_sizes) == 3
     for s, exp in zip(streams, expected):
         assert s.finish().tokens == exp

@@ -16,6 +16,7 @@ the first that differs from what the model chose and rewinds the rest, so tokens
 the drafts. The token chosen at a position is the greedy one, unless ``pad_penalty`` is set: then
 ``[STREAMING_PAD]`` loses to the best other token where its logit margin is below the penalty (a
 pad-logit penalty, applied from the margins the runtime returns, without re-running anything).
+Prompt positions are multi-token feeds too, batched across streams (``prefill_prompts``).
 """
 
 from __future__ import annotations
@@ -63,7 +64,7 @@ class Stream:
                                     seconds_per_token=a.ms_per_token / 1000)
         self._new_words: list[Word] = []
         self._push_samples(np.zeros(a.n_left_pad_tokens * self._per_token, dtype=np.float32))
-        prepare_ready([self])
+        encode_and_prefill([self])
 
     def fork(self) -> Stream:
         """An independent copy that goes on from this point.
@@ -87,7 +88,7 @@ class Stream:
         return self.samples / self.config.audio.sample_rate
 
     def push(self, pcm) -> None:
-        """Take audio; compute its mel frames. Encoding and decoding wait for ``decode_ready``."""
+        """Take audio; compute its mel frames. Encoding and decoding wait for ``decode_available``."""
         if self.finished:
             raise RuntimeError("stream already finished")
         pcm = np.asarray(pcm)
@@ -121,13 +122,26 @@ class Stream:
 
     # -- decoding ---------------------------------------------------------------------------------
 
-    def ready(self) -> bool:
+    @property
+    def can_decode(self) -> bool:
         """Whether a decode step can run now (its audio token is encoded)."""
         return self.decoded >= len(self.prompt) and self.decoded < self.encoded
 
-    def prefill_ready(self) -> None:
-        """Run the prompt positions whose audio is encoded (see ``prefill_ready``)."""
-        prefill_ready([self])
+    @property
+    def can_prepare(self) -> bool:
+        """Whether there are complete audio tokens to encode or encoded prompt positions to run."""
+        whole = self._pending_mel.shape[1] >= self._frames_per_token
+        return whole or self.decoded < min(self.encoded, len(self.prompt))
+
+    @property
+    def transcribed(self) -> float:
+        """Seconds of input audio whose tokens have been decoded (the left pad not counted)."""
+        step = self.config.audio.ms_per_token / 1000
+        return max(0, self.decoded - len(self.prompt) + 1) * step
+
+    def prefill_prompt(self) -> None:
+        """Run the prompt positions whose audio is encoded (see ``prefill_prompts``)."""
+        prefill_prompts([self])
 
     def _prompt_feed(self) -> tuple[list[int], bool]:
         """The prompt tokens whose audio is encoded and not yet run, and whether they end the prompt.
@@ -186,11 +200,11 @@ class Stream:
     def feed(self, pcm) -> list[Word]:
         """Take audio, decode every position it makes ready, return the words completed."""
         self.push(pcm)
-        decode_ready([self])
+        decode_available([self])
         return self.take_words()
 
     def end_audio(self) -> None:
-        """No more audio: queue the right pad. Decoding it is left to ``decode_ready``/``decode_step``."""
+        """No more audio: queue the right pad. Decoding it is left to ``decode_available``/``decode_step``."""
         if not self.finished:
             pad = -self.samples % self._per_token
             pad += (self.delay_tokens + 1 + RIGHT_PAD_BUFFER_TOKENS) * self._per_token
@@ -201,7 +215,7 @@ class Stream:
     def finish(self) -> Transcript:
         """Right-pad, decode to the end, and return the whole stream's transcript."""
         self.end_audio()
-        decode_ready([self])
+        decode_available([self])
         return self.complete()
 
     def complete(self) -> Transcript:
@@ -212,11 +226,12 @@ class Stream:
         return self.transcript()
 
     def transcript(self) -> Transcript:
-        return Transcript(text=self.tokenizer.decode(self.tokens), words=list(self._words.words),
+        # The first word's token carries the space before it; the text starts at the first word.
+        return Transcript(text=self.tokenizer.decode(self.tokens).strip(), words=list(self._words.words),
                           tokens=list(self.tokens), duration=self.duration, delay_ms=self.delay_ms)
 
 
-def encode_ready(streams: list[Stream]) -> None:
+def encode_pending(streams: list[Stream]) -> None:
     """Encode every complete audio token of the streams, all streams in one batched encoder pass."""
     work = [(s, s._take_whole_tokens()) for s in streams]
     work = [(s, mel) for s, mel in work if mel.shape[1]]
@@ -226,7 +241,7 @@ def encode_ready(streams: list[Stream]) -> None:
             s.encoded += n
 
 
-def prefill_ready(streams: list[Stream]) -> None:
+def prefill_prompts(streams: list[Stream]) -> None:
     """Run the prompt positions whose audio is encoded, all streams in one batched pass."""
     work = [(s, *s._prompt_feed()) for s in streams]
     work = [(s, feed, done) for s, feed, done in work if feed]
@@ -246,7 +261,7 @@ def decode_step(streams: list[Stream]) -> list[Stream]:
     Streams join and leave the batch between steps as their audio allows; each step reads the
     decoder's weights once for the whole batch, whatever each stream feeds (one token or drafts).
     """
-    batch = [s for s in streams if s.ready()]
+    batch = [s for s in streams if s.can_decode]
     if batch:
         feeds = [s._step_feed() for s in batch]
         out = batch[0].runtime.decode([s.state for s in batch], feeds)
@@ -255,14 +270,14 @@ def decode_step(streams: list[Stream]) -> list[Stream]:
     return batch
 
 
-def prepare_ready(streams: list[Stream]) -> None:
+def encode_and_prefill(streams: list[Stream]) -> None:
     """Encode the streams' new audio (one batched pass) and run the prompt positions it allows (another)."""
-    encode_ready(streams)
-    prefill_ready(streams)
+    encode_pending(streams)
+    prefill_prompts(streams)
 
 
-def decode_ready(streams: list[Stream]) -> None:
-    """``prepare_ready``, then batched decode steps until no stream has a position whose audio is in."""
-    prepare_ready(streams)
+def decode_available(streams: list[Stream]) -> None:
+    """``encode_and_prefill``, then batched decode steps until no stream has a position whose audio is in."""
+    encode_and_prefill(streams)
     while decode_step(streams):
         pass

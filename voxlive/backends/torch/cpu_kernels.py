@@ -15,7 +15,9 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import sys
+import threading
 from pathlib import Path
 
 import torch
@@ -30,6 +32,7 @@ VARIANTS = {
                ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni", "-mfma"]),
     "avx2": (("avx2", "fma"), ["-mavx2", "-mfma"]),  # Haswell, Zen 1 on
 }
+BUILD_NOTICE_SECONDS = 2.0  # a load from PyTorch's cache takes less
 BF16_FLAG = "avx512_bf16"  # the avx512 build's bf16 kernel also needs this (Sapphire Rapids, Zen 4 on)
 # The bf16 kernel's cost grows with the rows; above this many, the stock GEMM is faster. Measured
 # here (Zen 4), kernel against F.linear: avx512 on 4 decoder layers' matrices (931 MB), 35 / 33 /
@@ -70,16 +73,27 @@ def _load() -> str | None:
         wanted = VARIANTS[choice][0] if choice in VARIANTS else VARIANTS["avx2"][0]
         return f"this CPU lacks {', '.join(f for f in wanted if f not in flags)}"
     variant = runnable[0]
+    compiler = os.environ.get("CXX", "c++")
+    if shutil.which(compiler) is None:
+        return f"could not build them: no C++ compiler ({compiler}): install g++, or set VOXLIVE_CPU_KERNELS=0"
+    # Said only when it takes a while (a build, not a load from PyTorch's cache), so that the user
+    # knows what the pause is.
+    notice = threading.Timer(BUILD_NOTICE_SECONDS, log.info, args=(
+        "building voxlive's CPU kernels (%s build): once, 20-60 s; later runs reuse it", variant))
+    notice.daemon = True
+    notice.start()
     try:
         from torch.utils.cpp_extension import load
 
-        log.info("building voxlive's CPU kernels for %s (once; cached by PyTorch)", variant)
         load(f"voxlive_cpu_kernels_{variant}", [str(SOURCE)], extra_cflags=BASE_FLAGS + VARIANTS[variant][1],
              extra_ldflags=["-fopenmp"], is_python_module=False)
-    except Exception as err:  # no compiler, no ninja, a failed build: the stock kernels do the work
-        lines = str(err).strip().splitlines() or [""]
-        first_error = next((line for line in lines if "error" in line.lower()), lines[-1])
-        return f"could not build them: {type(err).__name__}: {first_error.strip()}"
+    except Exception as err:  # no ninja, a failed build: the stock kernels do the work
+        # The compiler's first error, not the whole command line it ran.
+        lines = [line.strip() for line in str(err).splitlines() if line.strip()] or [type(err).__name__]
+        first_error = next((line for line in lines if "error:" in line), lines[0].split(": [")[0])
+        return f"could not build them ({first_error[:200]}); set VOXLIVE_CPU_KERNELS=0 to skip the build"
+    finally:
+        notice.cancel()
     _variant = variant
     _bf16 = variant == "avx2" or BF16_FLAG in flags
     for name in ("linear_bf16", "linear_int8", "linear_int4"):

@@ -10,10 +10,10 @@ import numpy as np
 import torch
 
 from ...checkpoint import Checkpoint, CheckpointError
+from ...layouts.torch_quantized import MODES
 from ..runtime import MAX_DRAFT, BaseRuntime, pick_dtype, pick_kv_dtype, pick_quantize
 from .decoder import Decoder
 from .encoder import Adapter, ConvState, Encoder
-from .quant import MODES
 from .weights import WeightReader
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
