@@ -2,12 +2,25 @@
 
 from __future__ import annotations
 
+import importlib.util
+
 import numpy as np
 import pytest
 
+import voxlive
 from voxlive.session import decode_available
 
 SAMPLES_PER_TOKEN = 1280
+BACKENDS = ["torch", pytest.param("mlx", marks=pytest.mark.skipif(importlib.util.find_spec("mlx") is None,
+                                                                   reason="MLX is not installed"))]
+
+
+@pytest.fixture(scope="module", params=BACKENDS)
+def model(request, varied_model, varied_dir):
+    """The varied tiny model on each backend (float32)."""
+    if request.param == "torch":
+        return varied_model
+    return voxlive.load(varied_dir, backend=request.param, dtype="float32", device="cpu")
 
 
 def _stream_tokens(model, audio, chunks, delay_ms=None):
@@ -38,37 +51,37 @@ def _random_chunks(rng, total):
     return sizes
 
 
-def test_greedy_tokens_depend_on_the_audio(varied_model, speech):
+def test_greedy_tokens_depend_on_the_audio(model, speech):
     # Otherwise streaming == offline below would compare constant sequences and prove nothing.
-    tokens = varied_model.transcribe(speech).tokens
+    tokens = model.transcribe(speech).tokens
     assert len(set(tokens)) >= 5
-    silence = varied_model.transcribe(np.zeros_like(speech)).tokens
+    silence = model.transcribe(np.zeros_like(speech)).tokens
     assert sum(a != b for a, b in zip(tokens, silence)) >= len(tokens) // 4
 
 
 @pytest.mark.parametrize("seed", range(6))
-def test_streaming_equals_offline_for_random_chunkings(varied_model, speech, seed):
+def test_streaming_equals_offline_for_random_chunkings(model, speech, seed):
     delay_ms = [480, 160, 960][seed % 3]
-    offline = varied_model.transcribe(speech, delay_ms=delay_ms)
+    offline = model.transcribe(speech, delay_ms=delay_ms)
     rng = np.random.default_rng(seed)
-    streamed, words = _stream_tokens(varied_model, speech, _random_chunks(rng, len(speech)), delay_ms)
+    streamed, words = _stream_tokens(model, speech, _random_chunks(rng, len(speech)), delay_ms)
     assert streamed.tokens == offline.tokens
     assert streamed.text == offline.text
     assert streamed.words == offline.words
     assert words == streamed.words  # events delivered live are exactly the final words
 
 
-def test_one_token_per_audio_token(varied_model, speech):
+def test_one_token_per_audio_token(model, speech):
     delay = 6
-    t = varied_model.transcribe(speech)
+    t = model.transcribe(speech)
     n_audio = -(-len(speech) // SAMPLES_PER_TOKEN)
     total_positions = 32 + n_audio + delay + 1 + 10
     # positions 38 (last prompt position) .. total-1 each emit one token
     assert len(t.tokens) == total_positions - (32 + delay)
 
 
-def test_never_decodes_audio_that_has_not_arrived(varied_model, speech):
-    s = varied_model.stream()
+def test_never_decodes_audio_that_has_not_arrived(model, speech):
+    s = model.stream()
     fed = 0
     rng = np.random.default_rng(7)
     while fed < len(speech):
@@ -83,13 +96,13 @@ def test_never_decodes_audio_that_has_not_arrived(varied_model, speech):
         assert len(s.tokens) == max(0, s.decoded - len(s.prompt) + 1)
 
 
-def test_batched_encode_and_decode_equal_one_by_one(varied_model, speech, monkeypatch):
+def test_batched_encode_and_decode_equal_one_by_one(model, speech, monkeypatch):
     audios = [speech, speech[::-1].copy(), 0.5 * speech[: len(speech) // 2]]
     delays = [480, 240, 480]
     steps = [3000, 1700, 5100]  # streams with different numbers of new tokens share encoder passes
-    expected = [varied_model.transcribe(a, delay_ms=d).tokens for a, d in zip(audios, delays)]
-    streams = [varied_model.stream(delay_ms=d) for d in delays]
-    runtime = varied_model.runtime
+    expected = [model.transcribe(a, delay_ms=d).tokens for a, d in zip(audios, delays)]
+    streams = [model.stream(delay_ms=d) for d in delays]
+    runtime = model.runtime
     batch_sizes = []
     real_encode_batch = runtime.encode_batch
 
@@ -107,8 +120,8 @@ def test_batched_encode_and_decode_equal_one_by_one(varied_model, speech, monkey
         assert s.finish().tokens == exp
 
 
-def test_finish_is_idempotent_and_feed_after_finish_fails(varied_model, speech):
-    s = varied_model.stream()
+def test_finish_is_idempotent_and_feed_after_finish_fails(model, speech):
+    s = model.stream()
     s.feed(speech[:20000])
     a = s.finish()
     b = s.finish()
@@ -117,17 +130,17 @@ def test_finish_is_idempotent_and_feed_after_finish_fails(varied_model, speech):
         s.feed(speech[:100])
 
 
-def test_empty_and_tiny_streams(varied_model):
-    s = varied_model.stream()
+def test_empty_and_tiny_streams(model):
+    s = model.stream()
     assert s.finish().duration == 0
     assert len(s.tokens) == 32 + (6 + 1 + 10) - (32 + 6)  # the right pad alone still runs its positions
-    s = varied_model.stream()
+    s = model.stream()
     s.feed(np.zeros(1, np.float32))
     assert s.finish().duration == pytest.approx(1 / 16000)
 
 
-def test_bad_pcm_is_rejected_without_losing_the_stream(varied_model, speech):
-    s = varied_model.stream()
+def test_bad_pcm_is_rejected_without_losing_the_stream(model, speech):
+    s = model.stream()
     s.feed(speech[:16000])
     before = list(s.tokens)
     with pytest.raises(ValueError, match="1-D"):
@@ -138,20 +151,25 @@ def test_bad_pcm_is_rejected_without_losing_the_stream(varied_model, speech):
         s.feed(np.array([0.0, np.nan], np.float32))
     assert s.tokens == before
     s.feed(speech[16000:])
-    assert s.finish().tokens == varied_model.transcribe(speech).tokens
+    assert s.finish().tokens == model.transcribe(speech).tokens
 
 
-def test_long_audio_memory_is_bounded(varied_model):
+def test_long_audio_memory_is_bounded(model):
     # The KV pools: a stream's keys and values live in its fixed-size slot, whatever the audio's length.
-    rt = varied_model.runtime
-    s = varied_model.stream()
+    rt = model.runtime
+    s = model.stream()
     rng = np.random.default_rng(0)
     s.feed((0.1 * rng.standard_normal(16000 * 5)).astype(np.float32))
-    sizes = (rt.encoder_pool.k.shape, rt.decoder_pool.k.shape)
+
+    def sizes():
+        return [[a.shape for a in pool.arrays()] for pool in (rt.encoder_pool, rt.decoder_pool)]
+
+    before = sizes()
     s.feed((0.1 * rng.standard_normal(16000 * 20)).astype(np.float32))
-    assert (rt.encoder_pool.k.shape, rt.decoder_pool.k.shape) == sizes
-    c = varied_model.config
-    assert sizes[0][3] == c.encoder.sliding_window and sizes[1][3] == c.decoder.sliding_window + rt.max_draft
+    assert sizes() == before
+    c = model.config
+    assert rt.encoder_pool.capacity == c.encoder.sliding_window
+    assert rt.decoder_pool.capacity == c.decoder.sliding_window + rt.max_draft
     assert s.decoded > c.decoder.sliding_window
     assert rt.encoder_pool.length(s.state.encoder_slot) > c.encoder.sliding_window
     assert rt.position(s.state) == s.decoded
@@ -183,37 +201,37 @@ class _EosEvery:
         return out
 
 
-def test_eos_is_fed_back_and_no_audio_is_lost(varied_model, speech):
+def test_eos_is_fed_back_and_no_audio_is_lost(model, speech):
     from voxlive.session import Stream
 
-    eos = varied_model.tokenizer.eos
-    rt = _EosEvery(varied_model.runtime, eos)
-    s = Stream(rt, varied_model.tokenizer, varied_model.config)
+    eos = model.tokenizer.eos
+    rt = _EosEvery(model.runtime, eos)
+    s = Stream(rt, model.tokenizer, model.config)
     for start in range(0, len(speech), 5000):
         s.feed(speech[start:start + 5000])
     t = s.finish()
-    assert len(t.tokens) == len(varied_model.transcribe(speech).tokens)  # every position still decoded
+    assert len(t.tokens) == len(model.transcribe(speech).tokens)  # every position still decoded
     assert t.tokens.count(eos) >= len(t.tokens) // 5
     assert rt.inputs == t.tokens[:-1]  # each token, EOS included, is the next step's input
     assert t.duration == pytest.approx(len(speech) / 16000)
 
 
-def test_streams_forked_from_the_fresh_stream_are_independent(varied_model, speech):
+def test_streams_forked_from_the_fresh_stream_are_independent(model, speech):
     from voxlive.session import Stream
 
-    direct = Stream(varied_model.runtime, varied_model.tokenizer, varied_model.config)
+    direct = Stream(model.runtime, model.tokenizer, model.config)
     # the left pad's prompt positions run at creation, but the last: its last mel frame needs
     # 40 samples (2.5 ms) of the real audio
     assert direct.decoded == 31
     direct.feed(speech)
     expected = direct.finish().tokens
 
-    a, b = varied_model.stream(), varied_model.stream()
+    a, b = model.stream(), model.stream()
     a.feed(speech[:30000])
     b.feed(speech[::-1].copy())  # a different stream in between must not disturb a
     a.feed(speech[30000:])
     assert a.finish().tokens == expected
-    c = varied_model.stream()  # the fresh stream it forks from is unchanged
+    c = model.stream()  # the fresh stream it forks from is unchanged
     c.feed(speech)
     assert c.finish().tokens == expected
     assert b.finish().tokens != expected

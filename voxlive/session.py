@@ -16,6 +16,7 @@ the first that differs from what the model chose and rewinds the rest, so tokens
 the drafts. The token chosen at a position is the greedy one, unless ``pad_penalty`` is set: then
 ``[STREAMING_PAD]`` loses to the best other token where its logit margin is below the penalty (a
 pad-logit penalty, applied from the margins the runtime returns, without re-running anything).
+Prompt positions are multi-token feeds too, batched across streams (``prefill_prompts``).
 """
 
 from __future__ import annotations

@@ -54,11 +54,12 @@ class _Timed:
 
     def __getattr__(self, name):
         attr = getattr(self._rt, name)
-        if name not in ("encode", "encode_batch", "prefill", "decode"):
+        if name not in ("encode", "encode_batch", "decode"):
             return attr
-        key = "encode" if name == "encode_batch" else name
 
         def timed(*args, **kwargs):
+            # decode calls with output counts run prompt positions; plain ones are decode steps
+            key = "encode" if name == "encode_batch" else "prefill" if "outputs" in kwargs else name
             t = time.perf_counter()
             out = attr(*args, **kwargs)
             self._sync()

@@ -29,11 +29,13 @@ class _StepTimer:
             setattr(runtime, name, self._timed(real, key))
 
     def _timed(self, real, key):
-        def timed(*args):
+        def timed(*args, **kwargs):
             t = time.perf_counter()
-            out = real(*args)
-            self.seconds[key] += time.perf_counter() - t
-            self.steps += key == "decode"
+            out = real(*args, **kwargs)
+            # decode calls with output counts run prompt positions, not decode steps
+            step = key if key == "encode" or "outputs" not in kwargs else "prefill"
+            self.seconds[step] = self.seconds.get(step, 0.0) + time.perf_counter() - t
+            self.steps += step == "decode"
             return out
 
         return timed

@@ -106,6 +106,8 @@ class KVPool(SlotPool):
             keys = keys.astype(q.dtype) * self._read(self.k_scale, layer, p)[..., None].astype(q.dtype)
             values = values.astype(q.dtype) * self._read(self.v_scale, layer, p)[..., None].astype(q.dtype)
         if not p.in_place:
+            if self.int8:  # as the pool will hold them, so results do not depend on how positions are fed
+                k, v = _round_trip(k), _round_trip(v)
             keys = mx.concatenate((keys, self._pad(k, p).transpose(0, 2, 1, 3)), axis=2)
             values = mx.concatenate((values, self._pad(v, p).transpose(0, 2, 1, 3)), axis=2)
         queries = self._pad(q, p).transpose(0, 2, 1, 3)  # [B, heads, n, d]
@@ -131,3 +133,8 @@ def _quantize(x: mx.array) -> tuple[mx.array, mx.array]:
     xf = x.astype(mx.float32)
     scale = mx.maximum(mx.max(mx.abs(xf), axis=-1) / 127, 1e-30)
     return mx.clip(mx.round(xf / scale[..., None]), -127, 127).astype(mx.int8), scale
+
+
+def _round_trip(x: mx.array) -> mx.array:
+    q, scale = _quantize(x)
+    return (q.astype(mx.float32) * scale[..., None]).astype(x.dtype)

@@ -46,6 +46,9 @@ class KVPool(SlotPool):
     def _buffers(self) -> list[torch.Tensor]:
         return [b for b in (self.k, self.v, self.k_scale, self.v_scale) if b is not None]
 
+    def arrays(self) -> list[torch.Tensor]:
+        return self._buffers()
+
     def _grow(self, slots: int) -> None:
         old, n = self._buffers(), self.slots
         shape = (self.n_layers, slots, self.n_kv_heads, self.capacity, self.head_dim)
@@ -109,6 +112,8 @@ class KVPool(SlotPool):
             keys = keys.to(q.dtype) * self._read(self.k_scale, layer, step)[..., None].to(q.dtype)
             values = values.to(q.dtype) * self._read(self.v_scale, layer, step)[..., None].to(q.dtype)
         if not p.in_place:
+            if self.int8:  # as the pool will hold them, so results do not depend on how positions are fed
+                k, v = _round_trip(k), _round_trip(v)
             keys = torch.cat((keys, self._pad(k, step).transpose(1, 2)), dim=2)
             values = torch.cat((values, self._pad(v, step).transpose(1, 2)), dim=2)
         scores = (q @ keys.transpose(-1, -2)).view(B, kvh, group, n, -1)
@@ -134,3 +139,8 @@ def _quantize(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """[rows, kv_heads, d] -> int8 values and a float32 scale per row and head."""
     scale = (x.float().abs().amax(dim=-1) / 127).clamp(min=1e-30)
     return torch.round(x.float() / scale[..., None]).clamp(-127, 127).to(torch.int8), scale
+
+
+def _round_trip(x: torch.Tensor) -> torch.Tensor:
+    q, scale = _quantize(x)
+    return (q.float() * scale[..., None]).to(x.dtype)
