@@ -42,6 +42,7 @@ class LiveConnection(Connection):
         self.vad_stream = None
         self.samples = 0  # 16 kHz samples handed to the engine
         self.completion_tokens = 0
+        self.positions = 0  # decoder positions run (prompt included), told with the final transcript
         self.text = ""  # every delta sent so far
         self._utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
         self._events = asyncio.Lock()
@@ -113,6 +114,7 @@ class LiveConnection(Connection):
                     await self.emit_all(self.turns.push_cut(cut.samples, cut.tokens, cut.forked_at))
                 await self.emit_all(self.turns.push_tokens(update.tokens))
                 if update.transcript is not None:
+                    self.positions = update.positions
                     await self.emit_all(self.turns.finish())
                     await self.done(update.transcript)
                     return
@@ -141,7 +143,7 @@ class LiveConnection(Connection):
         return self.model.tokenizer.decode(tokens)
 
     def usage(self) -> dict:
-        prompt = max(0, self.session.stream.decoded - self.completion_tokens) if self.session else 0
+        prompt = max(0, self.positions - self.completion_tokens)
         return {"prompt_tokens": prompt, "completion_tokens": self.completion_tokens,
                 "total_tokens": prompt + self.completion_tokens}
 
