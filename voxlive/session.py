@@ -221,7 +221,8 @@ class Stream:
         return self.transcript()
 
     def transcript(self) -> Transcript:
-        return Transcript(text=self.tokenizer.decode(self.tokens), words=list(self._words.words),
+        # The first word's token carries the space before it; the text starts at the first word.
+        return Transcript(text=self.tokenizer.decode(self.tokens).strip(), words=list(self._words.words),
                           tokens=list(self.tokens), duration=self.duration, delay_ms=self.delay_ms)
 
 
