@@ -308,3 +308,12 @@ def test_serve_says_what_it_serves_and_never_logs_the_key(varied_dir, varied_mod
     assert logged.count("token=<redacted>") == 3, logged  # the three requests with a token were logged...
     assert "WebSocket /asr?token=<redacted>&delay_ms=240" in logged
     assert key not in logged  # ...and no key, right or wrong, in any line
+
+
+def test_log_redaction_keeps_the_rest_of_the_line():
+    from voxlive.server.logs import RedactKeys
+
+    short = RedactKeys("k")  # a key that is part of other words must not cut them up
+    assert short.redact('"GET /v1/models?token=k HTTP/1.1" 200') == '"GET /v1/models?token=<redacted> HTTP/1.1" 200'
+    assert short.redact('"WebSocket /asr?delay_ms=240&token=wrong"') == '"WebSocket /asr?delay_ms=240&token=<redacted>"'
+    assert RedactKeys("s3cret").redact("key s3cret, not s3crets") == "key <redacted>, not s3crets"
