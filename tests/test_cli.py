@@ -271,13 +271,21 @@ def test_serve_says_what_it_serves_and_never_logs_the_key(varied_dir, varied_mod
     reader.start()
     try:
         deadline = time.monotonic() + 300  # a first run builds the CPU kernels
-        while not any("Uvicorn running" in line for line in output):
+        while not any(line.startswith("voxlive: routes:") for line in output):
             assert proc.poll() is None, "".join(output)
             assert time.monotonic() < deadline, "".join(output)
             time.sleep(0.1)
         text = "".join(output)
         assert re.search(r"voxlive: model .* \(torch backend, cpu, float32, unquantized\), up to 16 sessions", text)
         base = re.search(r"voxlive: open (http://127\.0\.0\.1:\d+)/ in a browser", text).group(1)
+        while True:  # the port is bound already; the app answers once its engine has started
+            try:
+                if httpx.get(f"{base}/health").status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert proc.poll() is None and time.monotonic() < deadline, "".join(output)
+            time.sleep(0.1)
         routes = re.search(r"voxlive: routes: (.*)", text).group(1)
         for route in ("GET /", "WS /v1/realtime", "WS /asr", "POST /v1/audio/transcriptions", "GET /health"):
             assert route in routes.split(", "), routes
@@ -297,6 +305,15 @@ def test_serve_says_what_it_serves_and_never_logs_the_key(varied_dir, varied_mod
         reader.join(timeout=10)
     assert proc.returncode == 0
     logged = "".join(output)
-    assert logged.count("token=<redacted>") >= 4, logged  # the requests were logged...
+    assert logged.count("token=<redacted>") == 3, logged  # the three requests with a token were logged...
     assert "WebSocket /asr?token=<redacted>&delay_ms=240" in logged
     assert key not in logged  # ...and no key, right or wrong, in any line
+
+
+def test_log_redaction_keeps_the_rest_of_the_line():
+    from voxlive.server.logs import RedactKeys
+
+    short = RedactKeys("k")  # a key that is part of other words must not cut them up
+    assert short.redact('"GET /v1/models?token=k HTTP/1.1" 200') == '"GET /v1/models?token=<redacted> HTTP/1.1" 200'
+    assert short.redact('"WebSocket /asr?delay_ms=240&token=wrong"') == '"WebSocket /asr?delay_ms=240&token=<redacted>"'
+    assert RedactKeys("s3cret").redact("key s3cret, not s3crets") == "key <redacted>, not s3crets"

@@ -40,7 +40,10 @@ def serve(model, *, model_id: str | None = None, host: str = "127.0.0.1", port: 
     redact_keys_in_uvicorn_logs(api_key)  # after uvicorn.Config, which configures its logging
     for line in startup_lines(app, model, model_id, host, port, max_sessions, api_key is not None):
         print(f"voxlive: {line}", file=sys.stderr, flush=True)
-    uvicorn.Server(config).run(sockets=[sock] if sock is not None else None)
+    try:
+        uvicorn.Server(config).run(sockets=[sock] if sock is not None else None)
+    except KeyboardInterrupt:  # uvicorn re-raises the Ctrl-C it stopped on: it is how a server ends
+        pass
 
 
 def startup_lines(app, model, model_id: str, host: str, port: int, max_sessions: int, keyed: bool) -> list[str]:

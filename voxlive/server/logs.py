@@ -4,7 +4,7 @@ Browsers cannot set headers on a WebSocket, so they send the key as ``?token=KEY
 writes every request's path with its query into its access log (HTTP) and its error log
 (WebSocket handshakes). This filter rewrites those lines before any handler sees them: every
 ``token=`` value, right or wrong (a wrong one is often a real key mistyped), and the server's key
-wherever else it appears.
+wherever else it stands as a word of its own (not inside other words: a key "k" leaves "token" be).
 """
 
 from __future__ import annotations
@@ -20,11 +20,11 @@ REDACTED = "<redacted>"
 class RedactKeys(logging.Filter):
     def __init__(self, api_key: str | None):
         super().__init__()
-        self.api_key = api_key
+        self.key = re.compile(rf"(?<![\w-]){re.escape(api_key)}(?![\w-])") if api_key else None
 
     def redact(self, text: str) -> str:
         text = _TOKEN.sub(rf"\g<1>{REDACTED}", text)
-        return text.replace(self.api_key, REDACTED) if self.api_key else text
+        return self.key.sub(REDACTED, text) if self.key else text
 
     def filter(self, record: logging.LogRecord) -> bool:
         if isinstance(record.msg, str):
