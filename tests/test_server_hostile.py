@@ -36,9 +36,9 @@ def server(varied_dir):
     model = voxlive.load(varied_dir, dtype="float32", device="cpu")
     decode = model.runtime.decode
 
-    def slow_decode(states, tokens):  # long uploads take seconds, so a client can give up on one
+    def slow_decode(*args, **options):  # long uploads take seconds, so a client can give up on one
         time.sleep(0.002)
-        return decode(states, tokens)
+        return decode(*args, **options)
 
     model.runtime.decode = slow_decode
     engine = Engine(model, max_sessions=4)

@@ -135,24 +135,24 @@ class Minute:
 
 
 class Sampler:
-    """Samples once per minute of audio the server has transcribed (audio sent minus the lag
-    its updates report), so a minute is the server's minute, not how far ahead the client is."""
+    """Samples once per minute of audio the server has transcribed (the end of the last word it
+    sent), so a minute is the server's minute, not how far ahead of it the client is: audio waits
+    in socket buffers that no lag figure counts."""
 
     def __init__(self, server: ServerProcess):
         self.server = server
         self.minutes: list[Minute] = []
-        self.sent = 0.0  # seconds of audio sent
         self._cpu = server.cpu_seconds()
         self._sizes, self._gaps, self._last = [], [], None
 
-    def message(self, size: int, lag: float | None) -> None:
+    def message(self, size: int, words: list[dict]) -> None:
         now = time.monotonic()
         if self._last is not None:
             self._gaps.append(now - self._last)
         self._last = now
         self._sizes.append(size)
-        if lag is not None:
-            while self.sent - lag >= 60 * (len(self.minutes) + 1):
+        if words:
+            while words[-1]["end"] >= 60 * (len(self.minutes) + 1):
                 self.minute()
 
     def minute(self) -> None:
@@ -168,7 +168,6 @@ async def feed(chunks, send, sampler: Sampler, pace: str) -> None:
     t0 = time.monotonic()
     for i, chunk in enumerate(chunks, 1):
         await send(chunk)
-        sampler.sent += len(chunk) / RATE
         if pace == "realtime":
             await asyncio.sleep(max(0.0, t0 + i * CHUNK_SECONDS - time.monotonic()))
 
@@ -185,7 +184,8 @@ async def soak_asr(port: int, chunks, sampler: Sampler, pace: str) -> dict:
             while True:
                 raw = await ws.recv()
                 m = json.loads(raw)
-                sampler.message(len(raw), m.get("remaining_time_transcription"))
+                new_lines = m.get("lines") or m.get("new_lines") or [{}]
+                sampler.message(len(raw), new_lines[-1].get("words"))
                 if m.get("type") == "ready_to_stop":
                     return
                 if m["type"] == "snapshot":
@@ -214,7 +214,7 @@ async def soak_realtime(port: int, chunks, sampler: Sampler, pace: str) -> dict:
             while True:
                 raw = await ws.recv()
                 event = json.loads(raw)
-                sampler.message(len(raw), event.get("lag"))
+                sampler.message(len(raw), event.get("words"))
                 if event["type"] == "transcription.delta":
                     text.append(event["delta"])
                     words.extend(event.get("words", []))

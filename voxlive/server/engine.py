@@ -230,7 +230,7 @@ class Session:
             news.positions = st.decoded
             news.words += st.take_words()
             news.partial, news.lag = "", 0.0
-            self.stream = None  # its caches are freed as soon as the client's side lets go
+            self.release()
         return news
 
     def publish(self, news: Update) -> None:
@@ -247,8 +247,15 @@ class Session:
         if not self._done:
             self._pending.error = message
             self._done = True
-            self.stream = None
+            self.release()
             self._notify(self._changed, self._drained)
+
+    def release(self) -> None:
+        """Give the stream's cache slots back to the runtime now (engine thread): a long connection
+        of many utterances reuses slots instead of growing the pools until the GC runs."""
+        if self.stream is not None:
+            self.stream.runtime.release(self.stream.state)
+            self.stream = None
 
     def _notify(self, *events: asyncio.Event) -> None:
         for event in events:
@@ -320,7 +327,7 @@ class Engine:
                         break
                     self.work.wait()
                 for s in plan.drop:
-                    s.stream = None
+                    s.release()
                 if plan.drop:
                     self.sessions = [s for s in self.sessions if not s._closed]
                 audio = {s: s.take_audio(n) for s, n in plan.ingest.items()}
