@@ -216,11 +216,11 @@ def test_a_failing_step_fails_its_sessions_and_the_engine_goes_on(model, varied_
         real = runtime.decode
         calls = {"n": 0}
 
-        def flaky(states, tokens):
+        def flaky(states, feeds, **options):
             calls["n"] += 1
             if calls["n"] == 3:
                 raise RuntimeError("boom")
-            return real(states, tokens)
+            return real(states, feeds, **options)
 
         monkeypatch.setattr(runtime, "decode", flaky)
         doomed = engine.open()

@@ -11,6 +11,7 @@ from typing import Callable
 import numpy as np
 
 from .audio import SAMPLE_RATE, load_audio
+from .backends.runtime import MAX_DRAFT
 from .checkpoint import CheckpointError, open_checkpoint
 from .session import Stream
 from .tokens import Tokenizer
@@ -84,8 +85,11 @@ class Model:
         if mel.ndim != 2 or mel.shape[0] != n_mels:
             raise ValueError(f"mel must be [{n_mels}, frames], got shape {mel.shape}")
         state = self.runtime.new_state(self.config.delay_tokens(None))
-        self.runtime.encode(state, mel)
-        return self.runtime.take_embeddings(state)
+        try:
+            self.runtime.encode(state, mel)
+            return self.runtime.take_embeddings(state)
+        finally:
+            self.runtime.release(state)
 
     def logits(self, token_ids, audio_embeds: np.ndarray, *, delay_ms: int | None = None) -> np.ndarray:
         """Teacher-forced logits [n, vocab] float32: position p sees audio_embeds[p] + embed(token_ids[p])."""
@@ -96,8 +100,11 @@ class Model:
         if len(token_ids) > audio_embeds.shape[0]:
             raise ValueError(f"{len(token_ids)} tokens but only {audio_embeds.shape[0]} audio embeddings")
         state = self.runtime.new_state(self.config.delay_tokens(delay_ms))
-        self.runtime.add_embeddings(state, audio_embeds[:len(token_ids)])
-        return self.runtime.logits(state, token_ids)
+        try:
+            self.runtime.add_embeddings(state, audio_embeds[:len(token_ids)])
+            return self.runtime.logits(state, token_ids)
+        finally:
+            self.runtime.release(state)
 
 
 def default_backend() -> str:
@@ -148,11 +155,15 @@ def check_options(*, backend: str, device: str | None, quantize: str | None, com
 
 
 def load(source: str | os.PathLike | None = None, *, backend: str = "auto", device: str | None = None,
-         dtype: str | None = None, quantize: str | None = None, compile: bool = False) -> Model:
+         dtype: str | None = None, quantize: str | None = None, kv_dtype: str | None = None,
+         max_draft: int = MAX_DRAFT, compile: bool = False) -> Model:
     """Load a checkpoint (local directory or Hugging Face repo id; default the official model).
 
     ``quantize`` "int8" | "int4": weight-only quantization at load (or the mode of a checkpoint
-    written by ``voxlive convert``). ``compile``: run the decode step through torch.compile with
+    written by ``voxlive convert``). ``kv_dtype`` None | "int8": the KV caches in the activation
+    dtype or in int8 (half the memory of bf16, see the README). ``max_draft``: the most drafted
+    tokens a decode step may verify per stream (the decoder's KV pool holds that many positions
+    beyond its window). ``compile``: run the decode step through torch.compile with
     static shapes (slow to start; pays on GPUs more than on small CPUs, see the README).
     """
     backend = check_options(backend=backend, device=device, quantize=quantize, compile=compile)
@@ -166,13 +177,17 @@ def load(source: str | os.PathLike | None = None, *, backend: str = "auto", devi
         if ckpt.quantize is not None:
             raise CheckpointError(f"{ckpt.directory}: a torch-quantized checkpoint (voxlive convert) is read by the "
                                   f"torch backend only")
-        runtime = MLXRuntime(ckpt, device=device, dtype=dtype, quantize=quantize)
-        return Model(runtime, Tokenizer(ckpt.tokenizer_path), str(ckpt.directory))
+        tokenizer = Tokenizer(ckpt.tokenizer_path)
+        runtime = MLXRuntime(ckpt, pad_id=tokenizer.streaming_pad, device=device, dtype=dtype, quantize=quantize,
+                             kv_dtype=kv_dtype, max_draft=max_draft)
+        return Model(runtime, tokenizer, str(ckpt.directory))
     from .backends.torch.runtime import TorchRuntime
 
     ckpt = open_checkpoint(source)
     if ckpt.packed:
         raise CheckpointError(f"{ckpt.directory}: an MLX-quantized checkpoint ({ckpt.layout} layout) is read by the "
                               f"MLX backend only (backend='mlx')")
-    runtime = TorchRuntime(ckpt, device=device, dtype=dtype, quantize=quantize, compile=compile)
-    return Model(runtime, Tokenizer(ckpt.tokenizer_path), str(ckpt.directory))
+    tokenizer = Tokenizer(ckpt.tokenizer_path)
+    runtime = TorchRuntime(ckpt, pad_id=tokenizer.streaming_pad, device=device, dtype=dtype, quantize=quantize,
+                           kv_dtype=kv_dtype, max_draft=max_draft, compile=compile)
+    return Model(runtime, tokenizer, str(ckpt.directory))

@@ -17,8 +17,9 @@ import mlx.core as mx
 from ...checkpoint import CheckpointError, expected_native_tensors, open_checkpoint
 from ...config import read_json
 from ...layouts import mlx_packed, native, voxmlx
-from .quantize import BITS, GROUP_SIZE
-from .runtime import pick_dtype
+from ..runtime import pick_dtype
+from .quant import BITS, GROUP_SIZE
+from .runtime import DTYPES
 from .thread import mlx_thread
 from .weights import WeightReader
 
@@ -38,7 +39,7 @@ def convert(source, output, *, quantize: str | None = None, dtype: str | None = 
     bits = BITS[quantize] if quantize else None
 
     def write() -> None:
-        reader = WeightReader(ckpt, pick_dtype(dtype))
+        reader = WeightReader(ckpt, pick_dtype(dtype, DTYPES, "bfloat16"))
         tensors: dict[str, mx.array] = {}
         for nat, shape in expected_native_tensors(ckpt.config).items():
             a = reader.get(nat)

@@ -13,7 +13,7 @@ import mlx.core as mx
 
 from ...checkpoint import Checkpoint, CheckpointError
 from ...layouts.voxmlx import quantizable
-from .quantize import GROUP_SIZE, QuantizedMatrix
+from .quant import GROUP_SIZE, QuantizedWeight
 
 
 class WeightReader:
@@ -42,14 +42,14 @@ class WeightReader:
         mx.eval(out)
         return out
 
-    def _stored_quantized(self, native: str) -> QuantizedMatrix | None:
+    def _stored_quantized(self, native: str) -> QuantizedWeight | None:
         p = self.ckpt.packed.get(native)
         if p is None:
             return None
-        return QuantizedMatrix(self._raw(p.weight), self._raw(p.scales).astype(self.dtype),
+        return QuantizedWeight(self._raw(p.weight), self._raw(p.scales).astype(self.dtype),
                                self._raw(p.biases).astype(self.dtype), p.group_size, p.bits)
 
-    def matrix(self, names: list[str]) -> mx.array | QuantizedMatrix:
+    def matrix(self, names: list[str]) -> mx.array | QuantizedWeight:
         """A weight matrix (several fused along dim 0): quantized if stored so or if ``bits`` is set."""
         stored = [self._stored_quantized(n) for n in names]
         if any(s is not None for s in stored):
@@ -58,12 +58,12 @@ class WeightReader:
             if len({(s.group_size, s.bits) for s in stored}) > 1:
                 raise CheckpointError(f"{self.file.path}: {names} are quantized with different bits or group sizes; "
                                       f"voxlive multiplies them as one matrix, so it cannot read this mixed recipe")
-            m = stored[0] if len(stored) == 1 else QuantizedMatrix.concatenate(stored)
+            m = stored[0] if len(stored) == 1 else QuantizedWeight.concatenate(stored)
             mx.eval(m.arrays())
             return m
         dense = self.fused(names)
         if self.bits is not None and quantizable(names[0], tuple(dense.shape), self.group_size):
-            m = QuantizedMatrix.quantize(dense, self.bits, self.group_size)
+            m = QuantizedWeight.quantize(dense, self.bits, self.group_size)
             mx.eval(m.arrays())
             return m
         return dense
