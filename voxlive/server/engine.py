@@ -220,6 +220,7 @@ class Session:
         while self._forks and self._forks[0].done:
             fork = self._forks.pop(0)
             cuts.append(Cut(fork.samples, self._published, fork.stream.tokens))
+            fork.stream.runtime.release(fork.stream.state)  # its KV slots back to the pools now
         if self._forks:  # the main stream's tokens wait until the forks before them are out
             return Update(cuts=cuts, partial=self._pending.partial, lag=lag)
         news = Update(tokens=st.tokens[self._published:], words=st.take_words(), partial=st.partial_word, cuts=cuts)
