@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from . import cpu_kernels
 from .cache import RingKVCache
 
 
@@ -38,6 +39,15 @@ class Rope:
         return torch.view_as_real(pairs * rotation).flatten(-2).to(x.dtype)
 
 
+def kernel_attends(q: torch.Tensor, k: torch.Tensor) -> bool:
+    """Whether voxlive's attention kernel takes these queries [heads, n, d] and keys [kv_heads, n, d]:
+    with ``cpu_kernels.batch_invariant()``, on a CPU, in bfloat16 or float32. It computes each query on
+    its own (PyTorch's flash attention blocks them by the call's sizes), so a stream's numbers do not
+    depend on how its positions were chunked; it is slower (README, "Same tokens however the audio arrives")."""
+    return (q.device.type == "cpu" and q.dtype in (torch.bfloat16, torch.float32) and 16 % (q.shape[0] // k.shape[0]) == 0
+            and q.shape[-1] % 8 == 0 and cpu_kernels.batch_invariant())
+
+
 def attend_chunk(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: RingKVCache, layer: int) -> torch.Tensor:
     """Causal sliding-window attention of n new positions of ONE sequence over its cache and themselves.
 
@@ -47,6 +57,11 @@ def attend_chunk(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: RingK
     n, window = q.shape[1], cache.window
     start = cache.length
     device = q.device
+    if kernel_attends(q, k):
+        rows = [t.transpose(0, 1).reshape(n, -1) for t in (q, k, v)]
+        out = cpu_kernels.attention(*rows, cache.k[layer], cache.v[layer], start, window, q.shape[-1])
+        cache.write(layer, k, v)
+        return out
     if n == 1:
         cache.write(layer, k, v)
         m = min(start + 1, window)

@@ -1,0 +1,76 @@
+"""One recording gives one transcript however it arrives, in bfloat16 (the default precision).
+
+In float32 streaming equals offline (test_streaming.py). In bfloat16 it holds only if each stream's
+numbers do not depend on how many frames, positions or streams a call holds: with
+VOXLIVE_BATCH_INVARIANT=1 every product and attention row is computed on its own in a fixed order
+(voxlive's CPU kernels with AMX), so these tests compare tokens exactly. Without AMX the stock GEMM
+blocks rows by the call's size, and they skip.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import voxlive
+from voxlive.backends.torch import cpu_kernels
+from voxlive.session import decode_ready
+
+from test_streaming import _random_chunks, _stream_tokens
+
+pytestmark = pytest.mark.skipif(not cpu_kernels.amx_available(),
+                                reason=f"needs the AMX kernels ({cpu_kernels.unavailable_reason() or 'no AMX here'})")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def batch_invariant():
+    """As with VOXLIVE_BATCH_INVARIANT=1, for this module's models."""
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(cpu_kernels, "_batch_invariant", True)
+        yield
+
+
+@pytest.fixture(scope="module")
+def bf16_model(varied_dir, batch_invariant):
+    return voxlive.load(varied_dir, dtype="bfloat16", device="cpu")
+
+
+@pytest.fixture(scope="module")
+def offline(bf16_model, speech):
+    return {delay: bf16_model.transcribe(speech, delay_ms=delay) for delay in (480, 160)}
+
+
+def test_bf16_tokens_depend_on_the_audio(bf16_model, offline, speech):
+    # Otherwise the equalities below would compare constant sequences.
+    tokens = offline[480].tokens
+    assert len(set(tokens)) >= 5
+    assert bf16_model.transcribe(np.zeros_like(speech)).tokens != tokens
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_bf16_stream_in_random_chunks_equals_transcribe(bf16_model, offline, speech, seed):
+    delay = (480, 160)[seed % 2]
+    rng = np.random.default_rng(100 + seed)
+    streamed, _ = _stream_tokens(bf16_model, speech, _random_chunks(rng, len(speech)), delay)
+    assert streamed.tokens == offline[delay].tokens
+
+
+def test_bf16_stream_in_80ms_chunks_equals_transcribe(bf16_model, offline, speech):
+    streamed, _ = _stream_tokens(bf16_model, speech, [1280] * (len(speech) // 1280), 480)
+    assert streamed.tokens == offline[480].tokens
+
+
+def test_bf16_batched_streams_equal_transcribe(bf16_model, offline, speech):
+    """Streams sharing encoder passes and decode steps with others, each fed its own chunk sizes."""
+    audios = [speech, speech[::-1].copy(), 0.5 * speech, speech[: len(speech) // 3]]
+    delays = [480, 480, 160, 480]
+    expected = [offline[480].tokens] + [bf16_model.transcribe(a, delay_ms=d).tokens
+                                        for a, d in zip(audios[1:], delays[1:])]
+    streams = [bf16_model.stream(delay_ms=d) for d in delays]
+    steps = [2900, 700, 5100, 1280]
+    for i in range(max(-(-len(a) // step) for a, step in zip(audios, steps))):
+        for s, a, step in zip(streams, audios, steps):
+            s.push(a[i * step:(i + 1) * step])
+        decode_ready(streams)
+    for s, exp in zip(streams, expected):
+        assert s.finish().tokens == exp
