@@ -169,7 +169,7 @@ def test_hub_download_failure_is_clear(monkeypatch, tmp_path):
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)  # read at import time
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hf" / "hub"))
-    with pytest.raises(CheckpointError, match="could not download voxlive-test/does-not-exist"):
+    with pytest.raises(CheckpointError, match="voxlive-test/does-not-exist: no such directory, and it could not be downloaded"):
         resolve("voxlive-test/does-not-exist")
 
 

@@ -15,7 +15,7 @@ import torch
 import voxlive
 from voxlive.backends.torch import cpu_kernels
 from voxlive.backends.torch.quant import QUANTIZED, Bf16Weight, linear, quantize
-from voxlive.reference import offline_padded_audio
+from voxlive_bench.reference import offline_padded_audio
 
 from test_quant import dequantized
 
@@ -101,13 +101,14 @@ def batch_invariant(monkeypatch):
 def test_batch_invariance_is_an_option():
     """Off by default (it costs speed, README): the encoder's matrices stay with oneDNN and attention with
     PyTorch's; the decoder's bf16 matrices take the AMX GEMM either way."""
-    from voxlive.backends.torch.layers import kernel_attends
+    from voxlive.backends.torch.pool import KVPool
 
     assert not cpu_kernels.batch_invariant()
     w = torch.zeros(32, 64, dtype=torch.bfloat16)
     assert Bf16Weight.wrap(w, many_rows=True) is w
     assert Bf16Weight.wrap(w).amx
-    assert not kernel_attends(torch.zeros(4, 3, 16), torch.zeros(2, 3, 16))
+    pool = KVPool(1, 2, 8, 16, dtype=torch.bfloat16, device=torch.device("cpu"))
+    assert not pool.kernel_attends(torch.zeros(3, 4, 16, dtype=torch.bfloat16))
 
 
 @needs_amx
@@ -255,15 +256,18 @@ def test_avx2_build_passes_the_same_tests():
 
 
 def attend_in_chunks(q, k, v, window, chunks):
-    """Causal windowed attention of q/k/v [heads, T, d] fed to attend_chunk in the given chunk sizes."""
-    from voxlive.backends.torch.cache import RingKVCache
-    from voxlive.backends.torch.layers import attend_chunk
+    """Causal windowed attention of q [T, heads, d], k/v [T, kv_heads, d] through a KV pool's slot, the
+    positions fed in the given chunk sizes."""
+    from voxlive.backends.torch.pool import KVPool
 
-    cache = RingKVCache(1, k.shape[0], window, k.shape[2], dtype=k.dtype, device=torch.device("cpu"))
+    pool = KVPool(1, k.shape[1], window, k.shape[2], dtype=k.dtype, device=torch.device("cpu"))
+    slot = pool.acquire()
     outs, p = [], 0
     for n in chunks:
-        outs.append(attend_chunk(q[:, p:p + n], k[:, p:p + n], v[:, p:p + n], cache, 0))
-        cache.advance(n)
+        step = pool.begin([slot], [n])
+        assert pool.kernel_attends(q)
+        outs.append(pool.attend(0, step, q[p:p + n], k[p:p + n], v[p:p + n]))
+        pool.commit(step.plan)
         p += n
     return torch.cat(outs)
 
@@ -273,18 +277,15 @@ def attend_in_chunks(q, k, v, window, chunks):
 def test_attention_kernel_against_float64_and_in_any_chunking(dtype, batch_invariant):
     """Each query over exactly its window's keys (GQA, across the ring's wrap), within rounding of float64;
     and bit for bit the same whatever chunks the positions come in (PyTorch's flash attention is not)."""
-    from voxlive.backends.torch.layers import kernel_attends
-
     g = torch.Generator().manual_seed(1)
     heads, kv_heads, d, window, T = 4, 2, 24, 20, 67
-    q, k, v = (3 * torch.randn(h, T, d, generator=g).to(dtype) for h in (heads, kv_heads, kv_heads))
-    assert kernel_attends(q, k)
+    q, k, v = (3 * torch.randn(T, h, d, generator=g).to(dtype) for h in (heads, kv_heads, kv_heads))
     whole = attend_in_chunks(q, k, v, window, [T])
     pos = torch.arange(T)
     delta = pos[:, None] - pos[None, :]
     allowed = (delta >= 0) & (delta < window)
-    kk, vv = (t.double().repeat_interleave(heads // kv_heads, 0) for t in (k, v))
-    scores = (q.double() @ kk.transpose(1, 2)) / d ** 0.5
+    kk, vv = (t.double().transpose(0, 1).repeat_interleave(heads // kv_heads, 0) for t in (k, v))
+    scores = (q.double().transpose(0, 1) @ kk.transpose(1, 2)) / d ** 0.5
     expected = torch.softmax(scores.masked_fill(~allowed, float("-inf")), -1) @ vv  # [heads, T, d]
     expected = expected.transpose(0, 1).reshape(T, -1)
     tolerance = 2 ** -8 if dtype == torch.bfloat16 else 1e-5

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import voxlive
-from voxlive.reference import (
+from voxlive_bench.reference import (
     load_reference,
     offline_padded_audio,
     offline_prompt_ids,

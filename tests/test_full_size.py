@@ -20,7 +20,7 @@ pytestmark = pytest.mark.skipif(os.environ.get("VOXLIVE_FULL_TESTS") != "1",
 
 def test_full_size_load_memory_and_streaming():
     import voxlive
-    from voxlive.bench import random_checkpoint_dir
+    from voxlive_bench.bench import random_checkpoint_dir
 
     model = voxlive.load(random_checkpoint_dir("full"), device="cpu", dtype="bfloat16")
     rss_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
@@ -39,7 +39,7 @@ def test_full_size_load_memory_and_streaming():
 
 INT4_RUN = """
 import resource, numpy as np, voxlive
-from voxlive.bench import random_checkpoint_dir
+from voxlive_bench.bench import random_checkpoint_dir
 model = voxlive.load(random_checkpoint_dir("full"), device="cpu", dtype="bfloat16", quantize="int4")
 rng = np.random.default_rng(0)
 tokens = model.transcribe((0.1 * rng.standard_normal(16000 * 2)).astype(np.float32)).tokens

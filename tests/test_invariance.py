@@ -14,7 +14,7 @@ import pytest
 
 import voxlive
 from voxlive.backends.torch import cpu_kernels
-from voxlive.session import decode_ready
+from voxlive.session import decode_available
 
 from test_streaming import _random_chunks, _stream_tokens
 
@@ -71,6 +71,6 @@ def test_bf16_batched_streams_equal_transcribe(bf16_model, offline, speech):
     for i in range(max(-(-len(a) // step) for a, step in zip(audios, steps))):
         for s, a, step in zip(streams, audios, steps):
             s.push(a[i * step:(i + 1) * step])
-        decode_ready(streams)
+        decode_available(streams)
     for s, exp in zip(streams, expected):
         assert s.finish().tokens == exp

@@ -179,10 +179,13 @@ def test_log_mel_matches_transformers(hf_extractor, kind):
     not attainable by an exact implementation. What we assert instead:
       * against the same recipe computed in float64: max error < 1e-6 (we are exact up to float32 output rounding);
       * against the float32 reference: elementwise |ours - ref32| <= |ref32 - ref64| + 1e-6 (never further
-        from it than it is from the exact value), max < 5e-5, and > 1e-5 for fewer than 2 % of the entries.
+        from it than it is from the exact value), max < 5e-5, and > 1e-5 for fewer than 2 % of the entries
+        of all lengths together (a 2-frame signal has only 256 entries, too few for a per-length share:
+        its count moves with the reference's own float32 rounding between transformers releases).
     """
     rng = np.random.default_rng(1234)
     filters = hf_extractor.mel_filters.T.astype(np.float32)
+    far = total = 0
     for n in LENGTHS:
         x = signal(kind, n, rng)
         ours = log_mel(x)
@@ -196,7 +199,9 @@ def test_log_mel_matches_transformers(hf_extractor, kind):
         ref_err = np.abs(ref - exact)
         assert (err <= ref_err + 1e-6).all(), (kind, n, (err - ref_err).max())
         assert err.max() < 5e-5, (kind, n, err.max())
-        assert np.mean(err > 1e-5) < 2e-2, (kind, n, np.mean(err > 1e-5))
+        far += int((err > 1e-5).sum())
+        total += err.size
+    assert far / total < 2e-2, (kind, far / total)
 
 
 def test_log_mel_matches_transformers_call(hf_extractor):

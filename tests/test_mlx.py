@@ -21,11 +21,11 @@ from conftest import VARIED_ADAPTER_SCALE
 from test_streaming import _EosEvery, _random_chunks, _stream_tokens
 
 import voxlive
-from voxlive import mlx_layout
+from voxlive import layouts
 from voxlive.checkpoint import CheckpointError, SafetensorsFile
 from voxlive.config import ConfigError
-from voxlive.reference import offline_padded_audio
-from voxlive.session import Stream, decode_ready
+from voxlive_bench.reference import offline_padded_audio
+from voxlive.session import Stream, decode_available
 from voxlive.testing import write_random_checkpoint
 
 # Sizes whose every matrix input is a multiple of MLX's default quantization group (64), so every
@@ -106,24 +106,14 @@ def test_batched_encode_and_decode_equal_one_by_one(mlx_model, speech, monkeypat
     for i in range(max(-(-len(a) // step) for a, step in zip(audios, steps))):
         for s, a, step in zip(streams, audios, steps):
             s.push(a[i * step:(i + 1) * step])
-        decode_ready(streams)  # several streams share each encoder pass and decode step
+        decode_available(streams)  # several streams share each encoder pass and decode step
     assert max(batch_sizes) == 3  # the three streams' frames went through the encoder together
     for s, exp in zip(streams, expected):
         assert s.finish().tokens == exp
 
 
-def test_offline_decoding_runs_a_step_ahead(mlx_model, speech):
-    rt = mlx_model.runtime
-    before, steps = rt.steps_ahead_used, rt.decode_steps
-    n = len(mlx_model.transcribe(speech).tokens)
-    # every step but the first of each 30 s chunk and of the drain at finish() was started ahead
-    assert rt.decode_steps - steps == n - 1
-    assert rt.steps_ahead_used - before >= n - 4
-
-
-def test_step_ahead_is_dropped_when_the_token_fed_back_differs(mlx_model, varied_model, speech):
-    # Every 5th token is replaced by </s> before it is fed back, so the step computed ahead on the
-    # model's own token must be thrown away and redone: the result must equal torch's.
+def test_tokens_fed_back_other_than_the_greedy_ones_match_torch(mlx_model, varied_model, speech):
+    # Every 5th token is replaced by </s> before it is fed back: the result must equal torch's.
     results = []
     for model in (varied_model, mlx_model):
         rt = _EosEvery(model.runtime, model.tokenizer.eos)
@@ -166,25 +156,28 @@ def test_mlx_work_runs_on_the_mlx_thread(mlx_model, monkeypatch):
 
 
 def test_memory_is_bounded_on_long_audio(mlx_model):
+    rt = mlx_model.runtime
     s = mlx_model.stream()
     rng = np.random.default_rng(0)
     s.feed((0.1 * rng.standard_normal(16000 * 10)).astype(np.float32))
     c = mlx_model.config
-    enc, dec = s.state.encoder_cache, s.state.decoder_cache
-    assert enc.length > 10 * c.encoder.sliding_window and dec.length > 3 * c.decoder.sliding_window
-    assert enc.allocated == c.encoder.sliding_window and dec.allocated == c.decoder.sliding_window
-    assert all(a.shape[1] == c.decoder.sliding_window for a in dec.arrays())
+    assert rt.encoder_pool.length(s.state.encoder_slot) > 10 * c.encoder.sliding_window
+    assert rt.position(s.state) > 3 * c.decoder.sliding_window
+    # the arrays grew to the capacity (window + drafts) and no further, whatever the audio's length
+    assert rt.encoder_pool.allocated == c.encoder.sliding_window
+    assert rt.decoder_pool.allocated == c.decoder.sliding_window + rt.max_draft
+    assert all(a.shape[2] == c.decoder.sliding_window + rt.max_draft for a in rt.decoder_pool.arrays())
     assert not s.state.pending
 
 
 def _quantized_matrices(model):
-    from voxlive.backends.mlx.quantize import QuantizedMatrix
+    from voxlive.backends.mlx.quant import QuantizedWeight
 
     d = model.runtime.decoder
     found = [d.embedding] + [m for L in d.layers for m in (L.wqkv, L.wo, L.ada0, L.ada2, L.w13, L.w2)]
     found += [m for L in model.runtime.encoder.layers for m in (L.wqkv, L.wo, L.w13, L.w2)]
     found += [model.runtime.adapter.w0, model.runtime.adapter.w2]
-    return [isinstance(m, QuantizedMatrix) for m in found]
+    return [isinstance(m, QuantizedWeight) for m in found]
 
 
 def test_int8_is_close_to_unquantized(quant_base, quant_dir, speech):
@@ -243,7 +236,7 @@ def test_converted_layout_errors(quant_dir, tmp_path, varied_dir):
     out = convert(quant_dir, tmp_path / "c", quantize="int4", dtype="float32")
     with pytest.raises(CheckpointError, match="read by the MLX backend only"):
         voxlive.load(out, backend="torch")
-    with pytest.raises(ValueError, match="already quantized to 4 bits"):
+    with pytest.raises(CheckpointError, match="already quantized to int4 cannot be loaded as int8"):
         voxlive.load(out, backend="mlx", quantize="int8")
     with pytest.raises(ValueError, match="exists and is not empty"):
         convert(quant_dir, out)
@@ -259,7 +252,7 @@ def test_converted_layout_errors(quant_dir, tmp_path, varied_dir):
     (out / "config.json").write_text(json.dumps({**config, "quantization": {"group_size": 64, "bits": 7}}))
     with pytest.raises(ConfigError, match="quantization must be"):
         voxlive.load(out, backend="mlx")
-    assert not mlx_layout.is_converted(varied_dir)
+    assert not layouts.is_converted(varied_dir)
 
 
 def test_cli_convert_and_transcribe(quant_dir, quant_base, speech, tmp_path):

@@ -15,7 +15,7 @@ import voxlive
 from voxlive.backends.torch.convert import QUANTIZED_WEIGHTS, write_quantized
 from voxlive.backends.torch.quant import QUANTIZED, linear, quantize
 from voxlive.checkpoint import CheckpointError, SafetensorsFile, open_checkpoint
-from voxlive.reference import offline_padded_audio
+from voxlive_bench.reference import offline_padded_audio
 
 
 def dequantized(parts: dict[str, torch.Tensor], scheme: str) -> torch.Tensor:

@@ -1,4 +1,4 @@
-"""Tests of the transformers reference adapter (voxlive.reference), independent of the voxlive engine.
+"""Tests of the transformers reference adapter (voxlive_bench.reference), independent of the voxlive engine.
 
 They prove the adapter itself right: every native tensor lands in exactly one transformers parameter
 with the right values, the q/k permutation preserves attention scores of Mistral's interleaved RoPE,
@@ -16,7 +16,7 @@ import torch
 
 pytest.importorskip("transformers.models.voxtral_realtime")
 
-from voxlive import reference as R  # noqa: E402
+from voxlive_bench import reference as R  # noqa: E402
 from voxlive.checkpoint import expected_native_tensors, open_checkpoint  # noqa: E402
 from voxlive.testing import write_random_checkpoint  # noqa: E402
 
@@ -61,7 +61,7 @@ def inputs(ckpt):
 
 
 # ----------------------------------------------------------------------------------------------------
-# helpers written here, independently of voxlive.reference
+# helpers written here, independently of voxlive_bench.reference
 # ----------------------------------------------------------------------------------------------------
 
 
@@ -304,7 +304,7 @@ def test_generate_does_not_stop_at_eos_unless_asked(model, inputs):
 
 
 def test_import_does_not_need_transformers():
-    code = "import sys, voxlive.reference; assert 'transformers' not in sys.modules, 'imported eagerly'"
+    code = "import sys, voxlive_bench.reference; assert 'transformers' not in sys.modules, 'imported eagerly'"
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, r.stderr
 

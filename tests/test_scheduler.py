@@ -1,8 +1,14 @@
-"""The engine thread on its own (no HTTP): coalesced updates, bounded buffers, the lag figure."""
+"""The engine's scheduler as pure plans, then the engine thread on its own (no HTTP).
+
+The plans are checked without threads or a model: joins, leaves, lagging streams and ends are
+sessions' public states in, step plans out. The engine thread is then checked for what only it
+can show: coalesced updates, bounded buffers, the lag figure, failures.
+"""
 
 from __future__ import annotations
 
 import asyncio
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -10,6 +16,115 @@ import pytest
 import voxlive
 from voxlive.server import Engine
 from voxlive.server.engine import EngineBusy, SessionOver
+from voxlive.server.scheduler import Policy, SessionView, schedule
+
+POLICY = Policy(samples_per_token=1280, max_backlog_tokens=50, refill_below_tokens=12)
+LIVE = SessionView("live", started=True, backlog=1, can_decode=True)
+
+
+def test_a_joining_session_starts_takes_its_audio_and_decodes_from_the_next_step():
+    plan = schedule([LIVE, SessionView("new", inbox=3200)], POLICY)
+    assert plan.start == ["new"]
+    assert plan.ingest == {"new": 3200}
+    assert plan.prepare == ["new"]
+    assert plan.decode == ["live"]  # the newcomer has nothing encoded yet: it joins the batch later
+    assert not plan.drop and not plan.end_audio and not plan.complete
+
+
+def test_a_closed_session_is_dropped_and_nothing_else_is_done_for_it():
+    closed = replace(LIVE, key="gone", closed=True, inbox=5000, can_prepare=True)
+    plan = schedule([closed, LIVE, SessionView("over", started=True, done=True, inbox=10)], POLICY)
+    assert plan.drop == ["gone"]
+    assert plan.decode == ["live"]
+    assert not plan.ingest and not plan.prepare and not plan.complete  # a done session is left alone
+
+
+def test_a_stream_that_keeps_up_takes_everything_up_to_the_backlog_bound():
+    keeping_up = SessionView("s", started=True, backlog=12, inbox=10 * 1280)
+    assert schedule([keeping_up], POLICY).ingest == {"s": 10 * 1280}
+    flood = replace(keeping_up, inbox=10**7)
+    assert schedule([flood], POLICY).ingest == {"s": (50 - 12) * 1280}
+
+
+def test_a_lagging_stream_drains_to_the_mark_then_is_topped_up_in_one_go():
+    lagging = SessionView("up", started=True, backlog=13, inbox=10**7, can_decode=True)
+    plan = schedule([lagging], POLICY)
+    assert plan.ingest == {} and plan.decode == ["up"]  # lagging: decode, take nothing
+    drained = replace(lagging, backlog=12)
+    assert schedule([drained], POLICY).ingest == {"up": 38 * 1280}
+
+
+def test_ending_waits_for_the_inbox_then_decodes_the_pad_then_completes():
+    ending = SessionView("e", started=True, backlog=13, inbox=2000, ending=True, can_decode=True)
+    assert schedule([ending], POLICY).end_audio == []  # audio still in the inbox: not yet
+    last = replace(ending, backlog=3)
+    plan = schedule([last], POLICY)
+    assert plan.ingest == {"e": 2000} and plan.end_audio == ["e"] and plan.prepare == ["e"]
+    padded = SessionView("e", started=True, ending=True, audio_ended=True, backlog=18, can_prepare=True)
+    plan = schedule([padded], POLICY)
+    assert plan.prepare == ["e"] and not plan.end_audio and not plan.complete
+    decoding = replace(padded, can_prepare=False, can_decode=True)
+    assert schedule([decoding], POLICY).decode == ["e"] and not schedule([decoding], POLICY).complete
+    drained = replace(decoding, can_decode=False, backlog=0)
+    assert schedule([drained], POLICY).complete == ["e"]
+    assert not schedule([replace(drained, done=True)], POLICY)  # finished: nothing more to do
+
+
+def test_a_session_that_ends_without_audio_starts_and_ends_in_one_step():
+    plan = schedule([SessionView("empty", ending=True)], POLICY)
+    assert plan.start == plan.end_audio == plan.prepare == ["empty"] and not plan.ingest
+
+
+def test_an_idle_engine_has_an_empty_plan():
+    idle = SessionView("idle", started=True, backlog=0)
+    assert not schedule([idle, replace(idle, key="other")], POLICY)
+    assert schedule([replace(idle, can_prepare=True)], POLICY).prepare == ["idle"]
+
+
+def test_simulated_sessions_lose_no_audio_and_keep_the_backlog_bounded():
+    """Plans applied to a toy model of streams (each whole token is encoded when prepared, one
+    position decoded per step): every sample is ingested once, in order, and each session ends."""
+    rng = np.random.default_rng(0)
+    spt = POLICY.samples_per_token
+    sims = {k: {"sent": int(rng.integers(0, 400_000)), "inbox": 0, "received": 0, "taken": 0, "pending": 0,
+                "encoded": 0, "decoded": 0, "started": False, "ended": False, "done": False, "at": int(rng.integers(0, 40))}
+            for k in range(6)}
+    for step in range(5000):
+        for k, s in sims.items():  # clients send 0.5 s per step, after their join step
+            if step >= s["at"] and s["received"] < s["sent"]:
+                n = min(8000, s["sent"] - s["received"])
+                s["received"] += n
+                s["inbox"] += n
+        views = [SessionView(k, started=s["started"], done=s["done"], inbox=s["inbox"],
+                             ending=s["received"] == s["sent"] and step >= s["at"], audio_ended=s["ended"],
+                             backlog=s["encoded"] + s["pending"] // spt - s["decoded"],
+                             can_prepare=s["pending"] >= spt, can_decode=s["decoded"] < s["encoded"])
+                 for k, s in sims.items()]
+        plan = schedule(views, POLICY)
+        for k in plan.start:
+            sims[k]["started"] = True
+        for k, n in plan.ingest.items():
+            assert sims[k]["started"] and n <= sims[k]["inbox"]
+            sims[k]["inbox"] -= n
+            sims[k]["taken"] += n
+            sims[k]["pending"] += n
+        for k in plan.end_audio:
+            assert sims[k]["inbox"] == 0 and sims[k]["taken"] == sims[k]["sent"]
+            sims[k]["ended"] = True
+            sims[k]["pending"] += -sims[k]["pending"] % spt + 7 * spt
+        for k in plan.prepare:
+            sims[k]["encoded"] += sims[k]["pending"] // spt
+            sims[k]["pending"] %= spt
+        for k in plan.decode:
+            sims[k]["decoded"] += 1
+        for k in plan.complete:
+            assert sims[k]["ended"] and sims[k]["decoded"] == sims[k]["encoded"]
+            sims[k]["done"] = True
+        for s in sims.values():
+            assert s["encoded"] + s["pending"] // spt - s["decoded"] <= POLICY.max_backlog_tokens + 8
+        if all(s["done"] for s in sims.values()):
+            break
+    assert all(s["done"] and s["taken"] == s["sent"] for s in sims.values())
 
 
 @pytest.fixture(scope="module")
@@ -64,7 +179,7 @@ def test_inbox_is_bounded_and_lag_is_reported(model, varied_model, speech):
         reading = asyncio.create_task(reader())
         for start in range(0, len(speech), chunk):
             await session.append(speech[start:start + chunk])
-            peak = max(peak, session._inbox_samples)
+            peak = max(peak, session.buffered)
         session.end()
         return peak, lags, await reading
 
@@ -101,11 +216,11 @@ def test_a_failing_step_fails_its_sessions_and_the_engine_goes_on(model, varied_
         real = runtime.decode
         calls = {"n": 0}
 
-        def flaky(states, tokens):
+        def flaky(states, feeds, **options):
             calls["n"] += 1
             if calls["n"] == 3:
                 raise RuntimeError("boom")
-            return real(states, tokens)
+            return real(states, feeds, **options)
 
         monkeypatch.setattr(runtime, "decode", flaky)
         doomed = engine.open()

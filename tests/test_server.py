@@ -227,6 +227,48 @@ def test_asr_pcm_matches_offline(server, offline, speech):
     assert all(line["start"].count(":") == 2 for line in last["lines"])
 
 
+def test_asr_diff_mode_applied_by_a_client_gives_the_full_transcript(server, offline, speech):
+    from test_wlk_lines import apply
+
+    host, _ = server
+    expected = offline.transcribe(as_sent(speech))
+    data = pcm16(speech)
+
+    async def run():
+        async with websockets.connect(f"ws://{host}/asr?token={KEY}&mode=diff") as ws:
+            assert json.loads(await ws.recv()) == {"type": "config", "useAudioWorklet": True, "mode": "diff"}
+            for i in range(0, len(data), 3200):
+                await ws.send(data[i:i + 3200])
+            await ws.send(b"")
+            messages = []
+            while (message := json.loads(await ws.recv())).get("type") != "ready_to_stop":
+                messages.append(message)
+            return messages
+
+    messages = asyncio.run(run())
+    assert messages[0]["type"] == "snapshot" and {m["type"] for m in messages[1:]} == {"diff"}
+    assert [m["seq"] for m in messages] == list(range(1, len(messages) + 1))
+    state = None
+    for message in messages:
+        state = apply(state, message)
+    assert snapshot_words(state) == words_of(expected) and len(expected.words) >= 3
+    assert state["buffer_transcription"] == "" and state["remaining_time_transcription"] == 0.0
+
+
+def test_asr_unknown_mode_is_refused_with_1008(server):
+    host, _ = server
+
+    async def run():
+        async with websockets.connect(f"ws://{host}/asr?token={KEY}&mode=delta") as ws:
+            first = json.loads(await ws.recv())
+            with pytest.raises(websockets.ConnectionClosed) as closed:
+                await ws.recv()
+            return first, closed.value.rcvd.code
+
+    first, code = asyncio.run(run())
+    assert "mode must be one of full, diff" in first["error"] and code == 1008
+
+
 def webm_opus(pcm: np.ndarray) -> bytes:
     """What a browser's MediaRecorder sends: Opus in WebM, 48 kHz."""
     out = io.BytesIO()

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from voxlive.session import decode_ready
+from voxlive.session import decode_available
 
 SAMPLES_PER_TOKEN = 1280
 
@@ -101,7 +101,7 @@ def test_batched_encode_and_decode_equal_one_by_one(varied_model, speech, monkey
     for i in range(max(-(-len(a) // step) for a, step in zip(audios, steps))):
         for s, a, step in zip(streams, audios, steps):
             s.push(a[i * step:(i + 1) * step])
-        decode_ready(streams)  # several streams share each encoder pass and decode step
+        decode_available(streams)  # several streams share each encoder pass and decode step
     assert max(batch_sizes) == 3
     for s, exp in zip(streams, expected):
         assert s.finish().tokens == exp
@@ -142,16 +142,19 @@ def test_bad_pcm_is_rejected_without_losing_the_stream(varied_model, speech):
 
 
 def test_long_audio_memory_is_bounded(varied_model):
-    # Ring caches: the state's buffers do not grow with the audio.
+    # The KV pools: a stream's keys and values live in its fixed-size slot, whatever the audio's length.
+    rt = varied_model.runtime
     s = varied_model.stream()
     rng = np.random.default_rng(0)
     s.feed((0.1 * rng.standard_normal(16000 * 5)).astype(np.float32))
-    sizes = (s.state.encoder_cache.k.shape, s.state.decoder_cache.k.shape)
+    sizes = (rt.encoder_pool.k.shape, rt.decoder_pool.k.shape)
     s.feed((0.1 * rng.standard_normal(16000 * 20)).astype(np.float32))
-    assert (s.state.encoder_cache.k.shape, s.state.decoder_cache.k.shape) == sizes
+    assert (rt.encoder_pool.k.shape, rt.decoder_pool.k.shape) == sizes
     c = varied_model.config
-    assert sizes[0][2] == c.encoder.sliding_window and sizes[1][2] == c.decoder.sliding_window
-    assert s.decoded > c.decoder.sliding_window and s.state.encoder_cache.length > c.encoder.sliding_window
+    assert sizes[0][3] == c.encoder.sliding_window and sizes[1][3] == c.decoder.sliding_window + rt.max_draft
+    assert s.decoded > c.decoder.sliding_window
+    assert rt.encoder_pool.length(s.state.encoder_slot) > c.encoder.sliding_window
+    assert rt.position(s.state) == s.decoded
     assert sum(t.shape[0] for t in s.state.pending) == 0
 
 
@@ -171,13 +174,13 @@ class _EosEvery:
             out.append(self.eos if self.count % 5 == 0 else t)
         return out
 
-    def prefill(self, state, tokens, predict=True):
-        token = self.rt.prefill(state, tokens, predict=predict)
-        return self._maybe_eos([token])[0] if predict else None
-
-    def decode(self, states, tokens):
-        self.inputs += tokens
-        return self._maybe_eos(self.rt.decode(states, tokens))
+    def decode(self, states, feeds, outputs=None):
+        if outputs is None:  # a decode step (prompt positions pass their output counts)
+            self.inputs += [t for f in feeds for t in f]
+        out = self.rt.decode(states, feeds, outputs=outputs)
+        for d in out:
+            d.tokens = self._maybe_eos(d.tokens)
+        return out
 
 
 def test_eos_is_fed_back_and_no_audio_is_lost(varied_model, speech):

@@ -1,21 +1,43 @@
-"""The ``voxlive`` command: transcribe, listen, serve, bench, convert."""
+"""The ``voxlive`` command: transcribe, listen, serve, bench, convert, demo-checkpoint.
+
+Every argument that can be checked without the model is checked before it loads, so an ordinary
+mistake costs one line on stderr and exit status 2, not a traceback after a minute of loading.
+Torch and the backends are imported inside the commands: ``voxlive --help`` stays light.
+"""
 
 from __future__ import annotations
 
 import argparse
+import errno
+import json
+import logging
+import socket
 import sys
+import time
 from pathlib import Path
 
+from . import __version__
 from .transcript import FORMATS
 
 EXTENSIONS = {"text": "txt", "json": "json", "srt": "srt", "vtt": "vtt"}
 PROGRESS_MIN_SECONDS = 30.0  # a progress bar only for files long enough to need one
 
 
+class UsageError(Exception):
+    """A mistake on the command line, found before anything is loaded."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with its errors on one line, like every other mistake (the usage is in --help)."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: {message} (see {self.prog} --help)\n")
+
+
 def _model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", help="checkpoint directory or Hugging Face repo id (default: the official model)")
     p.add_argument("--backend", default="auto", choices=["auto", "torch", "mlx"])
-    p.add_argument("--device", help="cpu, cuda, cuda:N; mlx: cpu, gpu (default: best available)")
+    p.add_argument("--device", help="torch: cpu, cuda, cuda:N, mps; mlx: cpu, gpu (default: best available)")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="default: bfloat16")
     p.add_argument("--quantize", choices=["int8", "int4", "int6"],
                    help="weight-only quantization at load (int6: MLX only); a converted checkpoint has its own")
@@ -23,10 +45,44 @@ def _model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--delay-ms", type=int, help="transcription delay: 80..1200 in steps of 80, or 2400 (default 480)")
 
 
-def _load(a):
+def _check_model_args(a) -> None:
+    """The model options, checked against the backend without opening any checkpoint."""
+    from .config import check_delay_ms
+    from .model import check_options
+
+    check_options(backend=a.backend, device=a.device, quantize=a.quantize, compile=a.compile)
+    if a.delay_ms is not None:
+        check_delay_ms(a.delay_ms)
+
+
+def _status(message: str) -> None:
+    print(f"voxlive: {message}", file=sys.stderr, flush=True)
+
+
+def _show_progress_logs(quiet: bool) -> None:
+    """voxlive's own log lines (the CPU kernels' build, a fallback, a damaged file) on stderr."""
+    logger = logging.getLogger("voxlive")
+    logger.setLevel(logging.WARNING if quiet else logging.INFO)
+    if not any(getattr(h, "voxlive_cli", False) for h in logger.handlers):  # once, even if main() runs again
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        handler.voxlive_cli = True
+        logger.addHandler(handler)
+        logger.propagate = False
+
+
+def _load(a, *, quiet: bool = False):
+    from .checkpoint import DEFAULT_MODEL
     from .model import load
 
-    return load(a.model, backend=a.backend, device=a.device, dtype=a.dtype, quantize=a.quantize, compile=a.compile)
+    name = a.model or DEFAULT_MODEL
+    if not quiet:
+        _status(f"loading {name}")
+    started = time.monotonic()
+    model = load(a.model, backend=a.backend, device=a.device, dtype=a.dtype, quantize=a.quantize, compile=a.compile)
+    if not quiet:
+        _status(f"loaded in {time.monotonic() - started:.1f} s: {model.summary}")
+    return model
 
 
 def _progress_bar(name: str):
@@ -47,18 +103,45 @@ def _progress_bar(name: str):
     return update
 
 
+def _output_paths(files: list[str], out_dir: Path, fmt: str) -> dict[str, Path]:
+    """One output file per input; two inputs that would write the same file are refused."""
+    targets: dict[str, Path] = {}
+    by_target: dict[Path, str] = {}
+    for f in files:
+        target = out_dir / f"{Path(f).stem}.{EXTENSIONS[fmt]}"
+        other = by_target.setdefault(target, f)
+        if Path(other).resolve() != Path(f).resolve():
+            raise UsageError(f"{other} and {f} would both write {target}: transcribe them with different "
+                             f"--output-dir")
+        targets[f] = target
+    return targets
+
+
+def _make_output_dir(path: str) -> Path:
+    out = Path(path)
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--output-dir {path}: exists and is not a directory")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UsageError(f"--output-dir {path}: cannot create it ({e.strerror})") from None
+    return out
+
+
 def cmd_transcribe(a) -> int:
     from .audio import AudioError
 
     for f in a.files:
-        if not Path(f).is_file():
-            print(f"voxlive: {f}: no such file", file=sys.stderr)
-            return 2
-    model = _load(a)
-    model.config.delay_tokens(a.delay_ms)  # a bad delay fails before any work
-    out_dir = Path(a.output_dir) if a.output_dir else None
-    if out_dir:
-        out_dir.mkdir(parents=True, exist_ok=True)
+        if not Path(f).exists():
+            raise UsageError(f"{f}: no such file")
+        if Path(f).is_dir():
+            raise UsageError(f"{f}: is a directory (give audio files)")
+    several = len(a.files) > 1
+    if several and a.format in ("srt", "vtt") and not a.output_dir:
+        raise UsageError(f"several files in {a.format} need --output-dir (one subtitle file each)")
+    _check_model_args(a)
+    targets = _output_paths(a.files, _make_output_dir(a.output_dir), a.format) if a.output_dir else {}
+    model = _load(a, quiet=a.quiet)
     failed = 0
     for f in a.files:
         try:
@@ -68,36 +151,35 @@ def cmd_transcribe(a) -> int:
             print(f"voxlive: {e}", file=sys.stderr)
             failed += 1
             continue
-        text = transcript.format(a.format)
-        if out_dir:
-            target = out_dir / f"{Path(f).stem}.{EXTENSIONS[a.format]}"
-            target.write_text(text, encoding="utf-8")
+        if targets:
+            targets[f].write_text(transcript.format(a.format), encoding="utf-8")
             if not a.quiet:
-                print(f"{f} -> {target}", file=sys.stderr)
+                _status(f"{f} -> {targets[f]}")
+        elif several and a.format == "json":  # JSON Lines: one object per file, named
+            line = json.dumps({"file": f, **transcript.to_dict()}, ensure_ascii=False)
+            sys.stdout.write(line + "\n")
         else:
-            if len(a.files) > 1 and a.format == "text":
-                sys.stdout.write(f"{f}: ")
-            sys.stdout.write(text)
-            sys.stdout.flush()
+            sys.stdout.write((f"{f}: " if several else "") + transcript.format(a.format))
+        sys.stdout.flush()
     return 1 if failed else 0
 
 
 def cmd_listen(a) -> int:
     from .microphone import MicrophoneError, input_device, listen
 
+    _check_model_args(a)
     device = int(a.input) if a.input and a.input.isdigit() else a.input
     try:
         input_device(device)  # fail with a clear message before loading gigabytes of weights
     except MicrophoneError as e:
-        print(f"voxlive: {e}", file=sys.stderr)
-        return 2
+        raise UsageError(str(e)) from None
     model = _load(a)
 
     def show(words):
         sys.stdout.write("".join(f"{w.text} " for w in words))
         sys.stdout.flush()
 
-    print("listening... (Ctrl-C to stop)", file=sys.stderr)
+    _status("listening... (Ctrl-C to stop)")
     try:
         transcript = listen(model, show, delay_ms=a.delay_ms, device=device)
     except MicrophoneError as e:
@@ -109,15 +191,58 @@ def cmd_listen(a) -> int:
     return 0
 
 
-def cmd_bench(a) -> int:
-    from .bench import bench, report
+def _listening_socket(host: str, port: int) -> socket.socket:
+    """The server's socket, bound before the model loads, so that a busy port is said at once."""
+    if not 0 <= port <= 65535:
+        raise UsageError(f"--port {port}: not a port (0 to 65535)")
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as e:
+        sock.close()
+        busy = " (another server is using it: choose another --port)" if e.errno == errno.EADDRINUSE else ""
+        raise UsageError(f"cannot listen on {host}:{port}: {e.strerror or e}{busy}") from None
+    return sock
 
+
+def cmd_serve(a) -> int:
+    from .checkpoint import DEFAULT_MODEL
+    from .server import serve
+
+    for flag, value, least in (("--max-sessions", a.max_sessions, 1), ("--max-message-kb", a.max_message_kb, 1),
+                               ("--max-upload-mb", a.max_upload_mb, 0.001)):
+        if value < least:
+            raise UsageError(f"{flag} must be at least {least}, got {value}")
+    _check_model_args(a)
+    sock = _listening_socket(a.host, a.port)
+    model = _load(a)
+    serve(model, model_id=a.model or DEFAULT_MODEL, sock=sock, max_sessions=a.max_sessions, api_key=a.api_key,
+          delay_ms=a.delay_ms, max_message_bytes=a.max_message_kb * 1024, max_upload_mb=a.max_upload_mb)
+    return 0
+
+
+def cmd_bench(a) -> int:
     if not a.random_weights and not a.model:
-        print("voxlive bench: give --model SRC or --random-weights", file=sys.stderr)
-        return 2
+        raise UsageError("bench needs --model SRC or --random-weights")
+    if a.seconds <= 0:
+        raise UsageError(f"--seconds must be positive, got {a.seconds}")
+    if a.chunk_ms is not None and a.chunk_ms <= 0:
+        raise UsageError(f"--chunk-ms must be positive, got {a.chunk_ms}")
+    if a.streams and min(a.streams) < 1:
+        raise UsageError("--streams takes counts of streams, e.g. 1 2 4 8 16")
     quantize = [None if q == "none" else q for q in a.quantize]
+    from .config import check_delay_ms
+    from .model import check_options
+
+    for mode in quantize:
+        check_options(backend=a.backend, device=a.device, quantize=mode, compile=a.compile)
+    if a.delay_ms is not None:
+        check_delay_ms(a.delay_ms)
     if a.streams:
         return _bench_streams(a, quantize)
+    from voxlive_bench.bench import bench, report
+
     results = bench(a.model, random_weights=a.random_weights, seconds=a.seconds, dtype=a.dtype, device=a.device,
                     chunk_ms=a.chunk_ms, delay_ms=a.delay_ms, reference=a.reference, quantize=quantize,
                     compile=a.compile, backend=a.backend)
@@ -125,32 +250,15 @@ def cmd_bench(a) -> int:
     return 0
 
 
-def cmd_serve(a) -> int:
-    from .checkpoint import DEFAULT_MODEL
-    from .server import serve
-
-    if a.max_sessions < 1:
-        print("voxlive serve: --max-sessions must be at least 1", file=sys.stderr)
-        return 2
-    model = _load(a)
-    model.config.delay_tokens(a.delay_ms)  # a bad default delay fails before the server starts
-    serve(model, model_id=a.model or DEFAULT_MODEL, host=a.host, port=a.port, max_sessions=a.max_sessions,
-          api_key=a.api_key, delay_ms=a.delay_ms, max_message_bytes=a.max_message_kb * 1024,
-          max_upload_mb=a.max_upload_mb)
-    return 0
-
-
 def _bench_streams(a, modes: list[str | None]) -> int:
     import gc
 
-    from .bench import random_checkpoint_dir
-    from .bench_streams import bench_streams, report_streams
+    from voxlive_bench.bench import random_checkpoint_dir
+    from voxlive_bench.streams import bench_streams, report_streams
+
     from .model import load
 
     counts = sorted(set(a.streams))
-    if counts[0] < 1:
-        print("voxlive bench: --streams takes counts of streams, e.g. 1 2 4 8 16", file=sys.stderr)
-        return 2
     source = str(random_checkpoint_dir("full")) if a.random_weights else a.model
     for mode in modes:  # one model in memory at a time
         model = load(source, backend=a.backend, device=a.device, dtype=a.dtype, quantize=mode, compile=a.compile)
@@ -163,32 +271,50 @@ def _bench_streams(a, modes: list[str | None]) -> int:
 
 
 def cmd_convert(a) -> int:
+    if Path(a.out).exists() and not Path(a.out).is_dir():
+        raise UsageError(f"{a.out}: exists and is not a directory")
     if a.backend == "mlx":
         from .backends.mlx.convert import convert
 
         out = convert(a.src, a.out, quantize=a.quantize, dtype=a.dtype)
-        print(f"{a.src} -> {out}", file=sys.stderr)
+        _status(f"{a.src} -> {out}")
         return 0
+    if a.quantize is None:
+        raise UsageError("convert needs --quantize int8 or int4 (the torch backend writes quantized checkpoints)")
+    if a.quantize == "int6":
+        raise UsageError("the torch backend writes int8 or int4 checkpoints (int6 is MLX only: --backend mlx)")
+    if a.dtype is not None:
+        raise UsageError("convert's --dtype is for --backend mlx (a torch checkpoint keeps its float dtype)")
     from .backends.torch.convert import write_quantized
     from .checkpoint import open_checkpoint
 
-    if a.quantize not in ("int8", "int4"):
-        print("voxlive convert: the torch backend writes int8 or int4 checkpoints (int6 is MLX only)",
-              file=sys.stderr)
-        return 2
     out = write_quantized(open_checkpoint(a.src), Path(a.out), a.quantize)
-    print(f"wrote {a.quantize} checkpoint to {out} (load it with --model {out})", file=sys.stderr)
+    _status(f"wrote {a.quantize} checkpoint to {out} (load it with --model {out})")
+    return 0
+
+
+def cmd_demo_checkpoint(a) -> int:
+    from .testing import write_demo_checkpoint
+
+    if Path(a.dir).exists() and not Path(a.dir).is_dir():
+        raise UsageError(f"{a.dir}: exists and is not a directory")
+    out = write_demo_checkpoint(a.dir)
+    _status(f"wrote a demo checkpoint (tiny, random weights) to {out}: it says random words on speech and "
+            f"nothing on silence; try: voxlive transcribe speech.wav --model {out}")
     return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="voxlive", description="Live speech-to-text with Voxtral Mini 4B Realtime")
-    sub = p.add_subparsers(dest="command", required=True)
+    p = _Parser(prog="voxlive", description="Live speech-to-text with Voxtral Mini 4B Realtime")
+    p.add_argument("--version", action="version", version=f"voxlive {__version__}")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     t = sub.add_parser("transcribe", help="transcribe audio files")
     t.add_argument("files", nargs="+", metavar="FILE")
     _model_args(t)
-    t.add_argument("--format", default="text", choices=FORMATS)
+    t.add_argument("--format", default="text", choices=FORMATS,
+                   help="several files: text lines start with the file's name, json gives JSON Lines with a "
+                        "'file' field, srt and vtt need --output-dir")
     t.add_argument("--output-dir", help="write <name>.<txt|json|srt|vtt> per file here instead of stdout")
     t.add_argument("--quiet", action="store_true", help="no progress bar or status lines")
     t.set_defaults(run=cmd_transcribe)
@@ -202,9 +328,10 @@ def build_parser() -> argparse.ArgumentParser:
     v = sub.add_parser("serve", help="serve live transcription over WebSocket and HTTP, with a web page")
     _model_args(v)
     v.add_argument("--host", default="127.0.0.1", help="interface to bind (default: loopback only)")
-    v.add_argument("--port", type=int, default=8000)
+    v.add_argument("--port", type=int, default=8000, help="default 8000; 0 picks a free one")
     v.add_argument("--max-sessions", type=int, default=16, help="concurrent streams and uploads")
-    v.add_argument("--api-key", help="require this key (Bearer header, or ?token= for browsers) on all but /health")
+    v.add_argument("--api-key", help="require this key (Bearer header, or ?token= for browsers) on all but the "
+                                     "page and /health")
     v.add_argument("--max-message-kb", type=int, default=4096, help="largest WebSocket message accepted")
     v.add_argument("--max-upload-mb", type=float, default=200.0, help="largest file accepted by the upload route")
     v.set_defaults(run=cmd_serve)
@@ -233,17 +360,24 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--backend", default="torch", choices=["torch", "mlx"], help="the layout to write (default torch)")
     c.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="mlx: float weights' dtype")
     c.set_defaults(run=cmd_convert)
+
+    d = sub.add_parser("demo-checkpoint", help="write a tiny random checkpoint to try everything without the "
+                                               "8.9 GB model (its words are random, but follow the audio)")
+    d.add_argument("dir", help="output directory")
+    d.set_defaults(run=cmd_demo_checkpoint)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     a = build_parser().parse_args(argv)
+    from .audio import AudioError
     from .checkpoint import CheckpointError
     from .config import ConfigError
 
+    _show_progress_logs(getattr(a, "quiet", False))
     try:
         return a.run(a)
-    except (CheckpointError, ConfigError, ValueError, NotImplementedError, ImportError) as e:
+    except (UsageError, CheckpointError, ConfigError, AudioError, ValueError, NotImplementedError, ImportError) as e:
         print(f"voxlive: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -77,21 +77,28 @@ class ModelConfig:
     audio: AudioConfig
     downsample_factor: int
 
-    # Delays the model card allows: multiples of one token from 80 ms to 1200 ms, and 2400 ms.
-    def allowed_delays_ms(self) -> list[int]:
-        step = self.audio.ms_per_token
-        return list(range(step, 1200 + step, step)) + [2400]
-
     def delay_tokens(self, delay_ms: int | None) -> int:
         """Validated delay in tokens; ``None`` means the checkpoint's default."""
         if delay_ms is None:
             delay_ms = self.audio.delay_ms
-        if isinstance(delay_ms, bool) or not isinstance(delay_ms, int) or delay_ms not in self.allowed_delays_ms():
-            step = self.audio.ms_per_token
-            raise ValueError(
-                f"delay_ms must be a multiple of {step} from {step} to 1200, or 2400; got {delay_ms!r}"
-            )
+        check_delay_ms(delay_ms, self.audio.ms_per_token)
         return delay_ms // self.audio.ms_per_token
+
+
+MS_PER_TOKEN = 80  # every Voxtral Realtime checkpoint runs at 12.5 tokens per second
+
+
+def allowed_delays_ms(ms_per_token: int = MS_PER_TOKEN) -> list[int]:
+    """Delays the model card allows: multiples of one token from 80 ms to 1200 ms, and 2400 ms."""
+    return list(range(ms_per_token, 1200 + ms_per_token, ms_per_token)) + [2400]
+
+
+def check_delay_ms(delay_ms, ms_per_token: int = MS_PER_TOKEN) -> None:
+    """Refuse a delay the model does not take (needs no checkpoint: the CLI checks before loading)."""
+    if isinstance(delay_ms, bool) or not isinstance(delay_ms, int) or delay_ms not in allowed_delays_ms(ms_per_token):
+        raise ValueError(
+            f"delay_ms must be a multiple of {ms_per_token} from {ms_per_token} to 1200, or 2400; got {delay_ms!r}"
+        )
 
 
 def _get(d: dict, key: str, where: str):

@@ -19,9 +19,11 @@ def _sounddevice():
     try:
         import sounddevice
     except ImportError:
-        raise MicrophoneError("microphone support needs the 'mic' extra: pip install 'voxlive[mic]'") from None
+        raise MicrophoneError("the microphone needs sounddevice: pip install sounddevice (or pip install '.[mic]' "
+                              "in voxlive's folder)") from None
     except OSError as e:  # the PortAudio library itself is missing
-        raise MicrophoneError(f"cannot use the microphone: PortAudio is not available ({e})") from None
+        raise MicrophoneError(f"cannot use the microphone: PortAudio is not available ({e}; on Debian/Ubuntu: "
+                              f"apt install libportaudio2)") from None
     return sounddevice
 
 

@@ -5,11 +5,13 @@ from __future__ import annotations
 import importlib.util
 import os
 import platform
+import re
 from typing import Callable
 
 import numpy as np
 
 from .audio import SAMPLE_RATE, load_audio
+from .backends.runtime import MAX_DRAFT
 from .checkpoint import CheckpointError, open_checkpoint
 from .session import Stream
 from .tokens import Tokenizer
@@ -41,6 +43,15 @@ class Model:
     @property
     def backend(self) -> str:
         return self.runtime.backend
+
+    @property
+    def summary(self) -> str:
+        """What runs: e.g. "torch backend, cpu, bfloat16, int4 weights" (the CLI's and server's status line)."""
+        r = self.runtime
+        weights = getattr(r, "quantize", None)
+        parts = [f"{r.backend} backend", str(r.device), str(r.dtype).rpartition(".")[2],
+                 f"{weights} weights" if weights else "unquantized"]
+        return ", ".join(parts)
 
     def transcribe(self, audio, *, delay_ms: int | None = None, chunk_seconds: float = 30.0,
                    progress: Callable[[float, float], None] | None = None) -> Transcript:
@@ -74,8 +85,11 @@ class Model:
         if mel.ndim != 2 or mel.shape[0] != n_mels:
             raise ValueError(f"mel must be [{n_mels}, frames], got shape {mel.shape}")
         state = self.runtime.new_state(self.config.delay_tokens(None))
-        self.runtime.encode(state, mel)
-        return self.runtime.take_embeddings(state)
+        try:
+            self.runtime.encode(state, mel)
+            return self.runtime.take_embeddings(state)
+        finally:
+            self.runtime.release(state)
 
     def logits(self, token_ids, audio_embeds: np.ndarray, *, delay_ms: int | None = None) -> np.ndarray:
         """Teacher-forced logits [n, vocab] float32: position p sees audio_embeds[p] + embed(token_ids[p])."""
@@ -86,8 +100,11 @@ class Model:
         if len(token_ids) > audio_embeds.shape[0]:
             raise ValueError(f"{len(token_ids)} tokens but only {audio_embeds.shape[0]} audio embeddings")
         state = self.runtime.new_state(self.config.delay_tokens(delay_ms))
-        self.runtime.add_embeddings(state, audio_embeds[:len(token_ids)])
-        return self.runtime.logits(state, token_ids)
+        try:
+            self.runtime.add_embeddings(state, audio_embeds[:len(token_ids)])
+            return self.runtime.logits(state, token_ids)
+        finally:
+            self.runtime.release(state)
 
 
 def default_backend() -> str:
@@ -96,14 +113,13 @@ def default_backend() -> str:
     return "mlx" if apple_silicon and importlib.util.find_spec("mlx") is not None else "torch"
 
 
-def load(source: str | os.PathLike | None = None, *, backend: str = "auto", device: str | None = None,
-         dtype: str | None = None, quantize: str | None = None, compile: bool = False) -> Model:
-    """Load a checkpoint (local directory or Hugging Face repo id; default the official model).
+TORCH_DEVICE = re.compile(r"cpu|mps|cuda(:\d+)?")
+MLX_DEVICES = ("cpu", "gpu")
 
-    ``quantize`` "int8" | "int4": weight-only quantization at load (or the mode of a checkpoint
-    written by ``voxlive convert``). ``compile``: run the decode step through torch.compile with
-    static shapes (slow to start; pays on GPUs more than on small CPUs, see the README).
-    """
+
+def check_options(*, backend: str, device: str | None, quantize: str | None, compile: bool) -> str:
+    """Refuse options the backend cannot take, before any checkpoint is opened; returns the backend
+    ("auto" resolved). Cheap: the CLI runs it before it loads anything."""
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if quantize not in QUANTIZE:
@@ -113,21 +129,65 @@ def load(source: str | os.PathLike | None = None, *, backend: str = "auto", devi
     if backend == "mlx":
         if compile:
             raise ValueError("compile=True is for the torch backend")
+        if device is not None and device not in MLX_DEVICES:
+            raise ValueError(f"the MLX backend runs on device 'cpu' or 'gpu', got {device!r}")
+        return backend
+    if quantize == "int6":
+        raise ValueError("quantize='int6' is not available on the torch backend (int8 or int4; int6 is MLX only)")
+    if device is None:
+        return backend
+    if not TORCH_DEVICE.fullmatch(device):
+        hint = " ('gpu' is the MLX backend's name; with torch it is 'cuda')" if device == "gpu" else ""
+        raise ValueError(f"the torch backend runs on device 'cpu', 'cuda', 'cuda:N' or 'mps', got {device!r}{hint}")
+    import torch
+
+    if device.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise ValueError(f"device {device!r} requested but CUDA is not available to this torch "
+                             f"({torch.__version__})")
+        index = int(device.partition(":")[2] or 0)
+        if index >= torch.cuda.device_count():
+            raise ValueError(f"device {device!r} requested but this machine has {torch.cuda.device_count()} CUDA "
+                             f"device(s)")
+    if device == "mps" and not torch.backends.mps.is_available():
+        raise ValueError("device 'mps' requested but MPS is not available")
+    return backend
+
+
+def load(source: str | os.PathLike | None = None, *, backend: str = "auto", device: str | None = None,
+         dtype: str | None = None, quantize: str | None = None, kv_dtype: str | None = None,
+         max_draft: int = MAX_DRAFT, compile: bool = False) -> Model:
+    """Load a checkpoint (local directory or Hugging Face repo id; default the official model).
+
+    ``quantize`` "int8" | "int4": weight-only quantization at load (or the mode of a checkpoint
+    written by ``voxlive convert``). ``kv_dtype`` None | "int8": the KV caches in the activation
+    dtype or in int8 (half the memory of bf16, see the README). ``max_draft``: the most drafted
+    tokens a decode step may verify per stream (the decoder's KV pool holds that many positions
+    beyond its window). ``compile``: run the decode step through torch.compile with
+    static shapes (slow to start; pays on GPUs more than on small CPUs, see the README).
+    """
+    backend = check_options(backend=backend, device=device, quantize=quantize, compile=compile)
+    if backend == "mlx":
         try:
             from .backends.mlx.runtime import MLXRuntime
         except ImportError as e:
-            raise ImportError(f"the MLX backend needs mlx ({e}): pip install 'voxlive[mlx]'") from e
+            raise ImportError(f"the MLX backend needs mlx ({e}): pip install mlx (or pip install '.[mlx]' in "
+                              f"voxlive's folder)") from e
         ckpt = open_checkpoint(source)
-        if ckpt.layout not in ("native", "mlx"):
+        if ckpt.quantize is not None:
             raise CheckpointError(f"{ckpt.directory}: a torch-quantized checkpoint (voxlive convert) is read by the "
                                   f"torch backend only")
-        runtime = MLXRuntime(ckpt, device=device, dtype=dtype, quantize=quantize)
-        return Model(runtime, Tokenizer(ckpt.tokenizer_path), str(ckpt.directory))
+        tokenizer = Tokenizer(ckpt.tokenizer_path)
+        runtime = MLXRuntime(ckpt, pad_id=tokenizer.streaming_pad, device=device, dtype=dtype, quantize=quantize,
+                             kv_dtype=kv_dtype, max_draft=max_draft)
+        return Model(runtime, tokenizer, str(ckpt.directory))
     from .backends.torch.runtime import TorchRuntime
 
     ckpt = open_checkpoint(source)
-    if ckpt.layout == "mlx":
-        raise CheckpointError(f"{ckpt.directory}: the mlx-community converted layout is read by the MLX backend "
-                              f"only (backend='mlx')")
-    runtime = TorchRuntime(ckpt, device=device, dtype=dtype, quantize=quantize, compile=compile)
-    return Model(runtime, Tokenizer(ckpt.tokenizer_path), str(ckpt.directory))
+    if ckpt.packed:
+        raise CheckpointError(f"{ckpt.directory}: an MLX-quantized checkpoint ({ckpt.layout} layout) is read by the "
+                              f"MLX backend only (backend='mlx')")
+    tokenizer = Tokenizer(ckpt.tokenizer_path)
+    runtime = TorchRuntime(ckpt, pad_id=tokenizer.streaming_pad, device=device, dtype=dtype, quantize=quantize,
+                           kv_dtype=kv_dtype, max_draft=max_draft, compile=compile)
+    return Model(runtime, tokenizer, str(ckpt.directory))

@@ -8,6 +8,14 @@ zeros), exactly as the offline reference pads a file. Mel frames are computed on
 encoded. Offline ``transcribe`` is this same algorithm fed in large chunks.
 
 EOS: the token is fed back and decoding continues (as vLLM does), so no audio is dropped after it.
+
+A decode step feeds each ready stream its last token and, when something proposed drafts
+(``Stream.propose``) and their audio is encoded, the drafted tokens of the following positions:
+the runtime returns the greedy token of every fed position, the stream accepts the drafts up to
+the first that differs from what the model chose and rewinds the rest, so tokens never depend on
+the drafts. The token chosen at a position is the greedy one, unless ``pad_penalty`` is set: then
+``[STREAMING_PAD]`` loses to the best other token where its logit margin is below the penalty (a
+pad-logit penalty, applied from the margins the runtime returns, without re-running anything).
 """
 
 from __future__ import annotations
@@ -16,6 +24,7 @@ import copy
 
 import numpy as np
 
+from .backends.runtime import Decoded
 from .config import ModelConfig
 from .mel import MelStream
 from .tokens import Tokenizer
@@ -46,13 +55,15 @@ class Stream:
         self.tokens: list[int] = []
         self.samples = 0  # input samples received
         self.finished = False  # end_audio() called: no more audio
+        self.pad_penalty = 0.0  # subtracted from [STREAMING_PAD]'s logit margin before the choice
+        self.last_step: Decoded | None = None  # what the last decode step returned for this stream
+        self._drafts: list[int] = []  # proposed tokens for the positions after the next one
         self._flushed = False
         self._words = WordAssembler(tokenizer, left_pad=a.n_left_pad_tokens, delay=self.delay_tokens,
                                     seconds_per_token=a.ms_per_token / 1000)
         self._new_words: list[Word] = []
         self._push_samples(np.zeros(a.n_left_pad_tokens * self._per_token, dtype=np.float32))
-        encode_ready([self])
-        self.prefill_ready()
+        encode_and_prefill([self])
 
     def fork(self) -> Stream:
         """An independent copy that goes on from this point.
@@ -64,6 +75,7 @@ class Stream:
         new.state = self.runtime.clone_state(self.state)
         new._mel = copy.deepcopy(self._mel)
         new.tokens = list(self.tokens)
+        new._drafts = list(self._drafts)
         new._words = self._words.copy()
         new._new_words = list(self._new_words)
         return new
@@ -75,7 +87,7 @@ class Stream:
         return self.samples / self.config.audio.sample_rate
 
     def push(self, pcm) -> None:
-        """Take audio; compute its mel frames. Encoding and decoding wait for ``decode_ready``."""
+        """Take audio; compute its mel frames. Encoding and decoding wait for ``decode_available``."""
         if self.finished:
             raise RuntimeError("stream already finished")
         pcm = np.asarray(pcm)
@@ -109,24 +121,63 @@ class Stream:
 
     # -- decoding ---------------------------------------------------------------------------------
 
-    def ready(self) -> bool:
+    @property
+    def can_decode(self) -> bool:
         """Whether a decode step can run now (its audio token is encoded)."""
         return self.decoded >= len(self.prompt) and self.decoded < self.encoded
 
-    def prefill_ready(self) -> None:
-        """Run the prompt positions whose audio is encoded.
+    @property
+    def can_prepare(self) -> bool:
+        """Whether there are complete audio tokens to encode or encoded prompt positions to run."""
+        whole = self._pending_mel.shape[1] >= self._frames_per_token
+        return whole or self.decoded < min(self.encoded, len(self.prompt))
+
+    @property
+    def transcribed(self) -> float:
+        """Seconds of input audio whose tokens have been decoded (the left pad not counted)."""
+        step = self.config.audio.ms_per_token / 1000
+        return max(0, self.decoded - len(self.prompt) + 1) * step
+
+    def _prompt_feed(self) -> tuple[list[int], bool]:
+        """The prompt tokens whose audio is encoded and not yet run, and whether they end the prompt.
 
         Those over the silent left pad run as soon as the stream is created (all but the last,
         whose last mel frame reaches 2.5 ms into the audio); the rest wait for real audio, and the
         last of all predicts the first token.
         """
         end = min(self.encoded, len(self.prompt))
-        if self.decoded < end:
-            done = end == len(self.prompt)
-            token = self.runtime.prefill(self.state, self.prompt[self.decoded:end], predict=done)
-            self.decoded = end
-            if done:
-                self._accept(token, end - 1)
+        return self.prompt[self.decoded:end], end == len(self.prompt)
+
+    def propose(self, drafts: list[int]) -> None:
+        """Tokens expected after the next one (e.g. from a draft model): the next decode step also
+        feeds those whose audio is encoded, and keeps each only if the model agrees."""
+        self._drafts = [int(t) for t in drafts]
+
+    def _step_feed(self) -> list[int]:
+        room = min(self.encoded - self.decoded - 1, self.runtime.max_draft)
+        return [self.tokens[-1]] + self._drafts[:max(0, room)]
+
+    def choose(self, decoded: Decoded, i: int) -> int:
+        """The token of fed position i: greedy, or the best other where a pad wins by less than the penalty."""
+        token = decoded.tokens[i]
+        if token == self.tokenizer.streaming_pad and decoded.pad_margins[i] < self.pad_penalty:
+            return decoded.best_other[i]
+        return token
+
+    def _take_step(self, feed: list[int], decoded: Decoded) -> None:
+        """Accept the fed positions whose input was right; rewind the rest."""
+        self.last_step = decoded
+        accepted = 0
+        while accepted < len(feed):
+            token = self.choose(decoded, accepted)
+            self._accept(token, self.decoded + accepted)
+            accepted += 1
+            if accepted == len(feed) or feed[accepted] != token:
+                break
+        if accepted < len(feed):
+            self.runtime.rewind(self.state, len(feed) - accepted)
+        self._drafts = self._drafts[len(feed) - 1:] if accepted == len(feed) else []
+        self.decoded += accepted
 
     def _accept(self, token: int, position: int) -> None:
         self.tokens.append(token)
@@ -144,11 +195,11 @@ class Stream:
     def feed(self, pcm) -> list[Word]:
         """Take audio, decode every position it makes ready, return the words completed."""
         self.push(pcm)
-        decode_ready([self])
+        decode_available([self])
         return self.take_words()
 
     def end_audio(self) -> None:
-        """No more audio: queue the right pad. Decoding it is left to ``decode_ready``/``decode_step``."""
+        """No more audio: queue the right pad. Decoding it is left to ``decode_available``/``decode_step``."""
         if not self.finished:
             pad = -self.samples % self._per_token
             pad += (self.delay_tokens + 1 + RIGHT_PAD_BUFFER_TOKENS) * self._per_token
@@ -159,7 +210,7 @@ class Stream:
     def finish(self) -> Transcript:
         """Right-pad, decode to the end, and return the whole stream's transcript."""
         self.end_audio()
-        decode_ready([self])
+        decode_available([self])
         return self.complete()
 
     def complete(self) -> Transcript:
@@ -174,7 +225,7 @@ class Stream:
                           tokens=list(self.tokens), duration=self.duration, delay_ms=self.delay_ms)
 
 
-def encode_ready(streams: list[Stream]) -> None:
+def encode_pending(streams: list[Stream]) -> None:
     """Encode every complete audio token of the streams, all streams in one batched encoder pass."""
     work = [(s, s._take_whole_tokens()) for s in streams]
     work = [(s, mel) for s, mel in work if mel.shape[1]]
@@ -184,30 +235,43 @@ def encode_ready(streams: list[Stream]) -> None:
             s.encoded += n
 
 
+def prefill_prompts(streams: list[Stream]) -> None:
+    """Run the prompt positions whose audio is encoded, all streams in one batched pass."""
+    work = [(s, *s._prompt_feed()) for s in streams]
+    work = [(s, feed, done) for s, feed, done in work if feed]
+    if work:
+        out = work[0][0].runtime.decode([s.state for s, _, _ in work], [feed for _, feed, _ in work],
+                                        outputs=[int(done) for _, _, done in work])
+        for (s, feed, done), decoded in zip(work, out):
+            s.decoded += len(feed)
+            if done:
+                s.last_step = decoded
+                s._accept(s.choose(decoded, 0), s.decoded - 1)
+
+
 def decode_step(streams: list[Stream]) -> list[Stream]:
     """One batched decode step for every stream that is ready; returns those that advanced.
 
     Streams join and leave the batch between steps as their audio allows; each step reads the
-    decoder's weights once for the whole batch.
+    decoder's weights once for the whole batch, whatever each stream feeds (one token or drafts).
     """
-    batch = [s for s in streams if s.ready()]
+    batch = [s for s in streams if s.can_decode]
     if batch:
-        tokens = batch[0].runtime.decode([s.state for s in batch], [s.tokens[-1] for s in batch])
-        for s, token in zip(batch, tokens):
-            s.decoded += 1
-            s._accept(token, s.decoded - 1)
+        feeds = [s._step_feed() for s in batch]
+        out = batch[0].runtime.decode([s.state for s in batch], feeds)
+        for s, feed, decoded in zip(batch, feeds, out):
+            s._take_step(feed, decoded)
     return batch
 
 
-def prepare_ready(streams: list[Stream]) -> None:
-    """Encode the streams' new audio (one batched pass) and run the prompt positions it allows."""
-    encode_ready(streams)
-    for s in streams:
-        s.prefill_ready()
+def encode_and_prefill(streams: list[Stream]) -> None:
+    """Encode the streams' new audio (one batched pass) and run the prompt positions it allows (another)."""
+    encode_pending(streams)
+    prefill_prompts(streams)
 
 
-def decode_ready(streams: list[Stream]) -> None:
-    """``prepare_ready``, then batched decode steps until no stream has a position whose audio is in."""
-    prepare_ready(streams)
+def decode_available(streams: list[Stream]) -> None:
+    """``encode_and_prefill``, then batched decode steps until no stream has a position whose audio is in."""
+    encode_and_prefill(streams)
     while decode_step(streams):
         pass

@@ -8,7 +8,9 @@ at a time, so the 8.9 GB full-size file never sits in memory whole.
 
 from __future__ import annotations
 
+import base64
 import json
+import re
 import struct
 from pathlib import Path
 
@@ -89,8 +91,16 @@ AUDIO_SECTION = {
 }
 
 
-def make_tekken(vocab_size: int) -> dict:
-    """tekken.json from the Tekken vocabulary mistral-common ships, with Voxtral's specials and audio."""
+# The demo vocabulary: the 256 single bytes, then whole lower-case words with their leading space.
+_WORD = re.compile(rb" [a-z]{4,9}")
+
+
+def make_tekken(vocab_size: int, *, words_only: bool = False) -> dict:
+    """tekken.json from the Tekken vocabulary mistral-common ships, with Voxtral's specials and audio.
+
+    ``words_only``: after the 256 single bytes, only whole words (" valid", " around"...), so that
+    whatever a random model emits reads as words rather than fragments.
+    """
     import mistral_common
 
     src = Path(mistral_common.__file__).parent / "data" / "tekken_240911.json"
@@ -99,6 +109,9 @@ def make_tekken(vocab_size: int) -> dict:
     n_vocab = vocab_size - NUM_SPECIAL
     if not 256 <= n_vocab <= len(base["vocab"]):
         raise ValueError(f"vocab_size must be in [{NUM_SPECIAL + 256}, {NUM_SPECIAL + len(base['vocab'])}]")
+    if words_only:
+        words = [e for e in base["vocab"][256:] if _WORD.fullmatch(base64.b64decode(e["token_bytes"]))]
+        base["vocab"] = [{**e, "rank": i} for i, e in enumerate(base["vocab"][:256] + words[:n_vocab - 256])]
     specials = [
         {"rank": i, "token_str": SPECIAL_TOKENS.get(i, f"<SPECIAL_{i}>"), "is_control": True}
         for i in range(max(SPECIAL_TOKENS) + 1)
@@ -112,14 +125,18 @@ def make_tekken(vocab_size: int) -> dict:
     }
 
 
-def _init(name: str, shape: tuple[int, ...], g: torch.Generator, adapter_scale: float) -> torch.Tensor:
+def _init(name: str, shape: tuple[int, ...], g: torch.Generator, adapter_scale: float,
+          words_only: bool) -> torch.Tensor:
     """Values that keep activations O(1) through every layer, so the numbers stay meaningful."""
     if name.endswith("norm.weight"):
         return 1.0 + 0.1 * torch.randn(shape, generator=g)
     if name.endswith(".bias"):
         return 0.02 * torch.randn(shape, generator=g)
     if name.endswith("tok_embeddings.weight"):
-        return torch.randn(shape, generator=g)
+        w = torch.randn(shape, generator=g)
+        if words_only:  # single bytes get a zero logit (the embedding is tied), so words win
+            w[NUM_SPECIAL:NUM_SPECIAL + 256] = 0
+        return w
     fan_in = int(np.prod(shape[1:]))
     w = torch.randn(shape, generator=g) / fan_in**0.5
     if name.endswith("audio_language_projection.2.weight"):
@@ -131,18 +148,19 @@ _SAFE_DTYPES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F1
 
 
 def write_random_checkpoint(path, size: str = "tiny", seed: int = 0, *, dtype: str = "bfloat16",
-                            adapter_scale: float = 1.0, **overrides) -> Path:
+                            adapter_scale: float = 1.0, words_only: bool = False, **overrides) -> Path:
     """Write params.json, tekken.json and consolidated.safetensors with random weights to ``path``.
 
     ``adapter_scale`` multiplies the adapter's output layer. With plain random weights the tied
     embedding dominates greedy decoding, which then repeats one token whatever the audio; a large
     scale lets the audio decide the tokens, so streaming-vs-offline tests compare something real.
+    ``words_only``: a vocabulary of whole words (see :func:`make_tekken`).
     ``overrides`` change params.json sizes (see :func:`make_params`).
     """
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     params = make_params(size, **overrides)
-    tekken = make_tekken(params["vocab_size"])
+    tekken = make_tekken(params["vocab_size"], words_only=words_only)
     config = parse_config(params, tekken["audio"])
     torch_dtype = getattr(torch, dtype)
     shapes = expected_native_tensors(config)
@@ -163,7 +181,7 @@ def write_random_checkpoint(path, size: str = "tiny", seed: int = 0, *, dtype: s
         f.write(struct.pack("<Q", len(blob)))
         f.write(blob)
         for name, shape in shapes.items():
-            t = _init(name, shape, g, adapter_scale).to(torch_dtype)
+            t = _init(name, shape, g, adapter_scale, words_only).to(torch_dtype)
             raw = t.view(torch.int16) if torch_dtype != torch.float32 else t
             f.write(raw.numpy().tobytes())
     tmp.replace(path / "consolidated.safetensors")
@@ -173,3 +191,15 @@ def write_random_checkpoint(path, size: str = "tiny", seed: int = 0, *, dtype: s
         json.dump(tekken, f)
     return path
 
+
+
+DEMO_SEED = 1
+DEMO_ADAPTER_SCALE = 1000.0  # the audio, not the fed-back token, decides what the demo model says
+
+
+def write_demo_checkpoint(path) -> Path:
+    """A tiny random checkpoint (~4 MB) whose output follows the audio: it says random words on
+    speech and nothing on silence. For trying the CLI, the server and the page without the
+    8.9 GB model (``voxlive demo-checkpoint DIR``); what it says means nothing."""
+    return write_random_checkpoint(path, "tiny", seed=DEMO_SEED, dtype="float32", adapter_scale=DEMO_ADAPTER_SCALE,
+                                   words_only=True)

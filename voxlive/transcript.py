@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import codecs
 import json
 from dataclasses import dataclass, field
 
@@ -42,6 +43,26 @@ class Transcript:
         if fmt in ("srt", "vtt"):
             return subtitles(self.words, vtt=fmt == "vtt")
         raise ValueError(f"format must be one of {FORMATS}, got {fmt!r}")
+
+
+class TextDeltas:
+    """A stream's text in pieces (as the tokens' bytes arrive) that add up to exactly its
+    ``Transcript.text``: whitespace is sent with the text that follows it, so none leads the first
+    piece or trails the last."""
+
+    def __init__(self):
+        self._utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        self._space = ""  # whitespace decoded and not sent yet
+        self._started = False
+
+    def push(self, data: bytes, *, final: bool = False) -> str:
+        text = self._space + self._utf8.decode(data, final=final)
+        if not self._started:
+            text = text.lstrip()
+        delta = text.rstrip()
+        self._space = text[len(delta):]
+        self._started = self._started or bool(delta)
+        return delta
 
 
 def _timestamp(seconds: float, sep: str) -> str:

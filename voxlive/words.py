@@ -7,9 +7,15 @@ tokens earlier. So a text token at position ``p`` is placed on the 80 ms frame
 
     start(p) = (p - left_pad - delay) * 0.08 s,   end(p) = start(p) + 0.08 s
 
-of the input audio, and a word spans from start(first token) to end(last token), clipped to
-[0, audio received]. The resolution is one token (80 ms). How far the model's own alignment
-strays from this has not been measured by this project (no real weights here).
+of the input audio, and a word spans from start(first token) to end(last token). The resolution is
+one token (80 ms). How far the model's own alignment strays from this has not been measured by
+this project (no real weights here).
+
+Every word keeps a real extent inside the audio received: a word decoded after the audio ended
+(from the right pad) ends at the audio's end and starts at least one token (80 ms) before it (or
+at 0 for audio shorter than that), so no word, and no subtitle cue, ends where it starts. While
+audio is still arriving this never binds: a token is placed ``delay`` tokens before the audio it
+has heard, so streams and offline transcription give the same times.
 
 Word boundaries: a ``[STREAMING_WORD]`` token, whitespace at the start of (or inside) a text
 token's bytes, ``</s>``, and the end of the stream. A word is reported when the next boundary
@@ -75,9 +81,16 @@ class WordAssembler:
     def _close(self, done: list[Word], limit: float) -> None:
         if not self._bytes:
             return
-        start = min(max(0.0, (self._first - self.offset) * self.step), limit)
-        end = min(max(start, (self._last + 1 - self.offset) * self.step), limit)
-        word = Word(self._bytes.decode("utf-8", errors="replace"), round(start, 3), round(end, 3))
+        start, end = self._extent(limit)
+        word = Word(self._bytes.decode("utf-8", errors="replace"), start, end)
         self._bytes = b""
         self.words.append(word)
         done.append(word)
+
+    def _extent(self, limit: float) -> tuple[float, float]:
+        """The word's (start, end) in seconds, inside [0, limit] and at least one token long where
+        the audio is; never empty (1 ms at the least, for audio shorter than a millisecond)."""
+        end = min(max((self._last + 1 - self.offset) * self.step, self.step), limit)
+        start = max(0.0, min((self._first - self.offset) * self.step, end - self.step))
+        start, end = round(start, 3), round(end, 3)
+        return start, max(end, round(start + 0.001, 3))

@@ -64,9 +64,14 @@ def create_app(engine: Engine, *, model_id: str, api_key: str | None = None, del
         return {"object": "list", "data": [{"id": model_id, "object": "model", "created": 0, "owned_by": "voxlive"}]}
 
     @app.get("/", response_class=HTMLResponse)
-    async def page(request: Request):
-        require_key(request)
+    async def page():
+        """The web page, without the key: it holds no data, and asks for the key when the server has one."""
         return resources.files(__package__).joinpath("static/index.html").read_text(encoding="utf-8")
+
+    @app.get("/favicon.ico", include_in_schema=False)
+    async def favicon():
+        return Response(resources.files(__package__).joinpath("static/favicon.svg").read_bytes(),
+                        media_type="image/svg+xml", headers={"Cache-Control": "max-age=86400"})
 
     @app.post("/v1/audio/transcriptions")
     async def transcriptions(request: Request):

@@ -1,17 +1,12 @@
-"""The scheduler: one thread owns the model and serves every live session in batched steps.
+"""The engine thread: one thread owns the model and serves every live session in batched steps.
 
 Sessions (WebSocket streams, uploads) hand audio to the engine thread through bounded inboxes.
-The thread loops: take new audio from every session, encode it in ONE batched encoder pass, run
-prompt positions, then ONE batched decode step over every stream that has a position ready.
-
-How much audio a stream takes is a trade-off between latency and encoder efficiency. A stream
-that keeps up (undecoded backlog under ``refill_below_seconds``) takes whatever has arrived, so a
-live word is encoded as soon as its audio is in. A stream that lags (an upload, or more streams
-than the machine serves in real time) is left to drain to that mark and then topped up to
-``max_backlog_seconds`` in one go: the encoder then runs on many tokens per pass (compute-bound
-GEMMs) instead of reading its weights once per 80 ms token. Sessions join and leave
-between steps (continuous batching), so N streams cost one read of the decoder weights per step
-instead of N.
+Each step is schedule -> execute -> publish: the scheduler (``scheduler.py``, a pure function)
+turns the sessions' public state into a plan; the engine executes it (move audio from inboxes
+into streams, ONE batched encoder pass, prompt positions, ONE batched decode step over every
+stream with a position ready); then each session publishes what is new to its client. Sessions
+join and leave between steps (continuous batching), so N streams cost one read of the decoder
+weights per step instead of N.
 
 Nothing grows without bound. A session's inbox holds at most ``max_buffer_seconds`` of audio: when
 it is full, ``append`` waits, so the WebSocket stops being read and TCP pushes back on the client;
@@ -19,6 +14,9 @@ nothing already accepted is dropped. Updates to the client are coalesced (new wo
 the lag figure accumulate until the client's handler takes them), so a slow reader costs a few
 bytes of text, not a queue of messages. Every update carries ``lag``: seconds of received audio
 not yet transcribed, which is how a client learns that it is not being served in real time.
+
+Locking: ``engine.lock`` guards what both sides touch (inboxes, pending updates, flags). A stream
+is touched only by the engine thread, and model work runs without the lock held.
 """
 
 from __future__ import annotations
@@ -31,8 +29,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from ..session import Stream, decode_step, prepare_ready
+from ..session import Stream, decode_step, encode_and_prefill
 from ..transcript import Transcript, Word
+from .scheduler import Plan, Policy, SessionView, schedule
 
 log = logging.getLogger("voxlive.server")
 
@@ -56,15 +55,22 @@ class Update:
     transcript: Transcript | None = None  # set once, on the last update of a finished session
     error: str | None = None  # set once, when the engine failed this session
 
+    def merge(self, news: Update) -> None:
+        self.tokens += news.tokens
+        self.words += news.words
+        self.partial, self.lag = news.partial, news.lag
+        self.transcript = news.transcript or self.transcript
+
 
 class Session:
-    """One stream in the engine, as seen from the asyncio side (a WebSocket or HTTP handler)."""
+    """One stream in the engine: the asyncio side (a WebSocket or HTTP handler) feeds audio and
+    reads updates; the engine thread reads its ``view``, moves its audio and publishes to it."""
 
     def __init__(self, engine: Engine, delay_ms: int | None, loop: asyncio.AbstractEventLoop):
         self.engine = engine
         self.delay_ms = delay_ms
         self.loop = loop
-        self.stream: Stream | None = None  # created by the engine thread
+        self.stream: Stream | None = None  # created, and touched, by the engine thread only
         self.received = 0  # samples accepted
         self._published = 0  # stream tokens already handed to the client
         self._inbox: deque[np.ndarray] = deque()
@@ -129,7 +135,63 @@ class Session:
     def finished(self) -> bool:
         return self._done
 
-    # -- engine side (called with engine.lock held) -----------------------------------------------
+    @property
+    def buffered(self) -> int:
+        """Samples accepted and not yet taken by the engine."""
+        return self._inbox_samples
+
+    # -- engine side ------------------------------------------------------------------------------
+
+    def view(self) -> SessionView:
+        """This session's public state for the scheduler (engine lock held)."""
+        st = self.stream
+        return SessionView(
+            key=self, started=st is not None, closed=self._closed, done=self._done, inbox=self._inbox_samples,
+            ending=self._ending, audio_ended=st is not None and st.finished, backlog=st.backlog if st else 0,
+            can_prepare=st is not None and st.can_prepare, can_decode=st is not None and st.can_decode)
+
+    def take_audio(self, n: int) -> np.ndarray:
+        """Remove the first ``n`` samples of the inbox (engine lock held); its writer may go on."""
+        taken = []
+        while n > 0:
+            chunk = self._inbox.popleft()
+            if len(chunk) > n:
+                self._inbox.appendleft(chunk[n:])
+                chunk = chunk[:n]
+            taken.append(chunk)
+            n -= len(chunk)
+            self._inbox_samples -= len(chunk)
+        self._notify(self._drained)
+        return np.concatenate(taken) if len(taken) > 1 else taken[0]
+
+    def progress(self, *, complete: bool) -> Update:
+        """What the stream has that the client has not seen (engine thread, no lock: the final
+        transcript is decoded here, not while every session waits for the lock)."""
+        st = self.stream
+        news = Update(tokens=st.tokens[self._published:], words=st.take_words(), partial=st.partial_word)
+        self._published = len(st.tokens)
+        news.lag = round(max(0.0, self.received / self.engine.sample_rate - st.transcribed), 2)
+        if complete:
+            news.transcript = st.complete()
+            news.words += st.take_words()
+            news.partial, news.lag = "", 0.0
+        return news
+
+    def publish(self, news: Update) -> None:
+        """Hand news to the client's side (engine lock held)."""
+        if self._done:
+            return
+        self._pending.merge(news)
+        self._done = news.transcript is not None
+        if news.tokens or news.words or news.transcript or news.lag != self._last_lag:
+            self._notify(self._changed)
+
+    def fail(self, message: str) -> None:
+        """The engine cannot go on with this session (engine lock held)."""
+        if not self._done:
+            self._pending.error = message
+            self._done = True
+            self._notify(self._changed, self._drained)
 
     def _notify(self, *events: asyncio.Event) -> None:
         for event in events:
@@ -146,11 +208,12 @@ class Engine:
                  max_backlog_seconds: float = 4.0, refill_below_seconds: float = 1.0):
         self.model = model
         self.max_sessions = max_sessions
-        rate = model.config.audio.sample_rate
-        self.max_buffer_samples = int(max_buffer_seconds * rate)
-        ms = model.config.audio.ms_per_token
-        self.max_backlog_tokens = max(1, round(max_backlog_seconds * 1000 / ms))
-        self.refill_below_tokens = min(self.max_backlog_tokens - 1, round(refill_below_seconds * 1000 / ms))
+        audio = model.config.audio
+        self.sample_rate = audio.sample_rate
+        self.max_buffer_samples = int(max_buffer_seconds * audio.sample_rate)
+        max_backlog = max(1, round(max_backlog_seconds * 1000 / audio.ms_per_token))
+        self.policy = Policy(samples_per_token=audio.samples_per_token, max_backlog_tokens=max_backlog,
+                             refill_below_tokens=min(max_backlog - 1, round(refill_below_seconds * 1000 / audio.ms_per_token)))
         self.lock = threading.Lock()
         self.work = threading.Condition(self.lock)
         self.sessions: list[Session] = []
@@ -189,99 +252,46 @@ class Engine:
     def _run(self) -> None:
         while True:
             with self.lock:
-                while not self._stop and not self._has_work():
+                while True:
+                    if self._stop:
+                        for s in self.sessions:
+                            s.fail("server shutting down")
+                        self.sessions.clear()
+                        return
+                    plan = schedule([s.view() for s in self.sessions], self.policy)
+                    if plan:
+                        break
                     self.work.wait()
-                if self._stop:
-                    for s in self.sessions:
-                        self._fail(s, "server shutting down")
-                    self.sessions.clear()
-                    return
-                self.sessions = [s for s in self.sessions if not s._closed]
+                if plan.drop:
+                    self.sessions = [s for s in self.sessions if not s._closed]
+                audio = {s: s.take_audio(n) for s, n in plan.ingest.items()}
                 sessions = list(self.sessions)
             try:
-                self._iteration(sessions)
+                self._execute(plan, audio)
+                updates = [(s, s.progress(complete=s in plan.complete)) for s in sessions if s.stream is not None]
             except Exception as err:  # noqa: BLE001 - one bad step must not stop the server
                 log.exception("engine step failed")
                 with self.lock:
                     for s in sessions:
-                        self._fail(s, f"internal error: {err}")
+                        s.fail(f"internal error: {err}")
                     self.sessions = [s for s in self.sessions if s not in sessions]
+                continue
+            with self.lock:
+                for s, news in updates:
+                    s.publish(news)
+                if plan.complete:
+                    self.sessions = [s for s in self.sessions if not s.finished]
 
-    def _has_work(self) -> bool:
-        for s in self.sessions:
-            if s._closed or s.stream is None or s._inbox or (s._ending and not s.stream.finished):
-                return True
-            if s.stream.ready() or (s.stream.finished and not s._done):
-                return True
-        return False
-
-    def _iteration(self, sessions: list[Session]) -> None:
-        for s in sessions:
-            if s.stream is None:
-                s.stream = self.model.stream(delay_ms=s.delay_ms)
-        self._ingest(sessions)
-        streams = [s.stream for s in sessions]
-        prepare_ready(streams)
-        advanced = decode_step(streams)
+    def _execute(self, plan: Plan, audio: dict[Session, np.ndarray]) -> None:
+        """Run a plan's model work (engine thread, no lock held)."""
+        for s in plan.start:
+            s.stream = self.model.stream(delay_ms=s.delay_ms)
+        for s, pcm in audio.items():
+            s.stream.push(pcm)
+        for s in plan.end_audio:
+            s.stream.end_audio()
+        encode_and_prefill([s.stream for s in plan.prepare])
+        advanced = decode_step([s.stream for s in plan.decode])
         if advanced:
             self.steps += 1
             self.max_batch = max(self.max_batch, len(advanced))
-        self._publish(sessions)
-
-    def _ingest(self, sessions: list[Session]) -> None:
-        """Move audio from inboxes into streams, keeping each stream's undecoded backlog bounded."""
-        per_token = self.model.config.audio.samples_per_token
-        with self.lock:
-            for s in sessions:
-                st = s.stream
-                lagging = st.backlog > self.refill_below_tokens
-                room = 0 if lagging else (self.max_backlog_tokens - st.backlog) * per_token
-                taken = []
-                while s._inbox and room > 0:
-                    chunk = s._inbox.popleft()
-                    if len(chunk) > room:
-                        s._inbox.appendleft(chunk[room:])
-                        chunk = chunk[:room]
-                    taken.append(chunk)
-                    room -= len(chunk)
-                    s._inbox_samples -= len(chunk)
-                if taken:
-                    st.push(np.concatenate(taken) if len(taken) > 1 else taken[0])
-                    s._notify(s._drained)
-                if s._ending and not s._inbox and not st.finished:
-                    st.end_audio()
-
-    def _publish(self, sessions: list[Session]) -> None:
-        rate = self.model.config.audio.sample_rate
-        step = self.model.config.audio.ms_per_token / 1000
-        with self.lock:
-            finished = []
-            for s in sessions:
-                st = s.stream
-                if s._done:
-                    continue
-                news = s._pending
-                new_tokens = st.tokens[s._published:]
-                s._published = len(st.tokens)
-                news.tokens += new_tokens
-                news.words += st.take_words()
-                news.partial = st.partial_word
-                transcribed = max(0, st.decoded - len(st.prompt) + 1) * step
-                news.lag = round(max(0.0, s.received / rate - transcribed), 2)
-                if st.finished and not st.ready():
-                    news.transcript = st.complete()
-                    news.words += st.take_words()
-                    news.partial = ""
-                    news.lag = 0.0
-                    s._done = True
-                    finished.append(s)
-                if new_tokens or news.words or news.transcript or news.lag != s._last_lag:
-                    s._notify(s._changed)
-            if finished:
-                self.sessions = [s for s in self.sessions if s not in finished]
-
-    def _fail(self, s: Session, message: str) -> None:
-        if not s._done:
-            s._pending.error = message
-            s._done = True
-            s._notify(s._changed, s._drained)

@@ -9,20 +9,20 @@ As in vLLM, ``commit`` without ``final`` starts (or continues) an utterance and 
 appended before the first commit is kept, not dropped. voxlive adds fields that clients ignore:
 ``lag`` (seconds of audio received and not yet transcribed) on deltas, ``words`` with timestamps
 on ``transcription.done``. Text deltas are the generated tokens' bytes decoded incrementally, so
-their concatenation is exactly the final text.
+their concatenation is exactly the final text (whitespace goes with the word after it).
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
-import codecs
 import json
 import time
 import uuid
 
 from starlette.websockets import WebSocket
 
+from ..transcript import TextDeltas
 from .connection import Connection, pcm16_to_float
 from .engine import Session, SessionOver
 
@@ -83,7 +83,7 @@ class RealtimeConnection(Connection):
         return self.session
 
     async def deliver(self, session: Session) -> None:
-        utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        deltas = TextDeltas()
         tokenizer = self.model.tokenizer
         completion_tokens = 0
         while True:
@@ -92,7 +92,7 @@ class RealtimeConnection(Connection):
                 await self.error(update.error, "processing_error")
                 return
             completion_tokens += len(update.tokens)
-            delta = utf8.decode(b"".join(tokenizer.token_bytes(t) for t in update.tokens),
+            delta = deltas.push(b"".join(tokenizer.token_bytes(t) for t in update.tokens),
                                 final=update.transcript is not None)
             if delta:
                 await self.send({"type": "transcription.delta", "delta": delta, "lag": update.lag})

@@ -14,11 +14,12 @@ from pathlib import Path
 
 import mlx.core as mx
 
-from ... import mlx_layout
 from ...checkpoint import CheckpointError, expected_native_tensors, open_checkpoint
 from ...config import read_json
-from .quantize import BITS, GROUP_SIZE
-from .runtime import pick_dtype
+from ...layouts import mlx_packed, native, voxmlx
+from ..runtime import pick_dtype
+from .quant import BITS, GROUP_SIZE
+from .runtime import DTYPES
 from .thread import mlx_thread
 from .weights import WeightReader
 
@@ -38,24 +39,24 @@ def convert(source, output, *, quantize: str | None = None, dtype: str | None = 
     bits = BITS[quantize] if quantize else None
 
     def write() -> None:
-        reader = WeightReader(ckpt, pick_dtype(dtype))
+        reader = WeightReader(ckpt, pick_dtype(dtype, DTYPES, "bfloat16"))
         tensors: dict[str, mx.array] = {}
-        for native, shape in expected_native_tensors(ckpt.config).items():
-            a = reader.get(native)
-            name = mlx_layout.converted_name(native)
-            if mlx_layout.is_conv_weight(native):
+        for nat, shape in expected_native_tensors(ckpt.config).items():
+            a = reader.get(nat)
+            name = voxmlx.converted_name(nat)
+            if native.is_conv_weight(nat):
                 tensors[name] = a.transpose(0, 2, 1)
-            elif bits is not None and mlx_layout.quantizable(native, shape, group_size):
+            elif bits is not None and voxmlx.quantizable(nat, shape, group_size):
                 packed, scales, biases = mx.quantize(a, group_size=group_size, bits=bits)
-                for part, value in zip(mlx_layout.quantized_parts(name), (packed, scales, biases)):
+                for part, value in zip(mlx_packed.parts(name), (packed, scales, biases)):
                     tensors[part] = value
             else:
                 tensors[name] = a
             mx.eval(list(tensors.values())[-3:])
-        mx.save_safetensors(str(output / mlx_layout.WEIGHTS_FILE), tensors, metadata={"format": "mlx"})
+        mx.save_safetensors(str(output / mlx_packed.WEIGHTS_FILE), tensors, metadata={"format": "mlx"})
 
     mlx_thread().run(write)
     quantization = {"group_size": group_size, "bits": bits} if bits else None
-    mlx_layout.write_converted_config(output, read_json(ckpt.directory / "params.json"), quantization)
+    voxmlx.write_config(output, read_json(ckpt.directory / "params.json"), quantization)
     shutil.copy(ckpt.tokenizer_path, output / "tekken.json")
     return output

@@ -1,8 +1,9 @@
 """Causal audio encoder (conv stem + transformer with a sliding window) and the adapter, in MLX.
 
 The encoder runs on as many frames at once as have arrived, and on the frames of several streams
-at once: their rows are concatenated for every matrix product (one weight read for all), and only
-attention, whose cache is per stream, runs per stream.
+at once: their rows are concatenated for every matrix product (one weight read for all), and
+attention is one call per layer over the batch. Its keys and values live in a KV pool of their
+own (capacity: the window).
 """
 
 from __future__ import annotations
@@ -14,21 +15,23 @@ import mlx.nn as nn
 
 from ...checkpoint import ADAPTER, ENCODER, LAYER_MATRICES, encoder_layer_tensors, read_layer
 from ...config import ModelConfig
-from .cache import RingKVCache
-from .layers import Matrix, Rope, attend_chunk, linear, rms_norm
+from ..pool import Plan
+from .layers import Rope, block, rms_norm
+from .pool import KVPool
+from .quant import Weight, linear
 from .weights import WeightReader
 
 
 @dataclass
 class EncoderLayer:
     attention_norm: mx.array
-    wqkv: Matrix  # [3 * heads * head_dim, dim]: wq | wk | wv fused, one GEMM
+    wqkv: Weight  # [3 * heads * head_dim, dim]: wq | wk | wv fused, one GEMM
     bqkv: mx.array  # biases of wq and wv, zeros for wk (which has none)
-    wo: Matrix
+    wo: Weight
     bo: mx.array
     ffn_norm: mx.array
-    w13: Matrix  # [2 * hidden, dim]: gate (w1) | up (w3)
-    w2: Matrix
+    w13: Weight  # [2 * hidden, dim]: gate (w1) | up (w3)
+    w2: Weight
     b2: mx.array
 
 
@@ -62,9 +65,12 @@ class Encoder:
         # Zeros: the causal convolutions are left-padded with zeros at the start of a stream.
         return ConvState(mx.zeros((2, self.c.n_mels), dtype), mx.zeros((1, self.c.dim), dtype))
 
-    def new_cache(self, dtype) -> RingKVCache:
+    def new_pool(self, dtype, *, kv_int8: bool) -> KVPool:
         c = self.c
-        return RingKVCache(c.n_layers, c.n_heads, c.sliding_window, c.head_dim, dtype=dtype)
+        return KVPool(c.n_layers, c.n_heads, c.sliding_window, c.head_dim, dtype=dtype, kv_int8=kv_int8)
+
+    def copy_conv_state(self, state: ConvState) -> ConvState:
+        return ConvState(mx.array(state.mel_tail), mx.array(state.conv1_tail))
 
     def stem(self, mel: mx.array, state: ConvState) -> mx.array:
         """mel [n_mels, 2k] -> [k, dim]: conv1 (k3, s1) + GELU, conv2 (k3, s2) + GELU, causal."""
@@ -76,34 +82,19 @@ class Encoder:
         state.conv1_tail = x[-1:]
         return nn.gelu(mx.conv1d(x[None], w2, stride=2)[0] + b2)
 
-    def transformer(self, xs: list[mx.array], caches: list[RingKVCache]) -> mx.array:
-        """Frames of several streams, xs[s] [n_s, dim] at positions caches[s].length.. -> all of them
-        through every block and the final norm, concatenated [sum n_s, dim]."""
-        c = self.c
-        sizes = [x.shape[0] for x in xs]
-        x = xs[0] if len(xs) == 1 else mx.concatenate(xs)
+    def transformer(self, x: mx.array, pool: KVPool, plan: Plan) -> mx.array:
+        """Frames of several streams, x [rows, dim] stream after stream at the plan's positions,
+        through every block and the final norm -> [rows, dim]."""
+        rotation = self.rope.angles(plan.positions)
         for i, L in enumerate(self.layers):
-            h = rms_norm(x, L.attention_norm, c.norm_eps)
-            qkv = linear(h, L.wqkv, L.bqkv).reshape(x.shape[0], 3, c.n_heads, c.head_dim).transpose(1, 2, 0, 3)
-            outs, row = [], 0
-            for n, cache in zip(sizes, caches):
-                q, k, v = qkv[0, :, row:row + n], qkv[1, :, row:row + n], qkv[2, :, row:row + n]
-                q, k = self.rope.apply(q, cache.length), self.rope.apply(k, cache.length)
-                outs.append(attend_chunk(q, k, v, cache, i))
-                row += n
-            x = x + linear(outs[0] if len(outs) == 1 else mx.concatenate(outs), L.wo, L.bo)
-            h = rms_norm(x, L.ffn_norm, c.norm_eps)
-            gate, up = mx.split(linear(h, L.w13), 2, axis=-1)
-            x = x + linear(nn.silu(gate) * up, L.w2, L.b2)
-        for n, cache in zip(sizes, caches):
-            cache.advance(n)
-        return rms_norm(x, self.norm, c.norm_eps)
+            x = block(L, x, rotation, pool, i, plan, self.c)
+        return rms_norm(x, self.norm, self.c.norm_eps)
 
 
 class Adapter:
     """Groups of ``downsample_factor`` encoder frames -> one decoder embedding (Linear, GELU, Linear)."""
 
-    def __init__(self, w0: Matrix, w2: Matrix, downsample_factor: int):
+    def __init__(self, w0: Weight, w2: Weight, downsample_factor: int):
         self.w0, self.w2, self.factor = w0, w2, downsample_factor
 
     @classmethod

@@ -1,25 +1,15 @@
-"""Tensor maths shared by the encoder and the decoder, in MLX: linear layers (dense or quantized),
-RMSNorm, interleaved RoPE, windowed attention."""
+"""Tensor maths shared by the encoder and the decoder, in MLX: RMSNorm, interleaved RoPE, and the
+one transformer block body both run (attention, over the KV pool, is the only part that varies)."""
 
 from __future__ import annotations
 
 import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
 
-from .cache import RingKVCache
-from .quantize import QuantizedMatrix
-
-Matrix = mx.array | QuantizedMatrix
-
-
-def linear(x: mx.array, w: Matrix, b: mx.array | None = None) -> mx.array:
-    """x @ w^T (+ b), for a dense [out, in] weight or a quantized one."""
-    y = w.matmul(x) if isinstance(w, QuantizedMatrix) else x @ w.T
-    return y if b is None else y + b
-
-
-def rows(w: Matrix, ids: mx.array) -> mx.array:
-    """Rows ``ids`` of an embedding matrix."""
-    return w.rows(ids) if isinstance(w, QuantizedMatrix) else w[ids]
+from ..pool import Plan, rope_rotation
+from .pool import KVPool
+from .quant import linear
 
 
 def rms_norm(x: mx.array, weight: mx.array, eps: float) -> mx.array:
@@ -28,44 +18,45 @@ def rms_norm(x: mx.array, weight: mx.array, eps: float) -> mx.array:
 
 
 class Rope:
-    """Interleaved ("GPT-J", traditional) rotary embedding on the raw Mistral q/k weights.
-
-    Pairs (x[2i], x[2i+1]) of each head are rotated by angle ``pos * theta ** (-2i / head_dim)``,
-    computed by MLX's fused kernel in float32 from absolute positions.
-    """
+    """Interleaved ("GPT-J", traditional) rotary embedding on the raw Mistral q/k weights, with
+    angles exact at any position (``backends.pool.rope_rotation``: float64 on the host, which
+    ``mx.fast.rope``'s float32 ``offset * frequency`` is not at millions of positions)."""
 
     def __init__(self, head_dim: int, theta: float):
         self.head_dim, self.theta = head_dim, theta
 
-    def apply(self, x: mx.array, offset: int | mx.array) -> mx.array:
-        """x [batch, heads, n, head_dim] at positions offset.. (offset: one int, or one per batch row)."""
-        return mx.fast.rope(x, self.head_dim, traditional=True, base=self.theta, scale=1.0, offset=offset)
+    def angles(self, positions: np.ndarray) -> tuple[mx.array, mx.array]:
+        """cos, sin [n, 1, head_dim/2] for positions [n] (broadcast over heads)."""
+        cos, sin = rope_rotation(positions, self.head_dim, self.theta)
+        return mx.array(cos)[:, None], mx.array(sin)[:, None]
+
+    @staticmethod
+    def apply(x: mx.array, rotation: tuple[mx.array, mx.array]) -> mx.array:
+        """x [n, heads, head_dim] -> each pair (x[2i], x[2i+1]) rotated, in float32, same dtype out."""
+        cos, sin = rotation
+        pairs = x.astype(mx.float32).reshape(*x.shape[:-1], -1, 2)
+        a, b = pairs[..., 0], pairs[..., 1]
+        return mx.stack((a * cos - b * sin, a * sin + b * cos), axis=-1).reshape(x.shape).astype(x.dtype)
 
 
-def attend_chunk(q: mx.array, k: mx.array, v: mx.array, cache: RingKVCache, layer: int) -> mx.array:
-    """Causal sliding-window attention of n new positions of ONE sequence over its cache and themselves.
+def block(L, x: mx.array, rotation, pool: KVPool, layer: int, plan: Plan, c,
+          ffn_scale: mx.array | None = None) -> mx.array:
+    """One pre-norm transformer block on the fed rows x [rows, dim] of a batched pass.
 
-    q [heads, n, d], k/v [kv_heads, n, d] for positions cache.length .. +n. Position i attends to
-    positions j with i - window < j <= i. Writes k/v into the cache; returns [n, heads * d].
+    Two residual lines: ``x + wo(attend(rope(qkv(norm(x)))))``, then ``x + ffn(norm(x) * scale)``
+    (the decoder's delay scale; the encoder has none). ``L`` is an EncoderLayer or a DecoderLayer
+    (the same fields; the encoder's have biases). ``c``: the stack's config.
     """
-    n, window, d = q.shape[1], cache.window, q.shape[2]
-    start = cache.length
-    scale = d ** -0.5
-    if n == 1:
-        cache.write(layer, k, v)
-        keys, values = cache.read(layer, min(start + 1, window))
-        out = mx.fast.scaled_dot_product_attention(q[None], keys[None], values[None], scale=scale)
-        return out[0].transpose(1, 0, 2).reshape(n, -1)
-    qpos = mx.arange(start, start + n)
-    old = cache.valid_slots()
-    if old:
-        kpos = mx.concatenate((cache.slot_positions(), qpos))
-        old_k, old_v = cache.read(layer, old)
-        keys, values = mx.concatenate((old_k, k), axis=1), mx.concatenate((old_v, v), axis=1)
-    else:
-        kpos, keys, values = qpos, k, v
-    delta = qpos[:, None] - kpos[None, :]
-    mask = (delta >= 0) & (delta < window)
-    out = mx.fast.scaled_dot_product_attention(q[None], keys[None], values[None], scale=scale, mask=mask)
-    cache.write(layer, k, v)
-    return out[0].transpose(1, 0, 2).reshape(n, -1)
+    n = x.shape[0]
+    kv_heads = getattr(c, "n_kv_heads", c.n_heads)
+    qd, kvd = c.n_heads * c.head_dim, kv_heads * c.head_dim
+    qkv = linear(rms_norm(x, L.attention_norm, c.norm_eps), L.wqkv, L.bqkv)
+    q = Rope.apply(qkv[:, :qd].reshape(n, c.n_heads, c.head_dim), rotation)
+    k = Rope.apply(qkv[:, qd:qd + kvd].reshape(n, kv_heads, c.head_dim), rotation)
+    v = qkv[:, qd + kvd:].reshape(n, kv_heads, c.head_dim)
+    x = x + linear(pool.attend(layer, plan, q, k, v), L.wo, L.bo)
+    h = rms_norm(x, L.ffn_norm, c.norm_eps)
+    if ffn_scale is not None:
+        h = h * ffn_scale
+    gate, up = mx.split(linear(h, L.w13), 2, axis=-1)
+    return x + linear(nn.silu(gate) * up, L.w2, L.b2)

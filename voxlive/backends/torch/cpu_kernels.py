@@ -16,7 +16,9 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import shutil
 import sys
+import threading
 from pathlib import Path
 
 import torch
@@ -31,6 +33,7 @@ VARIANTS = {
                ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni", "-mfma"]),
     "avx2": (("avx2", "fma"), ["-mavx2", "-mfma"]),  # Haswell, Zen 1 on
 }
+BUILD_NOTICE_SECONDS = 2.0  # a load from PyTorch's cache takes less
 BF16_FLAG = "avx512_bf16"  # the avx512 build's bf16 kernel also needs this (Sapphire Rapids, Zen 4 on)
 AMX_FLAGS = ("amx_tile", "amx_bf16")  # the avx512 build's AMX GEMM (Sapphire Rapids on)
 # The bf16 kernel's cost grows with the rows; above this many, the stock GEMM is faster. Measured
@@ -74,19 +77,30 @@ def _load() -> str | None:
         wanted = VARIANTS[choice][0] if choice in VARIANTS else VARIANTS["avx2"][0]
         return f"this CPU lacks {', '.join(f for f in wanted if f not in flags)}"
     variant = runnable[0]
+    compiler = os.environ.get("CXX", "c++")
+    if shutil.which(compiler) is None:
+        return f"could not build them: no C++ compiler ({compiler}): install g++, or set VOXLIVE_CPU_KERNELS=0"
+    # Said only when it takes a while (a build, not a load from PyTorch's cache), so that the user
+    # knows what the pause is.
+    notice = threading.Timer(BUILD_NOTICE_SECONDS, log.info, args=(
+        "building voxlive's CPU kernels (%s build): once, 20-60 s; later runs reuse it", variant))
+    notice.daemon = True
+    notice.start()
     try:
         from torch.utils.cpp_extension import load
 
-        log.info("building voxlive's CPU kernels for %s (once; cached by PyTorch)", variant)
         cflags = BASE_FLAGS + VARIANTS[variant][1]
         # named by the source and flags: checkouts of other versions on one machine keep their own builds
         digest = hashlib.sha256(SOURCE.read_bytes() + " ".join(cflags).encode()).hexdigest()[:12]
         load(f"voxlive_cpu_kernels_{variant}_{digest}", [str(SOURCE)], extra_cflags=cflags,
              extra_ldflags=["-fopenmp"], is_python_module=False)
-    except Exception as err:  # no compiler, no ninja, a failed build: the stock kernels do the work
-        lines = str(err).strip().splitlines() or [""]
-        first_error = next((line for line in lines if "error" in line.lower()), lines[-1])
-        return f"could not build them: {type(err).__name__}: {first_error.strip()}"
+    except Exception as err:  # no ninja, a failed build: the stock kernels do the work
+        # The compiler's first error, not the whole command line it ran.
+        lines = [line.strip() for line in str(err).splitlines() if line.strip()] or [type(err).__name__]
+        first_error = next((line for line in lines if "error:" in line), lines[0].split(": [")[0])
+        return f"could not build them ({first_error[:200]}); set VOXLIVE_CPU_KERNELS=0 to skip the build"
+    finally:
+        notice.cancel()
     _variant = variant
     _bf16 = variant == "avx2" or BF16_FLAG in flags
     _amx = variant == "avx512" and all(f in flags for f in AMX_FLAGS) and torch.ops.voxlive.amx_ready()

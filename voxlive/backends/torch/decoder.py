@@ -1,8 +1,9 @@
 """Mistral decoder with GQA, delay-conditioned FFN norm and tied LM head, in PyTorch.
 
-Two entry points: ``forward`` runs many positions of one sequence (the prompt prefill, teacher
-forcing), ``step`` runs one position of each of a batch of sequences. In ``step`` every weight
-matrix is read once for the whole batch; only attention, whose cache is per sequence, loops.
+One entry point, ``forward``, serves the prompt prefill, decode steps, several drafted positions
+and teacher forcing alike: it runs the fed rows of a batch of streams (one or many positions each)
+through the blocks, their positions and masks coming from the KV pool's ``Step``. Every weight
+matrix is read once for all rows.
 """
 
 from __future__ import annotations
@@ -15,9 +16,9 @@ import torch.nn.functional as F
 
 from ...checkpoint import EMBEDDING, LAYER_MATRICES, decoder_layer_tensors, read_layer
 from ...config import ModelConfig
-from .cache import RingKVCache
-from .layers import Rope, attend_chunk, attend_ring, rms_norm
-from .quant import Weight, linear
+from .layers import Rope, block, rms_norm
+from .pool import KVPool, Step
+from .quant import Weight, embed, linear
 from .weights import WeightReader
 
 
@@ -31,6 +32,7 @@ class DecoderLayer:
     ada2: torch.Tensor  # ada_rms_norm_t_cond.2 [dim, t_cond_dim]
     w13: Weight  # [2 * hidden, dim]: gate (w1) | up (w3)
     w2: Weight
+    bqkv = bo = b2 = None  # the decoder has no biases
 
 
 class Decoder:
@@ -49,9 +51,10 @@ class Decoder:
         layers = [DecoderLayer(**read_layer(w, decoder_layer_tensors(i), LAYER_MATRICES)) for i in range(config.decoder.n_layers)]
         return cls(config, embedding, layers, w.get("norm.weight"), device)
 
-    def new_cache(self, dtype, device) -> RingKVCache:
+    def new_pool(self, dtype, device, *, extra: int, kv_int8: bool) -> KVPool:
         c = self.c
-        return RingKVCache(c.n_layers, c.n_kv_heads, c.sliding_window, c.head_dim, dtype=dtype, device=device)
+        return KVPool(c.n_layers, c.n_kv_heads, c.sliding_window, c.head_dim, extra=extra, dtype=dtype,
+                      device=device, kv_int8=kv_int8)
 
     def ffn_scales(self, delay_tokens: int) -> torch.Tensor:
         """Per-layer FFN-norm scale ``1 + W2 gelu(W1 t_cond)`` [n_layers, dim] for a delay (once per stream).
@@ -65,60 +68,20 @@ class Decoder:
         t_cond = torch.cat((angle.cos(), angle.sin())).to(self.norm.dtype)
         return torch.stack([1 + F.linear(F.gelu(F.linear(t_cond, L.ada0)), L.ada2) for L in self.layers])
 
-    def _qkv(self, L: DecoderLayer, x: torch.Tensor, rotation: torch.Tensor):
-        """Normed, projected and rotated q, k, v of n positions, each [heads, n, head_dim]."""
-        c = self.c
-        n = x.shape[0]
-        qd, kvd = c.n_heads * c.head_dim, c.n_kv_heads * c.head_dim
-        q, k, v = linear(rms_norm(x, L.attention_norm, c.norm_eps), L.wqkv).split((qd, kvd, kvd), dim=-1)
-        q = Rope.apply(q.view(n, c.n_heads, c.head_dim), rotation)
-        k = Rope.apply(k.view(n, c.n_kv_heads, c.head_dim), rotation)
-        return q.transpose(0, 1), k.transpose(0, 1), v.view(n, c.n_kv_heads, c.head_dim).transpose(0, 1)
+    def embed(self, tokens: torch.Tensor) -> torch.Tensor:
+        return embed(self.embedding, tokens)
 
-    def forward(self, x: torch.Tensor, cache: RingKVCache, scales: torch.Tensor) -> torch.Tensor:
-        """x [n, dim] (audio + token embeddings) at positions cache.length.. -> final hidden [n, dim]."""
-        n = x.shape[0]
-        rotation = self.rope.angles(torch.arange(cache.length, cache.length + n, device=x.device))
+    def forward(self, x: torch.Tensor, pool: KVPool, step: Step, scales: torch.Tensor) -> torch.Tensor:
+        """x [rows, dim] (audio + token embeddings of the fed positions, stream after stream) ->
+        final hidden states [rows, dim]. ``scales`` [n_layers, dim] (one stream) or [rows, n_layers, dim]."""
+        return self.blocks(x, self.rope.angles(step.positions), pool, step, scales)
+
+    def blocks(self, x: torch.Tensor, rotation: torch.Tensor, pool: KVPool, step: Step,
+               scales: torch.Tensor) -> torch.Tensor:
+        """``forward`` past the rotations: what ``compile=True`` compiles (tensors and shapes only)."""
         for i, L in enumerate(self.layers):
-            q, k, v = self._qkv(L, x, rotation)
-            x = x + linear(attend_chunk(q, k, v, cache, i), L.wo)
-            x = x + self._ffn(L, rms_norm(x, L.ffn_norm, self.c.norm_eps) * scales[i])
-        cache.advance(n)
+            x = block(L, x, rotation, pool, i, step, self.c, scales[..., i, :])
         return rms_norm(x, self.norm, self.c.norm_eps)
-
-    def step(self, x: torch.Tensor, caches: list[RingKVCache], scales: torch.Tensor) -> torch.Tensor:
-        """One position for each of B sequences: x [B, dim], scales [B, n_layers, dim] -> hidden [B, dim]."""
-        rotation = self.rope.angles(torch.tensor([cache.length for cache in caches], device=x.device))
-        for i, L in enumerate(self.layers):
-            q, k, v = self._qkv(L, x, rotation)
-            a = torch.cat([attend_chunk(q[:, b, None], k[:, b, None], v[:, b, None], cache, i)
-                           for b, cache in enumerate(caches)])
-            x = x + linear(a, L.wo)
-            x = x + self._ffn(L, rms_norm(x, L.ffn_norm, self.c.norm_eps) * scales[:, i])
-        for cache in caches:
-            cache.advance(1)
-        return rms_norm(x, self.norm, self.c.norm_eps)
-
-    def static_step(self, x: torch.Tensor, ks: list[torch.Tensor], vs: list[torch.Tensor], positions: torch.Tensor,
-                    scales: torch.Tensor) -> torch.Tensor:
-        """``step`` + LM head + greedy choice with static shapes, for torch.compile: greedy tokens [B].
-
-        Sequence b is at ``positions[b]`` with ring buffers ``ks[b]``/``vs[b]`` (a cache's k/v);
-        the caller advances the caches. Nothing depends on a position's value but tensor contents,
-        so one compiled graph serves every step of a batch size.
-        """
-        rotation = self.rope.angles(positions)
-        for i, L in enumerate(self.layers):
-            q, k, v = self._qkv(L, x, rotation)
-            a = torch.cat([attend_ring(q[:, b, None], k[:, b, None], v[:, b, None], ks[b][i], vs[b][i], positions[b])
-                           for b in range(len(ks))])
-            x = x + linear(a, L.wo)
-            x = x + self._ffn(L, rms_norm(x, L.ffn_norm, self.c.norm_eps) * scales[:, i])
-        return self.logits(rms_norm(x, self.norm, self.c.norm_eps)).argmax(-1)
-
-    def _ffn(self, L: DecoderLayer, h: torch.Tensor) -> torch.Tensor:
-        gate, up = linear(h, L.w13).split(self.c.hidden_dim, dim=-1)
-        return linear(F.silu(gate) * up, L.w2)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return linear(hidden, self.embedding)

@@ -2,7 +2,7 @@
 
 The encoder runs on as many frames at once as have arrived, from as many streams as have audio: a
 chunk of frames is a batch of GEMMs, compute-bound, instead of one weight-bandwidth-bound pass per
-stream per 80 ms.
+stream per 80 ms. Its keys and values live in a KV pool of their own (capacity: the window).
 """
 
 from __future__ import annotations
@@ -14,8 +14,8 @@ import torch.nn.functional as F
 
 from ...checkpoint import ADAPTER, ENCODER, LAYER_MATRICES, encoder_layer_tensors, read_layer
 from ...config import ModelConfig
-from .cache import RingKVCache
-from .layers import Rope, attend_chunk, rms_norm
+from .layers import Rope, block, rms_norm
+from .pool import KVPool, Step
 from .quant import Bf16Weight, Weight, linear
 from .weights import WeightReader
 
@@ -65,9 +65,12 @@ class Encoder:
         return ConvState(torch.zeros(self.c.n_mels, 2, dtype=dtype, device=device),
                          torch.zeros(self.c.dim, 1, dtype=dtype, device=device))
 
-    def new_cache(self, dtype, device) -> RingKVCache:
+    def new_pool(self, dtype, device, *, kv_int8: bool) -> KVPool:
         c = self.c
-        return RingKVCache(c.n_layers, c.n_heads, c.sliding_window, c.head_dim, dtype=dtype, device=device)
+        return KVPool(c.n_layers, c.n_heads, c.sliding_window, c.head_dim, dtype=dtype, device=device, kv_int8=kv_int8)
+
+    def copy_conv_state(self, state: ConvState) -> ConvState:
+        return ConvState(state.mel_tail.clone(), state.conv1_tail.clone())
 
     def stem(self, mel: torch.Tensor, state: ConvState) -> torch.Tensor:
         """mel [n_mels, 2k] -> [k, dim]: conv1 (k3, s1) + GELU, conv2 (k3, s2) + GELU, causal.
@@ -84,34 +87,14 @@ class Encoder:
         state.conv1_tail = x[:, -1:].clone()
         return F.gelu(linear(_windows(x, 2), w2, b2))
 
-    def transformer(self, xs: list[torch.Tensor], caches: list[RingKVCache]) -> torch.Tensor:
-        """Frames of several streams, xs[s] [n_s, dim] at positions caches[s].length.., through every
-        block and the final norm -> [sum n_s, dim], the streams' rows one after another.
-
-        Each weight matrix is read once for all streams' rows; only attention, whose cache is per
-        stream, loops.
-        """
-        c = self.c
-        sizes = [x.shape[0] for x in xs]
-        x = xs[0] if len(xs) == 1 else torch.cat(xs)
-        n = x.shape[0]
-        device = x.device
-        rotation = self.rope.angles(torch.cat([torch.arange(cache.length, cache.length + k, device=device)
-                                               for cache, k in zip(caches, sizes)]))
+    def transformer(self, x: torch.Tensor, pool: KVPool, step: Step) -> torch.Tensor:
+        """Frames of several streams, x [rows, dim] stream after stream at the step's positions,
+        through every block and the final norm -> [rows, dim]. Each weight matrix is read once for
+        all streams' rows; attention is one call per layer over the batch."""
+        rotation = self.rope.angles(step.positions)
         for i, L in enumerate(self.layers):
-            h = rms_norm(x, L.attention_norm, c.norm_eps)
-            q, k, v = linear(h, L.wqkv, L.bqkv).view(n, 3, c.n_heads, c.head_dim).unbind(1)
-            q, k = Rope.apply(q, rotation), Rope.apply(k, rotation)
-            q, k, v = q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1)
-            a = [attend_chunk(qs, ks, vs, cache, i) for qs, ks, vs, cache
-                 in zip(q.split(sizes, 1), k.split(sizes, 1), v.split(sizes, 1), caches)]
-            x = x + linear(a[0] if len(a) == 1 else torch.cat(a), L.wo, L.bo)
-            h = rms_norm(x, L.ffn_norm, c.norm_eps)
-            gate, up = linear(h, L.w13).split(c.hidden_dim, dim=-1)
-            x = x + linear(F.silu(gate) * up, L.w2, L.b2)
-        for cache, k in zip(caches, sizes):
-            cache.advance(k)
-        return rms_norm(x, self.norm, c.norm_eps)
+            x = block(L, x, rotation, pool, i, step, self.c)
+        return rms_norm(x, self.norm, self.c.norm_eps)
 
 
 def _windows(x: torch.Tensor, stride: int) -> torch.Tensor:

@@ -34,26 +34,11 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from ...layouts.torch_quantized import STORED as STORED_DTYPES
+from ...layouts.torch_quantized import int4_group, stored_shapes
 from . import cpu_kernels
 
-MODES = ("int8", "int4")
-INT4_GROUPS = (64, 32)  # the first that divides a matrix's input size is used
 SCALE_DTYPE = torch.bfloat16
-
-
-def scheme_for(name: str, mode: str | None) -> str | None:
-    """The quantization of native tensor ``name`` in ``mode``: None, "int8" or "int4"."""
-    if mode is None:
-        return None
-    if mode not in MODES:
-        raise ValueError(f"the torch backend quantizes to {MODES}, got {mode!r}")
-    if name.endswith("tok_embeddings.weight"):
-        return "int8"
-    linear = (".attention.wq.weight", ".attention.wk.weight", ".attention.wv.weight", ".attention.wo.weight",
-              ".feed_forward.w1.weight", ".feed_forward.w2.weight", ".feed_forward.w3.weight")
-    if not name.endswith(linear):
-        return None
-    return "int8" if "whisper_encoder." in name else mode
 
 
 def uses_kernel(name: str) -> bool:
@@ -62,26 +47,9 @@ def uses_kernel(name: str) -> bool:
     return "whisper_encoder." not in name
 
 
-# Stored form of each scheme: tensor suffix -> dtype. Shapes: int8 q [N, K], scale [N];
-# int4 q [N, K / 2] (input k even in the high nibble, k odd in the low one), scale and zero
-# [N, K / group], dequantized as (q - 8) * scale + zero.
-STORED = {"int8": {"q": torch.int8, "scale": SCALE_DTYPE},
-          "int4": {"q": torch.uint8, "scale": SCALE_DTYPE, "zero": SCALE_DTYPE}}
-
-
-def int4_group(k: int) -> int:
-    for g in INT4_GROUPS:
-        if k % g == 0:
-            return g
-    raise ValueError(f"int4: input size {k} is not a multiple of any group size {INT4_GROUPS}")
-
-
-def stored_shapes(scheme: str, shape: tuple[int, int]) -> dict[str, tuple[int, ...]]:
-    n, k = shape
-    if scheme == "int8":
-        return {"q": (n, k), "scale": (n,)}
-    groups = k // int4_group(k)
-    return {"q": (n, k // 2), "scale": (n, groups), "zero": (n, groups)}
+# The stored parts of each scheme (``layouts.torch_quantized.STORED``) as torch dtypes.
+_TORCH_DTYPES = {"I8": torch.int8, "U8": torch.uint8, "BF16": SCALE_DTYPE}
+STORED = {scheme: {part: _TORCH_DTYPES[dtype] for part, dtype in parts.items()} for scheme, parts in STORED_DTYPES.items()}
 
 
 def quantize(w: torch.Tensor, scheme: str, block_rows: int = 2048) -> dict[str, torch.Tensor]:

@@ -1,36 +1,22 @@
-"""The PyTorch runtime: owns the weights, creates per-stream state, encodes audio, runs decode steps.
+"""The PyTorch runtime: the tensor maths behind the runtime contract (``voxlive.backends.runtime``).
 
-This is the whole contract a backend offers to the backend-neutral streaming logic
-(``voxlive.session``): ``new_state``, ``clone_state``, ``encode`` (and ``encode_batch`` for several streams), ``add_embeddings``, ``take_embeddings``,
-``prefill``, ``decode`` (batched) and ``logits``. Token ids in and out are plain ints; audio in is
-numpy log-mel frames.
+It owns the weights and the encoder's and decoder's KV pools; everything else (validation, the
+embedding queue, encode rounds, decode driving, rewind) is ``BaseRuntime``'s.
 """
 
 from __future__ import annotations
-
-from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
 from ...checkpoint import Checkpoint, CheckpointError
-from ...config import ModelConfig
-from ..pending import take_rows
-from .cache import RingKVCache
+from ...layouts.torch_quantized import MODES
+from ..runtime import MAX_DRAFT, BaseRuntime, pick_dtype, pick_kv_dtype, pick_quantize
 from .decoder import Decoder
 from .encoder import Adapter, ConvState, Encoder
-from .quant import MODES, embed
 from .weights import WeightReader
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-# Compiled decode steps pad the batch up to one of these sizes (then to a multiple of the last),
-# so a handful of graphs serve every batch.
-BATCH_BUCKETS = (1, 2, 4, 8, 16)
-
-
-def batch_bucket(n: int) -> int:
-    last = BATCH_BUCKETS[-1]
-    return next((b for b in BATCH_BUCKETS if b >= n), -(-n // last) * last)
 
 
 def pick_device(device: str | None) -> torch.device:
@@ -44,45 +30,18 @@ def pick_device(device: str | None) -> torch.device:
     return dev
 
 
-def pick_dtype(dtype: str | None, device: torch.device) -> torch.dtype:
-    if dtype is None:
-        return torch.float16 if device.type == "mps" else torch.bfloat16
-    if dtype not in DTYPES:
-        raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
-    return DTYPES[dtype]
-
-
-def pick_quantize(quantize: str | None, ckpt: Checkpoint) -> str | None:
-    """The checkpoint's own mode for a quantized checkpoint; else the requested one."""
-    if quantize is not None and quantize not in MODES:
-        raise ValueError(f"quantize={quantize!r} is not available on the torch backend (it has {MODES}; "
-                         f"int6 is MLX only)")
-    if ckpt.quantize is not None and quantize not in (None, ckpt.quantize):
-        raise CheckpointError(f"{ckpt.directory}: a checkpoint quantized to {ckpt.quantize} cannot be loaded as {quantize}; "
-                              f"convert the float checkpoint to {quantize}")
-    return quantize or ckpt.quantize
-
-
-@dataclass
-class TorchState:
-    """Everything one stream keeps between calls; drop it and the stream is gone."""
-
-    conv: ConvState
-    encoder_cache: RingKVCache
-    decoder_cache: RingKVCache
-    ffn_scales: torch.Tensor  # [n_layers, dim], from the stream's delay
-    pending: list[torch.Tensor] = field(default_factory=list)  # audio embeddings not yet decoded
-
-
-class TorchRuntime:
+class TorchRuntime(BaseRuntime):
     backend = "torch"
 
-    def __init__(self, ckpt: Checkpoint, *, device: str | None = None, dtype: str | None = None,
-                 quantize: str | None = None, compile: bool = False):
-        self.config: ModelConfig = ckpt.config
+    def __init__(self, ckpt: Checkpoint, *, pad_id: int, device: str | None = None, dtype: str | None = None,
+                 quantize: str | None = None, kv_dtype: str | None = None, max_draft: int = MAX_DRAFT,
+                 compile: bool = False):
+        self._setup(ckpt.config, pad_id, max_draft)
         self.device = pick_device(device)
-        self.dtype = pick_dtype(dtype, self.device)
-        self.quantize = pick_quantize(quantize, ckpt)
+        self.dtype = pick_dtype(dtype, DTYPES, "float16" if self.device.type == "mps" else "bfloat16")
+        self.quantize = pick_quantize(quantize, ckpt.quantize, MODES, self.backend, ckpt)
+        int8 = pick_kv_dtype(kv_dtype) == "int8"
+        self.kv_dtype = "int8" if int8 else str(self.dtype).removeprefix("torch.")
         w = WeightReader(ckpt, self.dtype, self.device, self.quantize)
         try:
             with torch.inference_mode():
@@ -91,130 +50,75 @@ class TorchRuntime:
                 self.decoder = Decoder.from_weights(w, self.config, self.device)
         except OSError as err:
             raise CheckpointError(f"{ckpt.weights.path}: read error: {err}") from err
-        # compile: the decode step (with LM head and greedy choice) runs through torch.compile in
-        # its static-shape form. Not in "reduce-overhead" (CUDA graph) mode: the step writes into
-        # each stream's own cache, and CUDA graphs need those writes at fixed addresses (a cache
-        # pool owned by the runtime), which this runtime does not have yet.
-        self.compiled_step = None
+        self.encoder_pool = self.encoder.new_pool(self.dtype, self.device, kv_int8=int8)
+        self.decoder_pool = self.decoder.new_pool(self.dtype, self.device, extra=max_draft, kv_int8=int8)
+        # compile: the decoder's forward through torch.compile (one function serves every pass; the
+        # pool's positions and masks are tensors). Slow to start, and slower than eager on small
+        # CPUs (README); the same design would let a CUDA graph capture the step.
         if compile:
-            self.compiled_step = torch.compile(self.decoder.static_step, dynamic=False)
-            # padding rows of a bucket write here (slot 0 only), never into a real stream's cache
-            self._pad_cache = self.decoder.new_cache(self.dtype, self.device)
-        # Encode at most about one encoder window of frames at a time: bounded attention memory
-        # on long files, and still large GEMMs.
-        c = self.config
-        self.encode_block_tokens = max(1, c.encoder.sliding_window // (2 * c.downsample_factor))
+            self.decoder.blocks = torch.compile(self.decoder.blocks)
 
-    # -- per-stream state -------------------------------------------------------------------------
+    # -- tensor maths for BaseRuntime -------------------------------------------------------------
 
-    @torch.inference_mode()
-    def new_state(self, delay_tokens: int) -> TorchState:
-        return TorchState(
-            conv=self.encoder.new_conv_state(self.dtype, self.device),
-            encoder_cache=self.encoder.new_cache(self.dtype, self.device),
-            decoder_cache=self.decoder.new_cache(self.dtype, self.device),
-            ffn_scales=self.decoder.ffn_scales(delay_tokens),
-        )
+    def _new_conv(self) -> ConvState:
+        return self.encoder.new_conv_state(self.dtype, self.device)
+
+    def _copy_conv(self, conv: ConvState) -> ConvState:
+        return self.encoder.copy_conv_state(conv)
 
     @torch.inference_mode()
-    def clone_state(self, state: TorchState) -> TorchState:
-        """An independent copy (fork) of a stream's state."""
-        return TorchState(
-            conv=ConvState(state.conv.mel_tail.clone(), state.conv.conv1_tail.clone()),
-            encoder_cache=state.encoder_cache.clone(),
-            decoder_cache=state.decoder_cache.clone(),
-            ffn_scales=state.ffn_scales,  # never written
-            pending=list(state.pending),  # queued tensors are never written in place
-        )
-
-    # -- audio ------------------------------------------------------------------------------------
-
-    def encode(self, state: TorchState, mel: np.ndarray) -> int:
-        """Encode whole tokens of log-mel frames [n_mels, k * 8]; queue k audio embeddings. Returns k."""
-        return self.encode_batch([state], [mel])[0]
+    def _ffn_scales(self, delay_tokens: int) -> torch.Tensor:
+        return self.decoder.ffn_scales(delay_tokens)
 
     @torch.inference_mode()
-    def encode_batch(self, states: list[TorchState], mels: list[np.ndarray]) -> list[int]:
-        """``encode`` for several streams at once: one pass of the encoder weights for all their frames.
-
-        Long inputs go in rounds of at most ``encode_block_tokens`` per stream (bounded attention
-        memory); each round batches every stream that still has frames.
-        """
-        per_token = 2 * self.config.downsample_factor
-        for mel in mels:
-            if mel.shape[1] % per_token:
-                raise ValueError(f"encode takes whole tokens of {per_token} mel frames, got {mel.shape[1]}")
-        block = self.encode_block_tokens * per_token
-        rounds = max((mel.shape[1] + block - 1) // block for mel in mels) if mels else 0
-        for r in range(rounds):
-            chunks = [(s, mel[:, r * block:(r + 1) * block]) for s, mel in zip(states, mels)
-                      if mel.shape[1] > r * block]
-            xs = [self.encoder.stem(self._tensor(mel), s.conv) for s, mel in chunks]
-            out = self.adapter(self.encoder.transformer(xs, [s.encoder_cache for s, _ in chunks]))
-            for (s, _), embeds in zip(chunks, out.split([x.shape[0] // self.adapter.factor for x in xs])):
-                s.pending.append(embeds)
-        return [mel.shape[1] // per_token for mel in mels]
-
-    def _tensor(self, mel: np.ndarray) -> torch.Tensor:
-        return torch.from_numpy(np.ascontiguousarray(mel)).to(self.device, self.dtype)
-
-    def add_embeddings(self, state: TorchState, embeds: np.ndarray) -> None:
-        """Queue externally computed audio embeddings [n, dim] (teacher forcing, research)."""
-        state.pending.append(torch.from_numpy(np.asarray(embeds, dtype=np.float32)).to(self.device, self.dtype))
-
-    def take_embeddings(self, state: TorchState) -> np.ndarray:
-        """All queued audio embeddings as float32 numpy [n, dim], removing them from the queue."""
-        out = self._pop(state, sum(t.shape[0] for t in state.pending))
-        return out.float().cpu().numpy()
-
-    def _pop(self, state: TorchState, n: int) -> torch.Tensor:
-        got = take_rows(state.pending, n)
-        return got[0] if len(got) == 1 else torch.cat(got)
-
-    # -- decoder ----------------------------------------------------------------------------------
-
-    def _embed(self, tokens) -> torch.Tensor:
-        return embed(self.decoder.embedding, torch.as_tensor(tokens, device=self.device))
+    def _encode(self, states, mels: list[np.ndarray]) -> list[torch.Tensor]:
+        xs = [self.encoder.stem(self._from_numpy(mel), s.conv) for s, mel in zip(states, mels)]
+        pool = self.encoder_pool
+        step = pool.begin([s.encoder_slot for s in states], [x.shape[0] for x in xs])
+        out = self.adapter(self.encoder.transformer(torch.cat(xs) if len(xs) > 1 else xs[0], pool, step))
+        pool.commit(step.plan)
+        return list(out.split([x.shape[0] // self.adapter.factor for x in xs]))
 
     @torch.inference_mode()
-    def _forward(self, state: TorchState, tokens: list[int], block: int = 256) -> torch.Tensor:
-        """Final hidden states [n, dim] of n positions: audio embedding + token embedding each."""
-        outs = []
-        for s in range(0, len(tokens), block):
-            chunk = tokens[s:s + block]
-            x = self._pop(state, len(chunk)) + self._embed(chunk)
-            outs.append(self.decoder.forward(x, state.decoder_cache, state.ffn_scales))
-        return torch.cat(outs)
+    def _hidden(self, states, embeds: list[torch.Tensor], feeds: list[list[int]], want: list[int]) -> torch.Tensor:
+        counts = [len(f) for f in feeds]
+        x = torch.cat(embeds) if len(embeds) > 1 else embeds[0]
+        x = x + self.decoder.embed(torch.tensor([t for f in feeds for t in f], device=self.device))
+        if len(states) == 1:
+            scales = states[0].ffn_scales
+        else:
+            scales = torch.cat([s.ffn_scales.expand(n, *s.ffn_scales.shape) for s, n in zip(states, counts)])
+        pool = self.decoder_pool
+        step = pool.begin([s.decoder_slot for s in states], counts)
+        hidden = self.decoder.forward(x, pool, step, scales)
+        pool.commit(step.plan)
+        ends = np.cumsum(counts)
+        rows = [int(r) for end, m in zip(ends, want) for r in range(end - m, end)]
+        return hidden if len(rows) == hidden.shape[0] else hidden[torch.tensor(rows, dtype=torch.long, device=self.device)]
 
     @torch.inference_mode()
-    def prefill(self, state: TorchState, tokens: list[int], *, predict: bool = True) -> int | None:
-        """Run prompt positions; with ``predict``, return the greedy token at the last of them."""
-        hidden = self._forward(state, tokens)
-        return int(self.decoder.logits(hidden[-1]).argmax()) if predict else None
+    def _logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.decoder.logits(hidden)
 
     @torch.inference_mode()
-    def logits(self, state: TorchState, tokens: list[int]) -> np.ndarray:
-        """Teacher-forced logits [n, vocab] float32 for n positions."""
-        return self.decoder.logits(self._forward(state, tokens)).float().cpu().numpy()
+    def _greedy(self, logits: torch.Tensor):
+        tokens = logits.argmax(-1)
+        pad = logits[:, self.pad_id].float()
+        others = logits.clone()
+        others[:, self.pad_id] = float("-inf")
+        best, best_other = others.max(-1)
+        return tokens.cpu().numpy(), (pad - best.float()).cpu().numpy(), best_other.cpu().numpy()
 
-    @torch.inference_mode()
-    def decode(self, states: list[TorchState], tokens: list[int]) -> list[int]:
-        """One decode step for a batch of streams: each consumes one audio embedding and its last token."""
-        x = torch.cat([self._pop(s, 1) for s in states]) + self._embed(tokens)
-        if self.compiled_step is not None:
-            return self._compiled_decode(states, x)
-        scales = states[0].ffn_scales[None] if len(states) == 1 else torch.stack([s.ffn_scales for s in states])
-        hidden = self.decoder.step(x, [s.decoder_cache for s in states], scales)
-        return self.decoder.logits(hidden).argmax(-1).tolist()
+    def _from_numpy(self, a: np.ndarray) -> torch.Tensor:
+        return torch.from_numpy(np.ascontiguousarray(a)).to(self.device, self.dtype)
 
-    def _compiled_decode(self, states: list[TorchState], x: torch.Tensor) -> list[int]:
-        n = len(states)
-        pad = batch_bucket(n) - n
-        caches = [s.decoder_cache for s in states] + [self._pad_cache] * pad
-        x = torch.cat((x, x.new_zeros(pad, x.shape[1])))
-        scales = torch.stack([s.ffn_scales for s in states] + [states[0].ffn_scales] * pad)
-        positions = torch.tensor([c.length for c in caches], device=self.device)
-        tokens = self.compiled_step(x, [c.k for c in caches], [c.v for c in caches], positions, scales)
-        for cache in caches[:n]:
-            cache.advance(1)
-        return tokens[:n].tolist()
+    def _to_numpy(self, a: torch.Tensor) -> np.ndarray:
+        return a.float().cpu().numpy()
+
+    @staticmethod
+    def _concat(parts: list[torch.Tensor]) -> torch.Tensor:
+        return parts[0] if len(parts) == 1 else torch.cat(parts)
+
+    def synchronize(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)

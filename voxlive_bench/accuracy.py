@@ -1,4 +1,4 @@
-"""``python -m voxlive.accuracy``: how far quantized models are from the float one, measured.
+"""``python -m voxlive_bench.accuracy``: how far quantized models are from the float one, measured.
 
 The float model transcribes the audio (greedy tokens) and gives teacher-forced logits over the
 prompt and its own tokens; each quantized model then gives (a) its own greedy tokens, (b) logits
@@ -23,7 +23,7 @@ import numpy as np
 
 def _float_worker(model_dir: str, audio_path: str, dtype: str, out: Path) -> None:
     import voxlive
-    from voxlive.reference import offline_padded_audio
+    from voxlive_bench.reference import offline_padded_audio
 
     model = voxlive.load(model_dir, dtype=dtype, device="cpu")
     audio = voxlive.load_audio(audio_path)
@@ -57,14 +57,14 @@ def _quantized_worker(model_dir: str, audio_path: str, dtype: str, mode: str, re
 
 
 def _run(args: list[str]) -> str:
-    out = subprocess.run([sys.executable, "-m", "voxlive.accuracy", *args], capture_output=True, text=True)
+    out = subprocess.run([sys.executable, "-m", "voxlive_bench.accuracy", *args], capture_output=True, text=True)
     if out.returncode != 0:
         raise RuntimeError(f"accuracy worker failed:\n{out.stderr[-4000:]}")
     return out.stdout
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m voxlive.accuracy", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m voxlive_bench.accuracy", description=__doc__.split("\n\n")[0])
     p.add_argument("--model", required=True, help="float checkpoint directory")
     p.add_argument("--audio", required=True, help="an audio file (speech)")
     p.add_argument("--dtype", default="bfloat16")

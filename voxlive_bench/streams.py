@@ -60,7 +60,7 @@ async def _serve(engine, pcm, n: int, delay_ms) -> float:
 
 
 def bench_streams(model, counts: list[int], *, seconds: float, delay_ms=None) -> list[dict]:
-    from .server.engine import Engine
+    from voxlive.server.engine import Engine
 
     pcm = bench_audio(seconds)
     timer = _StepTimer(model.runtime)

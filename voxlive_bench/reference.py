@@ -1,7 +1,7 @@
 """The Hugging Face transformers implementation, run as an independent reference on OUR weights.
 
 Only the test-suite and ``voxlive bench`` import this module; the engine never does. transformers is
-imported lazily inside the functions, so ``import voxlive.reference`` works without it installed.
+imported lazily inside the functions, so ``import voxlive_bench.reference`` works without it installed.
 
 What it does:
 
@@ -44,8 +44,8 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
-from .checkpoint import Checkpoint, open_checkpoint
-from .config import AudioConfig, EncoderConfig, ModelConfig
+from voxlive.checkpoint import Checkpoint, open_checkpoint
+from voxlive.config import AudioConfig, EncoderConfig, ModelConfig
 
 if TYPE_CHECKING:  # pragma: no cover
     from transformers.models.voxtral_realtime import VoxtralRealtimeConfig, VoxtralRealtimeForConditionalGeneration

@@ -12,13 +12,13 @@ from dataclasses import dataclass
 
 import mlx.core as mx
 
-# The names voxlive.load(quantize=...) accepts for this backend, shared with the PyTorch one.
+# The names voxlive.load(quantize=...) accepts for this backend (int8 and int4 as on the PyTorch one).
 BITS = {"int4": 4, "int6": 6, "int8": 8}
 GROUP_SIZE = 64  # MLX's default and voxmlx's / mlx-community's
 
 
 @dataclass
-class QuantizedMatrix:
+class QuantizedWeight:
     """A [out, in] weight matrix in MLX's packed affine format."""
 
     packed: mx.array  # uint32 [out, in * bits / 32]
@@ -28,12 +28,12 @@ class QuantizedMatrix:
     bits: int
 
     @classmethod
-    def quantize(cls, w: mx.array, bits: int, group_size: int = GROUP_SIZE) -> QuantizedMatrix:
+    def quantize(cls, w: mx.array, bits: int, group_size: int = GROUP_SIZE) -> QuantizedWeight:
         packed, scales, biases = mx.quantize(w, group_size=group_size, bits=bits)
         return cls(packed, scales, biases, group_size, bits)
 
     @classmethod
-    def concatenate(cls, parts: list[QuantizedMatrix]) -> QuantizedMatrix:
+    def concatenate(cls, parts: list[QuantizedWeight]) -> QuantizedWeight:
         """Rows of several matrices stacked (rows are quantized independently, so this is exact)."""
         first = parts[0]
         if any((p.group_size, p.bits) != (first.group_size, first.bits) for p in parts):
@@ -56,3 +56,17 @@ class QuantizedMatrix:
 
     def dequantize(self) -> mx.array:
         return mx.dequantize(self.packed, self.scales, self.biases, group_size=self.group_size, bits=self.bits)
+
+
+Weight = mx.array | QuantizedWeight
+
+
+def linear(x: mx.array, w: Weight, bias: mx.array | None = None) -> mx.array:
+    """x @ w^T (+ bias), for a dense [out, in] weight or a quantized one: the one call every layer makes."""
+    y = w.matmul(x) if isinstance(w, QuantizedWeight) else x @ w.T
+    return y if bias is None else y + bias
+
+
+def embed(w: Weight, ids: mx.array) -> mx.array:
+    """Rows ``ids`` of an embedding matrix."""
+    return w.rows(ids) if isinstance(w, QuantizedWeight) else w[ids]

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .audio import SAMPLE_RATE
+from voxlive.audio import SAMPLE_RATE
 
 
 def random_checkpoint_dir(size: str = "full", seed: int = 0) -> Path:
@@ -25,7 +25,7 @@ def random_checkpoint_dir(size: str = "full", seed: int = 0) -> Path:
     base = Path(os.environ.get("VOXLIVE_CACHE", Path.home() / ".cache" / "voxlive"))
     path = base / f"random-{size}-seed{seed}"
     if not (path / "consolidated.safetensors").is_file():
-        from .testing import write_random_checkpoint
+        from voxlive.testing import write_random_checkpoint
 
         print(f"writing a {size}-size random checkpoint to {path} (once)...", file=sys.stderr)
         write_random_checkpoint(path, size=size, seed=seed)
@@ -80,8 +80,8 @@ def torch_floors(runtime, sync, repeats: int = 3) -> dict:
     """
     import torch
 
-    from .backends.torch.quant import linear
-    from .backends.torch.quant import nbytes as weight_bytes
+    from voxlive.backends.torch.quant import linear
+    from voxlive.backends.torch.quant import nbytes as weight_bytes
 
     d = runtime.decoder
     c = d.c
@@ -120,7 +120,7 @@ def _load_timed(model_dir: str, dtype: str | None, device: str | None, quantize:
                 backend: str = "auto"):
     import torch
 
-    from .model import load
+    from voxlive.model import load
 
     t = time.perf_counter()
     model = load(model_dir, backend=backend, device=device, dtype=dtype, quantize=quantize, compile=compile)
@@ -134,10 +134,10 @@ def _load_timed(model_dir: str, dtype: str | None, device: str | None, quantize:
     info = {"engine": "voxlive", "backend": model.backend,
             "device": dev.type.name if model.backend == "mlx" else str(dev),
             "dtype": str(timed.dtype).replace("torch.", "").replace("mlx.core.", ""),
-            "quantize": getattr(timed, "quantize", quantize), "compile": compile, "threads": torch.get_num_threads(),
+            "quantize": timed.quantize, "compile": compile, "threads": torch.get_num_threads(),
             "load_s": load_s}
     if model.backend == "torch" and dev.type == "cpu":
-        from .backends.torch import cpu_kernels
+        from voxlive.backends.torch import cpu_kernels
 
         info["cpu_kernels"] = cpu_kernels.variant() or "PyTorch's"
     return model, timed, sync, info
@@ -178,9 +178,10 @@ def run_voxlive(model_dir: str, seconds: float, dtype: str | None, device: str |
 def run_reference(model_dir: str, seconds: float, dtype: str | None, delay_ms: int | None) -> dict:
     import torch
 
-    from .config import load_config
+    from voxlive.config import load_config
+    from voxlive.tokens import Tokenizer
+
     from .reference import load_reference, reference_generate, reference_log_mel
-    from .tokens import Tokenizer
 
     dtype = dtype or "bfloat16"
     t = time.perf_counter()
@@ -206,7 +207,7 @@ def run_reference(model_dir: str, seconds: float, dtype: str | None, delay_ms: i
 
 
 def _subprocess(args: list[str]) -> dict:
-    out = subprocess.run([sys.executable, "-m", "voxlive.bench", *args], capture_output=True, text=True)
+    out = subprocess.run([sys.executable, "-m", "voxlive_bench.bench", *args], capture_output=True, text=True)
     if out.returncode != 0:
         raise RuntimeError(f"benchmark worker failed:\n{out.stderr[-4000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])
@@ -251,7 +252,7 @@ def bench(model: str | None, *, random_weights: bool, seconds: float, dtype: str
     if random_weights:
         model_dir = str(random_checkpoint_dir("full"))
     else:
-        from .checkpoint import resolve
+        from voxlive.checkpoint import resolve
 
         model_dir = str(resolve(model))
     common = ["--model", model_dir, "--seconds", str(seconds)]
@@ -272,7 +273,7 @@ def bench(model: str | None, *, random_weights: bool, seconds: float, dtype: str
 def _worker(argv: list[str]) -> None:
     import argparse
 
-    p = argparse.ArgumentParser(prog="python -m voxlive.bench")
+    p = argparse.ArgumentParser(prog="python -m voxlive_bench.bench")
     p.add_argument("engine", choices=["voxlive", "reference"])
     p.add_argument("--model", required=True)
     p.add_argument("--seconds", type=float, required=True)

@@ -1,0 +1,163 @@
+"""The KV slot pool's buffers and batched attention, in PyTorch (bookkeeping: ``backends/pool.py``).
+
+Keys and values are ``[layers, slots, kv_heads, capacity, head_dim]`` ``torch.empty`` buffers:
+on CPU their untouched pages are not resident, so RSS grows with the indices streams actually
+filled, not with the pool's size. ``kv_int8``: int8 keys and values with one float32 scale per
+head and position (half the bytes of bf16). Keys are stored after RoPE.
+
+Attention is plain batched matmuls with the query heads of a KV head grouped (``[group * n, d] x
+[d, keys]``) and a softmax in float32: it reads the keys and values once, at memory speed, where
+``scaled_dot_product_attention`` with one query ran at ~1 GB/s in bf16 on CPU.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from ..pool import Plan, SlotPool
+from . import cpu_kernels
+
+
+@dataclass
+class Step:
+    """A ``Plan`` as tensors on the pool's device."""
+
+    plan: Plan
+    rows: torch.Tensor | None
+    positions: np.ndarray
+    mask: torch.Tensor
+    index: torch.Tensor
+    write_rows: torch.Tensor
+    write_slots: torch.Tensor
+    write_at: torch.Tensor
+
+
+class KVPool(SlotPool):
+    def __init__(self, n_layers: int, n_kv_heads: int, window: int, head_dim: int, *, extra: int = 0,
+                 dtype: torch.dtype, device: torch.device, kv_int8: bool = False, slots: int = 1):
+        self.n_layers, self.n_kv_heads, self.head_dim = n_layers, n_kv_heads, head_dim
+        self.dtype, self.device, self.int8 = dtype, device, kv_int8
+        self.k = self.v = self.k_scale = self.v_scale = None
+        self.capacity = window + extra
+        super().__init__(window, extra, slots)
+
+    def _buffers(self) -> list[torch.Tensor]:
+        return [b for b in (self.k, self.v, self.k_scale, self.v_scale) if b is not None]
+
+    def _grow(self, slots: int) -> None:
+        old, n = self._buffers(), self.slots
+        shape = (self.n_layers, slots, self.n_kv_heads, self.capacity, self.head_dim)
+        store = torch.int8 if self.int8 else self.dtype
+        self.k = torch.empty(shape, dtype=store, device=self.device)
+        self.v = torch.empty(shape, dtype=store, device=self.device)
+        if self.int8:
+            self.k_scale = torch.empty(shape[:-1], dtype=torch.float32, device=self.device)
+            self.v_scale = torch.empty(shape[:-1], dtype=torch.float32, device=self.device)
+        for new, buf in zip(self._buffers(), old):
+            for s in range(n):  # only what was written is copied (and touched)
+                new[:, s, :, :self._ready[s]] = buf[:, s, :, :self._ready[s]]
+
+    def _copy(self, dst: int, src: int, n: int) -> None:
+        for buf in self._buffers():
+            buf[:, dst, :, :n] = buf[:, src, :, :n]
+
+    def _zero(self, slot: int, lo: int, hi: int) -> None:
+        for buf in self._buffers():
+            buf[:, slot, :, lo:hi] = 0
+
+    def begin(self, slots: list[int], counts: list[int]) -> Step:
+        p = self.plan(slots, counts)
+
+        def t(a):
+            return torch.from_numpy(np.ascontiguousarray(a)).to(self.device)
+
+        return Step(p, None if p.rows is None else t(p.rows), p.positions, t(p.mask), t(np.array(p.slots)),
+                    t(p.write_rows), t(p.write_slots), t(p.write_at))
+
+    def _store(self, layer: int, step: Step, k: torch.Tensor, v: torch.Tensor) -> None:
+        k, v = k[step.write_rows], v[step.write_rows]
+        if self.int8:
+            (k, ks), (v, vs) = _quantize(k), _quantize(v)
+            self.k_scale[layer][step.write_slots, :, step.write_at] = ks
+            self.v_scale[layer][step.write_slots, :, step.write_at] = vs
+        self.k[layer][step.write_slots, :, step.write_at] = k
+        self.v[layer][step.write_slots, :, step.write_at] = v
+
+    def _read(self, buf: torch.Tensor, layer: int, step: Step) -> torch.Tensor:
+        """Indices 0 .. keys of the step's slots [B, kv_heads, keys, ...]: a view when they are a range."""
+        p = step.plan
+        if p.lo is not None:
+            return buf[layer, p.lo:p.lo + len(p.slots), :, :p.keys]
+        return buf[layer, :, :, :p.keys].index_select(0, step.index)
+
+    def attend(self, layer: int, step: Step, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """Sliding-window attention of the fed rows q [rows, heads, d] (k, v [rows, kv_heads, d]) over
+        their streams' slots and themselves; stores k, v. Returns [rows, heads * d]."""
+        p = step.plan
+        B, n = len(p.slots), p.n
+        heads, d = q.shape[1], q.shape[2]
+        kvh = self.n_kv_heads
+        group = heads // kvh
+        if self.kernel_attends(q):
+            return self._attend_each(layer, step, q, k, v)
+        if p.in_place:
+            self._store(layer, step, k, v)
+        q = self._pad(q * d ** -0.5, step)  # [B, n, heads, d]
+        q = q.view(B, n, kvh, group, d).permute(0, 2, 3, 1, 4).reshape(B, kvh, group * n, d)
+        keys, values = self._read(self.k, layer, step), self._read(self.v, layer, step)
+        if self.int8:
+            keys = keys.to(q.dtype) * self._read(self.k_scale, layer, step)[..., None].to(q.dtype)
+            values = values.to(q.dtype) * self._read(self.v_scale, layer, step)[..., None].to(q.dtype)
+        if not p.in_place:
+            keys = torch.cat((keys, self._pad(k, step).transpose(1, 2)), dim=2)
+            values = torch.cat((values, self._pad(v, step).transpose(1, 2)), dim=2)
+        scores = (q @ keys.transpose(-1, -2)).view(B, kvh, group, n, -1)
+        scores = scores.masked_fill(~step.mask[:, None, None], float("-inf"))
+        probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype).view(B, kvh, group * n, -1)
+        out = (probs @ values).view(B, kvh, group, n, d).permute(0, 3, 1, 2, 4).reshape(B * n, heads * d)
+        if not p.in_place:
+            self._store(layer, step, k, v)
+        return out if step.rows is None else out[step.rows]
+
+    def kernel_attends(self, q: torch.Tensor) -> bool:
+        """Whether voxlive's attention kernel takes these queries [rows, heads, d]: with
+        ``cpu_kernels.batch_invariant()``, bf16 or float32 keys on a CPU. It computes each query on its
+        own, where the batched matmuls and softmax above block their sums by the pass's sizes, so a
+        stream's numbers do not depend on how its positions were chunked or batched; it is slower
+        (README, "Same tokens however the audio arrives")."""
+        return (cpu_kernels.batch_invariant() and not self.int8 and q.device.type == "cpu"
+                and q.dtype in (torch.bfloat16, torch.float32) and 16 % (q.shape[1] // self.n_kv_heads) == 0
+                and q.shape[2] % 8 == 0)
+
+    def _attend_each(self, layer: int, step: Step, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """``attend`` by ``cpu_kernels.attention``, stream by stream (their rows are consecutive), over
+        each slot's ring as it was before the pass; then stores k, v."""
+        p = step.plan
+        outs, row = [], 0
+        for slot, count in zip(p.slots, p.counts):
+            rel = int(self._length[slot] - self._start[slot])  # positions relative to the slot's start
+            rows = [t[row:row + count].reshape(count, t.shape[1] * t.shape[2]) for t in (q, k, v)]
+            outs.append(cpu_kernels.attention(*rows, self.k[layer, slot], self.v[layer, slot], rel, self.window,
+                                              q.shape[2]))
+            row += count
+        self._store(layer, step, k, v)
+        return outs[0] if len(outs) == 1 else torch.cat(outs)
+
+    @staticmethod
+    def _pad(x: torch.Tensor, step: Step) -> torch.Tensor:
+        """Fed rows [rows, ...] -> [B, n, ...], zeros where a stream fed fewer than n."""
+        B, n = len(step.plan.slots), step.plan.n
+        if step.rows is None:
+            return x.reshape(B, n, *x.shape[1:])
+        out = x.new_zeros(B * n, *x.shape[1:])
+        out[step.rows] = x
+        return out.view(B, n, *x.shape[1:])
+
+
+def _quantize(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """[rows, kv_heads, d] -> int8 values and a float32 scale per row and head."""
+    scale = (x.float().abs().amax(dim=-1) / 127).clamp(min=1e-30)
+    return torch.round(x.float() / scale[..., None]).clamp(-127, 127).to(torch.int8), scale
