@@ -93,22 +93,25 @@ needs_amx = pytest.mark.skipif(not cpu_kernels.amx_available(), reason="no AMX h
 
 @pytest.fixture
 def batch_invariant(monkeypatch):
-    """As with VOXLIVE_BATCH_INVARIANT=1."""
+    """As by default (VOXLIVE_BATCH_INVARIANT unset or 1), whatever the environment of the test run."""
     monkeypatch.setattr(cpu_kernels, "_batch_invariant", True)
 
 
 @needs_amx
-def test_batch_invariance_is_an_option():
-    """Off by default (it costs speed, README): the encoder's matrices stay with oneDNN and attention with
-    PyTorch's; the decoder's bf16 matrices take the AMX GEMM either way."""
+def test_batch_invariance_can_be_switched_off(monkeypatch):
+    """VOXLIVE_BATCH_INVARIANT=0: the encoder's matrices stay with oneDNN and attention with the pool's
+    batched matmuls; the decoder's bf16 matrices take the AMX GEMM either way."""
     from voxlive.backends.torch.pool import KVPool
 
-    assert not cpu_kernels.batch_invariant()
+    pool = KVPool(1, 2, 8, 16, dtype=torch.bfloat16, device=torch.device("cpu"))
+    q = torch.zeros(3, 4, 16, dtype=torch.bfloat16)
     w = torch.zeros(32, 64, dtype=torch.bfloat16)
+    monkeypatch.setattr(cpu_kernels, "_batch_invariant", True)
+    assert Bf16Weight.wrap(w, many_rows=True).amx and pool.kernel_attends(q)
+    monkeypatch.setattr(cpu_kernels, "_batch_invariant", False)
     assert Bf16Weight.wrap(w, many_rows=True) is w
     assert Bf16Weight.wrap(w).amx
-    pool = KVPool(1, 2, 8, 16, dtype=torch.bfloat16, device=torch.device("cpu"))
-    assert not pool.kernel_attends(torch.zeros(3, 4, 16, dtype=torch.bfloat16))
+    assert not pool.kernel_attends(q)
 
 
 @needs_amx

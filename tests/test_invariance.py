@@ -1,8 +1,8 @@
 """One recording gives one transcript however it arrives, in bfloat16 (the default precision).
 
 In float32 streaming equals offline (test_streaming.py). In bfloat16 it holds only if each stream's
-numbers do not depend on how many frames, positions or streams a call holds: with
-VOXLIVE_BATCH_INVARIANT=1 every product and attention row is computed on its own in a fixed order
+numbers do not depend on how many frames, positions or streams a call holds: by default
+(VOXLIVE_BATCH_INVARIANT) every product and attention row is computed on its own in a fixed order
 (voxlive's CPU kernels with AMX), so these tests compare tokens exactly. Without AMX the stock GEMM
 blocks rows by the call's size, and they skip.
 """
@@ -24,7 +24,7 @@ pytestmark = pytest.mark.skipif(not cpu_kernels.amx_available(),
 
 @pytest.fixture(scope="module", autouse=True)
 def batch_invariant():
-    """As with VOXLIVE_BATCH_INVARIANT=1, for this module's models."""
+    """As by default (VOXLIVE_BATCH_INVARIANT unset or 1), whatever the environment of the test run."""
     with pytest.MonkeyPatch.context() as m:
         m.setattr(cpu_kernels, "_batch_invariant", True)
         yield

@@ -203,7 +203,8 @@ class Bf16Weight:
     def wrap(cls, w: torch.Tensor, *, many_rows: bool = False) -> torch.Tensor | Bf16Weight:
         """``w`` itself unless a kernel applies (CPU, bfloat16, sizes it takes). ``many_rows``: a matrix
         that mostly multiplies many rows at once (the encoder), where oneDNN's GEMM is faster than the
-        AMX GEMM and which takes the AMX GEMM only for ``cpu_kernels.batch_invariant()``."""
+        AMX GEMM at 744 rows (not at 48) and which takes the AMX GEMM only for
+        ``cpu_kernels.batch_invariant()``."""
         if w.device.type != "cpu" or w.dtype != torch.bfloat16 or w.shape[1] % cpu_kernels.K_MULTIPLE:
             return w
         if cpu_kernels.amx_available() and w.shape[0] % 16 == 0 and (not many_rows or cpu_kernels.batch_invariant()):
