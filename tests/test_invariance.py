@@ -4,7 +4,9 @@ In float32 streaming equals offline (test_streaming.py). In bfloat16 it holds on
 numbers do not depend on how many frames, positions or streams a call holds: by default
 (VOXLIVE_BATCH_INVARIANT) every product and attention row is computed on its own in a fixed order
 (voxlive's CPU kernels with AMX), so these tests compare tokens exactly. Without AMX the stock GEMM
-blocks rows by the call's size, and they skip.
+blocks rows by the call's size, and they skip. At the tiny model's sizes the previous paths (oneDNN,
+the pool's batched attention) happen to pass them too: oneDNN's rows vary with M from inputs of ~1280
+on (test_cpu_kernels.py shows it), which only a full-size model has; these guard the model's paths.
 """
 
 from __future__ import annotations
@@ -74,3 +76,29 @@ def test_bf16_batched_streams_equal_transcribe(bf16_model, offline, speech):
         decode_available(streams)
     for s, exp in zip(streams, expected):
         assert s.finish().tokens == exp
+
+
+def _embeddings(model, mel, tokens_per_call):
+    """Audio embeddings of one stream whose mel frames go to the encoder ``tokens_per_call[i]`` tokens at a time."""
+    rt = model.runtime
+    state = rt.new_state(model.config.delay_tokens(None))
+    try:
+        start = 0
+        for n in tokens_per_call:
+            rt.encode(state, mel[:, start:start + 8 * n])
+            start += 8 * n
+        return rt.take_embeddings(state)
+    finally:
+        rt.release(state)
+
+
+def test_bf16_audio_embeddings_are_the_same_bits_in_any_chunking(bf16_model, speech):
+    """Stronger than equal tokens (which a random model's margins can hide): the encoder's output,
+    bit for bit, whole or in chunks of 1 to 40 tokens (across its 24-frame window)."""
+    mel = voxlive.log_mel(speech)
+    tokens = mel.shape[1] // 8
+    whole = _embeddings(bf16_model, mel, [tokens])
+    rng = np.random.default_rng(5)
+    cuts = sorted(set(int(c) for c in rng.integers(1, tokens, 12)))
+    for chunks in ([1] * tokens, [b - a for a, b in zip([0] + cuts, cuts + [tokens])]):
+        assert np.array_equal(_embeddings(bf16_model, mel, chunks), whole)
