@@ -81,9 +81,86 @@ def test_bf16_kernel_against_float64(k):
     assert ((got.double() - expected).abs() <= bound).all()
     for m in range(9):
         assert torch.equal(linear(x[m:m + 1], weight)[0], got[m])
-    # more rows than the kernel takes go through the stock GEMM
-    many = activations(weight.max_rows + 1, k, seed=1).bfloat16()
-    assert torch.equal(linear(many, weight), torch.nn.functional.linear(many, w))
+    if weight.amx:  # every row count goes through the AMX GEMM (test_amx_gemm_rows_do_not_depend_on_each_other)
+        assert torch.equal(weight.rows(torch.tensor([3, 0, 49])), w[[3, 0, 49]])  # lookups from the tile order
+    else:  # more rows than the kernel takes go through the stock GEMM
+        many = activations(weight.max_rows + 1, k, seed=1).bfloat16()
+        assert torch.equal(linear(many, weight), torch.nn.functional.linear(many, w))
+
+
+needs_amx = pytest.mark.skipif(not cpu_kernels.amx_available(), reason="no AMX here (or the kernels are unavailable)")
+
+
+@pytest.fixture
+def batch_invariant(monkeypatch):
+    """As by default (VOXLIVE_BATCH_INVARIANT unset or 1), whatever the environment of the test run."""
+    monkeypatch.setattr(cpu_kernels, "_batch_invariant", True)
+
+
+@needs_amx
+def test_batch_invariance_can_be_switched_off(monkeypatch):
+    """VOXLIVE_BATCH_INVARIANT=0: the encoder's matrices stay with oneDNN and attention with the pool's
+    batched matmuls; the decoder's bf16 matrices take the AMX GEMM either way."""
+    from voxlive.backends.torch.pool import KVPool
+
+    pool = KVPool(1, 2, 8, 16, dtype=torch.bfloat16, device=torch.device("cpu"))
+    q = torch.zeros(3, 4, 16, dtype=torch.bfloat16)
+    w = torch.zeros(32, 64, dtype=torch.bfloat16)
+    monkeypatch.setattr(cpu_kernels, "_batch_invariant", True)
+    assert Bf16Weight.wrap(w, many_rows=True).amx and pool.kernel_attends(q)
+    monkeypatch.setattr(cpu_kernels, "_batch_invariant", False)
+    assert Bf16Weight.wrap(w, many_rows=True) is w
+    assert Bf16Weight.wrap(w).amx
+    assert not pool.kernel_attends(q)
+
+
+@needs_amx
+@pytest.mark.parametrize("k,n", [(96, 48), (1280, 272)])
+def test_amx_gemm_against_float64_with_bias(k, n, batch_invariant):
+    g = torch.Generator().manual_seed(k)
+    w = (torch.randn(n, k, generator=g) * 0.05).bfloat16()
+    bias = torch.randn(n, generator=g).bfloat16()
+    x = activations(70, k, seed=k).bfloat16()  # 70 rows: blocks of 16 and pairs of blocks, with tails
+    weight = Bf16Weight.wrap(w, many_rows=True)
+    assert weight.amx
+    got = linear(x, weight, bias)
+    expected = x.double() @ w.double().T + bias.double()
+    # float32 sums of exact bf16 products, the bias added in float32, one rounding to bfloat16
+    magnitude = x.double().abs() @ w.double().abs().T + bias.double().abs()
+    assert ((got.double() - expected).abs() <= 2 ** -8 * expected.abs() + 1e-6 * magnitude + 1e-30).all()
+    assert (got[2] == bias).all()  # the all-zero row
+
+
+@needs_amx
+def test_amx_gemm_rows_do_not_depend_on_each_other():
+    """A row's result is bit for bit the same in a call of any size and at any place in it: what makes
+    chunked streams equal offline ones in bfloat16 (oneDNN's GEMM blocks the sums by the call's rows)."""
+    g = torch.Generator().manual_seed(0)
+    w = (torch.randn(512, 3072, generator=g) * 0.05).bfloat16()
+    weight = Bf16Weight.wrap(w)
+    x = activations(100, 3072, seed=3).bfloat16()
+    whole = linear(x, weight)
+    for start, stop in [(0, 1), (0, 3), (0, 17), (5, 9), (31, 64), (60, 100), (99, 100)]:
+        assert torch.equal(linear(x[start:stop], weight), whole[start:stop])
+    assert not all(torch.equal(torch.nn.functional.linear(x[:m], w), torch.nn.functional.linear(x, w)[:m])
+                   for m in (1, 3, 17, 33)), "the stock GEMM is row-invariant here after all: this test shows nothing"
+
+
+@needs_amx
+def test_amx_gemm_rejects_bad_shapes(batch_invariant):
+    tiles = cpu_kernels.bf16_tiles(torch.zeros(32, 64, dtype=torch.bfloat16))
+    assert tiles.shape == (2, 2, 16, 32)
+    with pytest.raises(RuntimeError, match="inputs"):
+        cpu_kernels.linear_bf16_amx(torch.zeros(1, 96, dtype=torch.bfloat16), tiles)
+    with pytest.raises(RuntimeError, match="bfloat16 x"):
+        cpu_kernels.linear_bf16_amx(torch.zeros(1, 64), tiles)
+    with pytest.raises(RuntimeError, match="multiple of 16"):
+        cpu_kernels.bf16_tiles(torch.zeros(24, 64, dtype=torch.bfloat16))
+    with pytest.raises(RuntimeError, match="one bias per output"):
+        cpu_kernels.linear_bf16_amx(torch.zeros(1, 64, dtype=torch.bfloat16), tiles, torch.zeros(31, dtype=torch.bfloat16))
+    # a matrix of another shape stays with the stock GEMM
+    odd = torch.zeros(24, 64, dtype=torch.bfloat16)
+    assert Bf16Weight.wrap(odd, many_rows=True) is odd
 
 
 @needs_kernels
@@ -129,6 +206,7 @@ def test_without_kernels_pytorch_kernels_do_the_work(kernels_off):
 def test_without_bf16_the_int_kernels_still_run(monkeypatch):
     """A CPU with VNNI but not AVX-512 BF16 (Ice Lake, Cascade Lake): int8 and int4 only."""
     monkeypatch.setattr(cpu_kernels, "_bf16", False)
+    monkeypatch.setattr(cpu_kernels, "_amx", False)
     w = torch.randn(16, 128).bfloat16()
     assert Bf16Weight.wrap(w) is w
     parts = quantize(torch.randn(16, 128), "int8")
@@ -178,3 +256,56 @@ def test_avx2_build_passes_the_same_tests():
                          env=env, capture_output=True, text=True, cwd=tests.parent)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     assert " passed" in run.stdout and " failed" not in run.stdout
+
+
+def attend_in_chunks(q, k, v, window, chunks):
+    """Causal windowed attention of q [T, heads, d], k/v [T, kv_heads, d] through a KV pool's slot, the
+    positions fed in the given chunk sizes."""
+    from voxlive.backends.torch.pool import KVPool
+
+    pool = KVPool(1, k.shape[1], window, k.shape[2], dtype=k.dtype, device=torch.device("cpu"))
+    slot = pool.acquire()
+    outs, p = [], 0
+    for n in chunks:
+        step = pool.begin([slot], [n])
+        assert pool.kernel_attends(q)
+        outs.append(pool.attend(0, step, q[p:p + n], k[p:p + n], v[p:p + n]))
+        pool.commit(step.plan)
+        p += n
+    return torch.cat(outs)
+
+
+@needs_kernels
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_attention_kernel_against_float64_and_in_any_chunking(dtype, batch_invariant):
+    """Each query over exactly its window's keys (GQA, across the ring's wrap), within rounding of float64;
+    and bit for bit the same whatever chunks the positions come in (PyTorch's flash attention is not)."""
+    g = torch.Generator().manual_seed(1)
+    heads, kv_heads, d, window, T = 4, 2, 24, 20, 67
+    q, k, v = (3 * torch.randn(T, h, d, generator=g).to(dtype) for h in (heads, kv_heads, kv_heads))
+    whole = attend_in_chunks(q, k, v, window, [T])
+    pos = torch.arange(T)
+    delta = pos[:, None] - pos[None, :]
+    allowed = (delta >= 0) & (delta < window)
+    kk, vv = (t.double().transpose(0, 1).repeat_interleave(heads // kv_heads, 0) for t in (k, v))
+    scores = (q.double().transpose(0, 1) @ kk.transpose(1, 2)) / d ** 0.5
+    expected = torch.softmax(scores.masked_fill(~allowed, float("-inf")), -1) @ vv  # [heads, T, d]
+    expected = expected.transpose(0, 1).reshape(T, -1)
+    tolerance = 2 ** -8 if dtype == torch.bfloat16 else 1e-5
+    assert ((whole.double() - expected).abs() <= tolerance * (expected.abs() + vv.abs().max())).all()
+    rng = np.random.default_rng(0)
+    cuts = sorted(set(int(c) for c in rng.integers(1, T, 8)))
+    for chunks in ([1] * T, [5] * 13 + [2], [b - a for a, b in zip([0] + cuts, cuts + [T])]):
+        assert torch.equal(attend_in_chunks(q, k, v, window, chunks), whole)
+
+
+@needs_kernels
+def test_attention_kernel_rejects_bad_shapes():
+    q = torch.zeros(3, 32)
+    with pytest.raises(RuntimeError, match="divide 16"):
+        cpu_kernels.attention(torch.zeros(3, 36), torch.zeros(3, 12), torch.zeros(3, 12), torch.zeros(1, 4, 12),
+                              torch.zeros(1, 4, 12), 0, 4, 12)
+    with pytest.raises(RuntimeError, match="fewer slots than the window"):
+        cpu_kernels.attention(q, q, q, torch.zeros(1, 4, 32), torch.zeros(1, 4, 32), 5, 8, 32)
+    with pytest.raises(RuntimeError, match="one dtype"):
+        cpu_kernels.attention(q, q.bfloat16(), q, torch.zeros(1, 8, 32), torch.zeros(1, 8, 32), 0, 8, 32)

@@ -20,7 +20,12 @@
 
 #include <immintrin.h>
 
+#include <cmath>
 #include <cstring>
+#include <vector>
+
+#include <sys/syscall.h>
+#include <unistd.h>
 
 namespace {
 
@@ -199,6 +204,176 @@ void int4_row(const int16_t* x, const float* xsum, int64_t K, const uint8_t* w, 
   for (int r = 0; r < R; r++) dots[r] = _mm512_reduce_add_ps(acc[r]) + offset[r];
 }
 
+// ---- bf16 with AMX: a GEMM whose rows do not depend on each other -----------------------------------
+// Sapphire Rapids and later: tile dot products (tdpbf16ps) of 16 weight rows x 32 inputs by 32 inputs x
+// 16 activation rows, float32 sums. The product is computed transposed, Y^T = W X^T, so the weight tiles
+// are plain blocks of its rows (stored blocked once at load: [N / 16, K / 32, 16, 32], each tile 1 KB
+// contiguous) and only the activations are repacked per call. Every output accumulates its 32-input
+// blocks in the same order from a zeroed tile whatever M is, so a row's result depends on no other row
+// and not on how many there are: the encoder's frames give the same numbers in any chunking, and a decode
+// step of k rows is one pass over the weights for all of them (up to 32 rows share each weight tile).
+
+#define AMX_TARGET __attribute__((target("amx-tile,amx-bf16,amx-int8,avx512bf16")))
+
+struct alignas(64) TileConfig {
+  uint8_t palette = 1, start_row = 0;
+  uint8_t reserved[14] = {};
+  uint16_t colsb[16] = {};
+  uint8_t rows[16] = {};
+};
+
+// Eight full tiles (16 rows of 64 bytes): C in tmm0-3, weights in tmm4-5, activations in tmm6-7. A
+// constant in memory: GCC 12 drops stores to a local whose only reader is ldtilecfg.
+constexpr TileConfig full_tiles() {
+  TileConfig c;
+  for (int t = 0; t < 8; t++) c.colsb[t] = 64, c.rows[t] = 16;
+  return c;
+}
+constexpr TileConfig kFullTiles = full_tiles();
+
+AMX_TARGET void configure_tiles() { _tile_loadconfig(&kFullTiles); }
+AMX_TARGET void release_tiles() { _tile_release(); }
+
+// Linux gives a process the tile registers only on request.
+bool amx_permitted() {
+  static const bool ok = syscall(SYS_arch_prctl, 0x1023 /* ARCH_REQ_XCOMP_PERM */, 18 /* XTILEDATA */) == 0;
+  return ok;
+}
+
+// 16x16 float32 transpose in registers: four rounds, each swapping one bit of the row and lane indices.
+inline void transpose16(__m512 r[16]) {
+  for (int b = 1; b < 16; b <<= 1) {
+    alignas(64) int lo[16], hi[16];
+    for (int l = 0; l < 16; l++) lo[l] = (l & b) ? 16 + l - b : l, hi[l] = (l & b) ? 16 + l : l + b;
+    const __m512i ilo = _mm512_load_si512(lo), ihi = _mm512_load_si512(hi);
+    for (int i = 0; i < 16; i++)
+      if (!(i & b)) {
+        __m512 a = r[i], c = r[i + b];
+        r[i] = _mm512_permutex2var_ps(a, ilo, c);
+        r[i + b] = _mm512_permutex2var_ps(a, ihi, c);
+      }
+  }
+}
+
+// C^T tiles of NB blocks of 16 weight rows (w: their Kb tiles, one block after the other) by MB blocks
+// of 16 activation rows (x: Kb tiles of 16 input pairs x 16 rows per block), input blocks kb0..kb1,
+// accumulated onto c (zeros when kb0 == 0); c holds the tiles' float32 sums between calls, so splitting
+// the inputs into ranges changes no rounding.
+template <int NB, int MB>
+AMX_TARGET void amx_bf16_tiles(const uint16_t* w, const int32_t* x, int64_t Kb, int64_t kb0, int64_t kb1, float* c) {
+  if (kb0 == 0) {
+    _tile_zero(0);
+    if (MB > 1) _tile_zero(1);
+    if (NB > 1) _tile_zero(2);
+    if (NB > 1 && MB > 1) _tile_zero(3);
+  } else {
+    _tile_loadd(0, c, 64);
+    if (MB > 1) _tile_loadd(1, c + 256, 64);
+    if (NB > 1) _tile_loadd(2, c + 512, 64);
+    if (NB > 1 && MB > 1) _tile_loadd(3, c + 768, 64);
+  }
+  for (int64_t kb = kb0; kb < kb1; kb++) {
+    const uint16_t* w0 = w + kb * 512;
+    // each load just before the first product that needs it (tiles are not renamed)
+    _tile_loadd(6, x + kb * 256, 64);
+    _tile_loadd(4, w0, 64);
+    _tile_dpbf16ps(0, 4, 6);
+    if (MB > 1) {
+      _tile_loadd(7, x + (Kb + kb) * 256, 64);
+      _tile_dpbf16ps(1, 4, 7);
+    }
+    if (NB > 1) {
+      _tile_loadd(5, w0 + Kb * 512, 64);
+      _tile_dpbf16ps(2, 5, 6);
+      if (MB > 1) _tile_dpbf16ps(3, 5, 7);
+    }
+  }
+  _tile_stored(0, c, 64);
+  if (MB > 1) _tile_stored(1, c + 256, 64);
+  if (NB > 1) _tile_stored(2, c + 512, 64);
+  if (NB > 1 && MB > 1) _tile_stored(3, c + 768, 64);
+}
+
+// One C^T tile (16 outputs x 16 rows) -> `rows` rows of y from y, plus the bias.
+AMX_TARGET void store_tile(const float* c, const float* bias, uint16_t* y, int64_t N, int64_t rows) {
+  __m512 r[16];
+  for (int i = 0; i < 16; i++) r[i] = _mm512_load_ps(c + 16 * i);
+  transpose16(r);
+  const __m512 b = bias ? _mm512_loadu_ps(bias) : _mm512_setzero_ps();
+  for (int64_t m = 0; m < rows; m++)
+    _mm256_storeu_si256((__m256i*)(y + m * N), (__m256i)_mm512_cvtneps_pbh(_mm512_add_ps(r[m], b)));
+}
+
+// w [N, K] -> the tile order the AMX kernel reads, [N / 16, K / 32, 16, 32].
+at::Tensor bf16_tiles(const at::Tensor& w) {
+  TORCH_CHECK(w.dim() == 2 && w.size(0) % 16 == 0 && w.size(1) % 32 == 0,
+              "bf16_tiles: [N, K] with N a multiple of 16 and K of 32, got ", w.sizes());
+  return w.view({w.size(0) / 16, 16, w.size(1) / 32, 32}).transpose(1, 2).contiguous();
+}
+
+at::Tensor linear_bf16_amx(const at::Tensor& x_in, const at::Tensor& w, const c10::optional<at::Tensor>& bias) {
+  TORCH_CHECK(x_in.dim() == 2 && w.dim() == 4 && w.size(2) == 16 && w.size(3) == 32 && w.is_contiguous(),
+              "linear_bf16_amx: x [M, K] and a weight in tile order (bf16_tiles)");
+  TORCH_CHECK(x_in.device().is_cpu() && w.device().is_cpu(), "linear_bf16_amx: CPU tensors only");
+  TORCH_CHECK(x_in.scalar_type() == at::kBFloat16 && w.scalar_type() == at::kBFloat16, "linear_bf16_amx: bfloat16 x and weight");
+  const int64_t M = x_in.size(0), K = x_in.size(1), N = w.size(0) * 16, Kb = K / 32, Mb = (M + 15) / 16;
+  TORCH_CHECK(w.size(1) == Kb && K % 32 == 0, "linear_bf16_amx: x has ", K, " inputs, the weight ", w.size(1) * 32);
+  TORCH_CHECK(amx_permitted(), "linear_bf16_amx: the kernel did not grant the AMX tile registers");
+  at::Tensor b;
+  if (bias) {
+    TORCH_CHECK(bias->numel() == N, "linear_bf16_amx: one bias per output");
+    b = bias->to(at::kFloat).contiguous();
+  }
+  // activations as input pairs (int32), [Mb, Kb, 16 pairs, 16 rows], zero rows past M
+  at::Tensor pairs = at::zeros({Mb * 16, K / 2}, x_in.options().dtype(at::kInt));
+  pairs.narrow(0, 0, M).copy_(x_in.contiguous().view(at::kInt));
+  at::Tensor xp = pairs.view({Mb, 16, Kb, 16}).permute({0, 2, 3, 1}).contiguous();
+  at::Tensor y = at::empty({M, N}, x_in.options());
+  auto wp = (const uint16_t*)w.data_ptr();
+  auto xpp = xp.data_ptr<int32_t>();
+  auto yp = (uint16_t*)y.data_ptr();
+  const float* bp = bias ? b.data_ptr<float>() : nullptr;
+  // Blocks of activation rows whose packed inputs stay in L2 (~1 MB) while the weights stream past; and
+  // within a pair of weight blocks, ranges of kKc input blocks whose weight tiles (2 x 8 KB) stay in L1
+  // while the activation blocks pass by (measured here: no faster than whole rows at 744 rows, 4 to 16
+  // blocks alike; kept for CPUs with less L2 bandwidth, it changes no rounding).
+  constexpr int64_t kKc = 8;
+  const int64_t chunk = std::max<int64_t>(2, ((int64_t(1) << 20) / (K * 2 * 16)) & ~int64_t(1));
+  for (int64_t mc = 0; mc < Mb; mc += chunk) {
+    const int64_t mend = std::min(Mb, mc + chunk);
+    at::parallel_for(0, (N + 31) / 32, 1, [&](int64_t begin, int64_t end) {
+      configure_tiles();
+      at::Tensor sums = at::empty({(chunk + 1) / 2, 4 * 256}, at::kFloat);  // per pair of row blocks
+      float* cs = sums.data_ptr<float>();
+      for (int64_t np = begin; np < end; np++) {
+        const int64_t n0 = np * 32, nb = std::min<int64_t>(2, (N - n0) / 16);
+        const uint16_t* wn = wp + n0 * K;
+        for (int64_t kb0 = 0; kb0 < Kb; kb0 += kKc) {
+          const int64_t kb1 = std::min(Kb, kb0 + kKc);
+          for (int64_t mb = mc; mb < mend; mb += 2) {
+            const int64_t mbs = std::min<int64_t>(2, Mb - mb);
+            const int32_t* xm = xpp + mb * Kb * 256;
+            float* c = cs + (mb - mc) / 2 * 1024;
+            if (nb == 2 && mbs == 2) amx_bf16_tiles<2, 2>(wn, xm, Kb, kb0, kb1, c);
+            else if (nb == 2) amx_bf16_tiles<2, 1>(wn, xm, Kb, kb0, kb1, c);
+            else if (mbs == 2) amx_bf16_tiles<1, 2>(wn, xm, Kb, kb0, kb1, c);
+            else amx_bf16_tiles<1, 1>(wn, xm, Kb, kb0, kb1, c);
+            if (kb1 < Kb) continue;
+            for (int64_t i = 0; i < nb; i++)
+              for (int64_t j = 0; j < mbs; j++) {
+                const int64_t m0 = (mb + j) * 16;
+                store_tile(c + (2 * i + j) * 256, bp ? bp + n0 + 16 * i : nullptr, yp + m0 * N + n0 + 16 * i, N,
+                           std::min<int64_t>(16, M - m0));
+              }
+          }
+        }
+      }
+      release_tiles();
+    });
+  }
+  return y;
+}
+
 #else  // AVX2 and FMA: the same products with 256-bit vectors, vpmaddwd for vpdpwssd, FMA for vdpbf16ps
 
 constexpr int64_t kMaxInputs = 16384;  // int32 lanes hold K/16 products of at most 2 * 16383 * 127
@@ -282,6 +457,16 @@ void int4_row(const int16_t* x, const float* xsum, int64_t K, const uint8_t* w, 
   for (int r = 0; r < R; r++) dots[r] = hsum(acc[r]) + offset[r];
 }
 
+
+
+at::Tensor linear_bf16_amx(const at::Tensor&, const at::Tensor&, const c10::optional<at::Tensor>&) {
+  TORCH_CHECK(false, "linear_bf16_amx: not in the avx2 build");
+}
+
+at::Tensor bf16_tiles(const at::Tensor&) { TORCH_CHECK(false, "bf16_tiles: not in the avx2 build"); }
+
+bool amx_permitted() { return false; }
+
 #endif
 
 // ---- bf16 ------------------------------------------------------------------------------------------
@@ -356,16 +541,189 @@ at::Tensor linear_int4(const at::Tensor& x_in, const at::Tensor& q, const at::Te
   return y.to(x_in.scalar_type());
 }
 
+
+// ---- attention whose every query is computed on its own ---------------------------------------------
+// Causal sliding-window attention of n new positions of one sequence over its ring cache and themselves.
+// PyTorch's flash attention blocks queries and keys by the call's sizes, so a query's output depends on
+// how many others the call holds. Here each of 16 lanes is one (query, head) of a kv head's group, and a
+// lane's arithmetic is its own: scores summed over the head's dims in order, one exponential per key, the
+// softmax sum and the weighted values accumulated over keys oldest first (keys outside a lane's window add
+// exact zeros). So a stream's numbers are the same in any chunking, and a decode step (one query) computes
+// a position exactly as a prompt chunk would. The lanes are GCC vectors of 16 floats (one AVX-512
+// register, two AVX2 ones): one code path for every lane and every call.
+
+constexpr int kLanes = 16;
+typedef float f16v __attribute__((vector_size(64)));
+typedef int32_t i16v __attribute__((vector_size(64)));
+typedef uint32_t u16v __attribute__((vector_size(64)));
+typedef uint16_t h16v __attribute__((vector_size(32)));
+
+// 16 values from p as float32.
+inline f16v load16(const float* p) {
+  f16v v;
+  std::memcpy(&v, p, sizeof v);
+  return v;
+}
+inline f16v load16(const uint16_t* p) {
+  h16v h;
+  std::memcpy(&h, p, sizeof h);
+  u16v bits = __builtin_convertvector(h, u16v) << 16;
+  f16v v;
+  std::memcpy(&v, &bits, sizeof v);
+  return v;
+}
+
+inline float to_float(uint16_t v) { return bf16_to_float(v); }
+inline float to_float(float v) { return v; }
+// a row of D values as float32 (exact), 16 at a time
+template <typename T>
+inline void to_floats(const T* p, int64_t D, float* out) {
+  int64_t d = 0;
+  for (; d + kLanes <= D; d += kLanes) {
+    f16v r = load16(p + d);
+    std::memcpy(out + d, &r, sizeof r);
+  }
+  for (; d < D; d++) out[d] = to_float(p[d]);
+}
+
+inline void store_value(float f, float* out) { *out = f; }
+inline void store_value(float f, uint16_t* out) {  // round to nearest even (finite values)
+  uint32_t bits;
+  std::memcpy(&bits, &f, sizeof bits);
+  *out = uint16_t((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16);
+}
+
+// exp(x) for x <= 0 within ~2 ulp: x = n ln2 + r, |r| <= ln2 / 2, a degree-6 polynomial in r times 2^n.
+inline f16v exp_nonpositive(f16v x) {
+  x = x < -87.0f ? f16v{} - 87.0f : x;
+  const f16v n = (x * 1.44269504f + 12582912.0f) - 12582912.0f;  // round to nearest
+  const f16v r = (x - n * 0.693145751953125f) - n * 1.428606765330187e-06f;
+  f16v p = f16v{} + 1.0f / 720;
+  p = p * r + 1.0f / 120;
+  p = p * r + 1.0f / 24;
+  p = p * r + 1.0f / 6;
+  p = p * r + 0.5f;
+  p = p * r + 1.0f;
+  p = p * r + 1.0f;
+  i16v bits = (__builtin_convertvector(n, i16v) + 127) << 23;
+  f16v scale;
+  std::memcpy(&scale, &bits, sizeof scale);
+  return p * scale;
+}
+
+template <typename T>
+void attention_impl(const at::Tensor& q, const at::Tensor& k_new, const at::Tensor& v_new, const at::Tensor& k_ring,
+                    const at::Tensor& v_ring, int64_t start, int64_t window, int64_t D, at::Tensor& out) {
+  const int64_t n = q.size(0), H = q.size(1) / D, KVH = k_new.size(1) / D, W = k_ring.size(1), G = H / KVH;
+  const int64_t per_tile = kLanes / G, tiles = (n + per_tile - 1) / per_tile;  // queries per tile of 16 lanes
+  const T* qp = (const T*)q.data_ptr();
+  const T* knp = (const T*)k_new.data_ptr();
+  const T* vnp = (const T*)v_new.data_ptr();
+  const T* krp = (const T*)k_ring.data_ptr();
+  const T* vrp = (const T*)v_ring.data_ptr();
+  T* op = (T*)out.data_ptr();
+  const int64_t qs = q.stride(0), ks = k_new.stride(0), vs = v_new.stride(0);
+  const float scale = 1.0f / std::sqrt(float(D));
+  at::parallel_for(0, KVH * tiles, 1, [&](int64_t begin, int64_t end) {
+    // 64-byte aligned scratch: q per dim [D] and the output [D] as lanes, the row [D], scores per key
+    at::Tensor scratch = at::empty({(2 * D + window + per_tile) * kLanes + 2 * D + kLanes}, at::kFloat);
+    f16v* qt = (f16v*)scratch.data_ptr<float>();
+    f16v* o = qt + D;
+    f16v* e = o + D;
+    float* row = (float*)(e + window + per_tile);
+    for (int64_t job = begin; job < end; job++) {
+      const int64_t g = job / tiles, i0 = job % tiles * per_tile, nq = std::min(per_tile, n - i0);
+      const int64_t pos0 = start + i0, lo = std::max<int64_t>(0, pos0 - window + 1), count = pos0 + nq - lo;
+      auto key = [&](int64_t p) { return p < start ? krp + (g * W + p % W) * D : knp + (p - start) * ks + g * D; };
+      auto value = [&](int64_t p) { return p < start ? vrp + (g * W + p % W) * D : vnp + (p - start) * vs + g * D; };
+      // lane l: query i0 + l / G, head g * G + l % G; zeros in lanes past the last query
+      i16v qpos;
+      for (int l = 0; l < kLanes; l++) {
+        const int64_t i = l / G, h = g * G + l % G;
+        qpos[l] = i < nq ? int32_t(pos0 - lo + i) : -int32_t(window);  // relative to lo; a lane without a query sees no key
+        for (int64_t d = 0; d < D; d++) qt[d][l] = i < nq ? to_float(qp[(i0 + i) * qs + h * D + d]) : 0.0f;
+      }
+      f16v top = f16v{} - INFINITY;
+      for (int64_t j = 0; j < count; j++) {
+        const T* kp = key(lo + j);
+        to_floats(kp, D, row);
+        f16v s0 = {}, s1 = {}, s2 = {}, s3 = {};  // four chains of dims (D is a multiple of 8)
+        for (int64_t d = 0; d < D; d += 4) {
+          s0 += row[d] * qt[d];
+          s1 += row[d + 1] * qt[d + 1];
+          s2 += row[d + 2] * qt[d + 2];
+          s3 += row[d + 3] * qt[d + 3];
+        }
+        const f16v s = (s0 + s1) + (s2 + s3);
+        const i16v age = qpos - int32_t(j);
+        e[j] = (age >= 0) & (age < int32_t(window)) ? s * scale : f16v{} - INFINITY;
+        top = e[j] > top ? e[j] : top;
+      }
+      f16v sum = {};
+      for (int64_t j = 0; j < count; j++) {
+        e[j] = e[j] == -INFINITY ? f16v{} : exp_nonpositive(e[j] - top);
+        sum += e[j];
+      }
+      for (int64_t d = 0; d < D; d++) o[d] = f16v{};
+      int64_t j = 0;
+      for (; j + 2 <= count; j += 2) {  // two keys per pass over the output (the same sums, in order)
+        to_floats(value(lo + j), D, row);
+        to_floats(value(lo + j + 1), D, row + D);
+        for (int64_t d = 0; d < D; d++) o[d] = (o[d] + row[d] * e[j]) + row[D + d] * e[j + 1];
+      }
+      for (; j < count; j++) {
+        to_floats(value(lo + j), D, row);
+        for (int64_t d = 0; d < D; d++) o[d] += row[d] * e[j];
+      }
+      const f16v inv = 1.0f / sum;
+      for (int l = 0; l < kLanes; l++) {
+        const int64_t i = l / G, h = g * G + l % G;
+        if (i >= nq) continue;
+        for (int64_t d = 0; d < D; d++) store_value(o[d][l] * inv[l], op + (i0 + i) * H * D + h * D + d);
+      }
+    }
+  });
+}
+
+at::Tensor attention(const at::Tensor& q, const at::Tensor& k_new, const at::Tensor& v_new, const at::Tensor& k_ring,
+                     const at::Tensor& v_ring, int64_t start, int64_t window, int64_t head_dim) {
+  for (const at::Tensor* t : {&q, &k_new, &v_new})
+    TORCH_CHECK(t->dim() == 2 && t->stride(1) == 1 && t->size(1) % head_dim == 0, "attention: q, k and v are [n, heads * head_dim] rows");
+  for (const at::Tensor* t : {&k_ring, &v_ring})
+    TORCH_CHECK(t->dim() == 3 && t->is_contiguous() && t->size(2) == head_dim, "attention: the ring is [kv_heads, slots, head_dim]");
+  const int64_t n = q.size(0), H = q.size(1) / head_dim, KVH = k_new.size(1) / head_dim;
+  TORCH_CHECK(k_new.size(0) == n && v_new.size(0) == n && v_new.size(1) == k_new.size(1) && H % KVH == 0 &&
+              k_ring.size(0) == KVH && v_ring.sizes() == k_ring.sizes(), "attention: shapes do not match");
+  TORCH_CHECK(start == 0 || k_ring.size(1) >= window, "attention: the ring holds fewer slots than the window");
+  TORCH_CHECK(kLanes % (H / KVH) == 0, "attention: the heads per kv head must divide ", kLanes);
+  TORCH_CHECK(head_dim % 8 == 0, "attention: head_dim must be a multiple of 8");
+  const auto type = q.scalar_type();
+  for (const at::Tensor* t : {&k_new, &v_new, &k_ring, &v_ring})
+    TORCH_CHECK(t->scalar_type() == type && t->device().is_cpu(), "attention: CPU tensors of one dtype");
+  at::Tensor out = at::empty({n, H * head_dim}, q.options());
+  if (type == at::kBFloat16) attention_impl<uint16_t>(q, k_new, v_new, k_ring, v_ring, start, window, head_dim, out);
+  else if (type == at::kFloat) attention_impl<float>(q, k_new, v_new, k_ring, v_ring, start, window, head_dim, out);
+  else TORCH_CHECK(false, "attention: bfloat16 or float32");
+  return out;
+}
+
 }  // namespace
 
 TORCH_LIBRARY(voxlive, m) {
   m.def("linear_bf16(Tensor x, Tensor w) -> Tensor");
   m.def("linear_int8(Tensor x, Tensor q, Tensor scale) -> Tensor");
   m.def("linear_int4(Tensor x, Tensor q, Tensor scale, Tensor zero) -> Tensor");
+  m.def("linear_bf16_amx(Tensor x, Tensor w, Tensor? bias) -> Tensor");
+  m.def("bf16_tiles(Tensor w) -> Tensor");
+  m.def("amx_ready() -> bool", [] { return amx_permitted(); });
+  m.def("attention(Tensor q, Tensor k_new, Tensor v_new, Tensor k_ring, Tensor v_ring, int start, int window, int head_dim) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(voxlive, CPU, m) {
   m.impl("linear_bf16", &linear_bf16);
   m.impl("linear_int8", &linear_int8);
   m.impl("linear_int4", &linear_int4);
+  m.impl("linear_bf16_amx", &linear_bf16_amx);
+  m.impl("attention", &attention);
+  m.impl("bf16_tiles", &bf16_tiles);
 }

@@ -13,6 +13,7 @@ that is missing, or with ``VOXLIVE_CPU_KERNELS=0``, the stock paths run instead 
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import shutil
@@ -34,6 +35,7 @@ VARIANTS = {
 }
 BUILD_NOTICE_SECONDS = 2.0  # a load from PyTorch's cache takes less
 BF16_FLAG = "avx512_bf16"  # the avx512 build's bf16 kernel also needs this (Sapphire Rapids, Zen 4 on)
+AMX_FLAGS = ("amx_tile", "amx_bf16")  # the avx512 build's AMX GEMM (Sapphire Rapids on)
 # The bf16 kernel's cost grows with the rows; above this many, the stock GEMM is faster. Measured
 # here (Zen 4), kernel against F.linear: avx512 on 4 decoder layers' matrices (931 MB), 35 / 33 /
 # 41 / 44 / 69 ms against 45 / 40 / 46 / 44 / 51 ms for 1 / 2 / 3 / 4 / 8 rows; avx2 on one
@@ -46,6 +48,8 @@ _reason: str | None = None  # why the kernels are unavailable; None once they ar
 _tried = False
 _variant: str | None = None  # the build loaded
 _bf16 = False  # whether the CPU runs the bf16 kernel too
+_amx = False  # whether it runs the AMX GEMM too
+_batch_invariant = True  # VOXLIVE_BATCH_INVARIANT, 1 unless set to 0 (see batch_invariant)
 
 
 def _cpu_flags() -> set[str]:
@@ -61,7 +65,7 @@ def _cpu_flags() -> set[str]:
 
 def _load() -> str | None:
     """Loads the best build this CPU runs (``VOXLIVE_CPU_KERNELS``: 0 for none, or a variant's name)."""
-    global _variant, _bf16
+    global _variant, _bf16, _amx, _batch_invariant
     choice = os.environ.get("VOXLIVE_CPU_KERNELS", "1")
     if choice == "0":
         return "disabled by VOXLIVE_CPU_KERNELS=0"
@@ -85,7 +89,10 @@ def _load() -> str | None:
     try:
         from torch.utils.cpp_extension import load
 
-        load(f"voxlive_cpu_kernels_{variant}", [str(SOURCE)], extra_cflags=BASE_FLAGS + VARIANTS[variant][1],
+        cflags = BASE_FLAGS + VARIANTS[variant][1]
+        # named by the source and flags: checkouts of other versions on one machine keep their own builds
+        digest = hashlib.sha256(SOURCE.read_bytes() + " ".join(cflags).encode()).hexdigest()[:12]
+        load(f"voxlive_cpu_kernels_{variant}_{digest}", [str(SOURCE)], extra_cflags=cflags,
              extra_ldflags=["-fopenmp"], is_python_module=False)
     except Exception as err:  # no ninja, a failed build: the stock kernels do the work
         # The compiler's first error, not the whole command line it ran.
@@ -96,14 +103,26 @@ def _load() -> str | None:
         notice.cancel()
     _variant = variant
     _bf16 = variant == "avx2" or BF16_FLAG in flags
+    _amx = variant == "avx512" and all(f in flags for f in AMX_FLAGS) and torch.ops.voxlive.amx_ready()
+    _batch_invariant = os.environ.get("VOXLIVE_BATCH_INVARIANT", "1") != "0"
     for name in ("linear_bf16", "linear_int8", "linear_int4"):
         torch.library.register_fake(f"voxlive::{name}")(_fake_linear)
+    torch.library.register_fake("voxlive::linear_bf16_amx")(_fake_linear_tiles)
+    torch.library.register_fake("voxlive::attention")(_fake_attention)
     return None
 
 
 def _fake_linear(x: torch.Tensor, w: torch.Tensor, *rest: torch.Tensor) -> torch.Tensor:
     """Shape of every kernel's output, for torch.compile's tracing."""
     return x.new_empty(x.shape[0], w.shape[0])
+
+
+def _fake_linear_tiles(x: torch.Tensor, tiles: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    return x.new_empty(x.shape[0], tiles.shape[0] * 16)
+
+
+def _fake_attention(q: torch.Tensor, *rest) -> torch.Tensor:
+    return torch.empty_like(q, memory_format=torch.contiguous_format)
 
 
 def available() -> bool:
@@ -128,6 +147,20 @@ def bf16_available() -> bool:
     return available() and _bf16
 
 
+def amx_available() -> bool:
+    """Whether the AMX GEMM runs here (the avx512 build on a CPU with AMX-BF16, tiles granted by Linux)."""
+    return available() and _amx
+
+
+def batch_invariant() -> bool:
+    """Whether every stream's numbers must not depend on how its audio was chunked or batched (the
+    default; ``VOXLIVE_BATCH_INVARIANT=0`` turns it off; README, "Same tokens however the audio
+    arrives"): the encoder's products through the AMX GEMM (where it runs) and attention through
+    voxlive's attention kernel, both computing each row on its own. Measured here no slower than the
+    paths they replace. The decoder's bf16 products take the AMX GEMM either way."""
+    return available() and _batch_invariant
+
+
 def variant() -> str | None:
     """The build in use ("avx512", "avx2"), None when PyTorch's kernels do the work."""
     return _variant if available() else None
@@ -143,3 +176,24 @@ def linear_int8(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.
 
 def linear_int4(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
     return torch.ops.voxlive.linear_int4(x, q, scale, zero)
+
+
+def bf16_tiles(w: torch.Tensor) -> torch.Tensor:
+    """A bfloat16 matrix [N, K] (N a multiple of 16, K of 32) in the AMX GEMM's tile order."""
+    return torch.ops.voxlive.bf16_tiles(w)
+
+
+def linear_bf16_amx(x: torch.Tensor, tiles: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x [M, K] bfloat16 times a matrix in tile order (``bf16_tiles``), plus the bias: [M, N] bfloat16.
+    Each row's result depends on that row alone."""
+    return torch.ops.voxlive.linear_bf16_amx(x, tiles, bias)
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ring_k: torch.Tensor, ring_v: torch.Tensor,
+              start: int, window: int, head_dim: int) -> torch.Tensor:
+    """Causal sliding-window attention of the n positions start.. of one sequence, each query on its own.
+
+    q [n, heads * head_dim], k/v [n, kv_heads * head_dim] (rows may be strided), the ring [kv_heads,
+    slots >= window, head_dim] holding position p < start in slot p % slots. Returns [n, heads * head_dim].
+    """
+    return torch.ops.voxlive.attention(q, k, v, ring_k, ring_v, start, window, head_dim)

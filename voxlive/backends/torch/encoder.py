@@ -16,7 +16,7 @@ from ...checkpoint import ADAPTER, ENCODER, LAYER_MATRICES, encoder_layer_tensor
 from ...config import ModelConfig
 from .layers import Rope, block, rms_norm
 from .pool import KVPool, Step
-from .quant import Weight
+from .quant import Bf16Weight, Weight, linear
 from .weights import WeightReader
 
 
@@ -42,7 +42,7 @@ class ConvState:
 
 
 class Encoder:
-    def __init__(self, config: ModelConfig, conv: list[tuple[torch.Tensor, torch.Tensor]],
+    def __init__(self, config: ModelConfig, conv: list[tuple[Weight, torch.Tensor]],
                  layers: list[EncoderLayer], norm: torch.Tensor, device: torch.device):
         self.c = config.encoder
         self.conv = conv
@@ -53,7 +53,9 @@ class Encoder:
     @classmethod
     def from_weights(cls, w: WeightReader, config: ModelConfig, device: torch.device) -> Encoder:
         e = ENCODER
-        conv = [(w.get(f"{e}conv_layers.{i}.conv.weight"), w.get(f"{e}conv_layers.{i}.conv.bias")) for i in range(2)]
+        # each convolution as a matrix over an output's window of inputs [out, in * 3] (see stem)
+        conv = [(Bf16Weight.wrap(w.get(f"{e}conv_layers.{i}.conv.weight").flatten(1), many_rows=True),
+                 w.get(f"{e}conv_layers.{i}.conv.bias")) for i in range(2)]
         layers = [EncoderLayer(**read_layer(w, encoder_layer_tensors(config, i), LAYER_MATRICES))
                   for i in range(config.encoder.n_layers)]
         return cls(config, conv, layers, w.get(e + "transformer.norm.weight"), device)
@@ -71,15 +73,19 @@ class Encoder:
         return ConvState(state.mel_tail.clone(), state.conv1_tail.clone())
 
     def stem(self, mel: torch.Tensor, state: ConvState) -> torch.Tensor:
-        """mel [n_mels, 2k] -> [k, dim]: conv1 (k3, s1) + GELU, conv2 (k3, s2) + GELU, causal."""
+        """mel [n_mels, 2k] -> [k, dim]: conv1 (k3, s1) + GELU, conv2 (k3, s2) + GELU, causal.
+
+        Each convolution is the product of its matrix with every output's window of inputs, through
+        the same ``linear`` as the other layers: an output's numbers then do not depend on how many
+        frames the call holds (oneDNN's convolution blocks them by the call's sizes).
+        """
         (w1, b1), (w2, b2) = self.conv
         x = torch.cat((state.mel_tail, mel), dim=1)
         state.mel_tail = x[:, -2:].clone()
-        x = F.gelu(F.conv1d(x[None], w1, b1))[0]
-        x = torch.cat((state.conv1_tail, x), dim=1)
+        x = F.gelu(linear(_windows(x, 1), w1, b1))
+        x = torch.cat((state.conv1_tail, x.transpose(0, 1)), dim=1)
         state.conv1_tail = x[:, -1:].clone()
-        x = F.gelu(F.conv1d(x[None], w2, b2, stride=2))[0]
-        return x.transpose(0, 1)
+        return F.gelu(linear(_windows(x, 2), w2, b2))
 
     def transformer(self, x: torch.Tensor, pool: KVPool, step: Step) -> torch.Tensor:
         """Frames of several streams, x [rows, dim] stream after stream at the step's positions,
@@ -91,17 +97,23 @@ class Encoder:
         return rms_norm(x, self.norm, self.c.norm_eps)
 
 
+def _windows(x: torch.Tensor, stride: int) -> torch.Tensor:
+    """x [channels, frames] -> the inputs of each output of a width-3 convolution, [outputs, channels * 3]
+    (channel-major, as a Conv1d weight [out, in, 3] flattens)."""
+    return x.unfold(1, 3, stride).transpose(0, 1).reshape(-1, x.shape[0] * 3)
+
+
 class Adapter:
     """Groups of ``downsample_factor`` encoder frames -> one decoder embedding (Linear, GELU, Linear)."""
 
-    def __init__(self, w0: torch.Tensor, w2: torch.Tensor, downsample_factor: int):
+    def __init__(self, w0: Weight, w2: Weight, downsample_factor: int):
         self.w0, self.w2, self.factor = w0, w2, downsample_factor
 
     @classmethod
     def from_weights(cls, w: WeightReader, config: ModelConfig) -> Adapter:
         p = ADAPTER
-        return cls(w.get(p + "0.weight"), w.get(p + "2.weight"), config.downsample_factor)
+        return cls(*(Bf16Weight.wrap(w.get(p + f"{i}.weight"), many_rows=True) for i in (0, 2)), config.downsample_factor)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         x = x.reshape(x.shape[0] // self.factor, -1)
-        return F.linear(F.gelu(F.linear(x, self.w0)), self.w2)
+        return linear(F.gelu(linear(x, self.w0)), self.w2)

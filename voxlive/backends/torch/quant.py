@@ -111,6 +111,14 @@ class Int8Weight:
         return self.q.nbytes + self.scale.nbytes
 
     def linear(self, x: torch.Tensor) -> torch.Tensor:
+        n, k = self.q.shape
+        if (self.path == "gemm" and x.dtype == torch.bfloat16 and x.device.type == "cpu" and n % 16 == 0 and k % 32 == 0
+                and cpu_kernels.amx_available() and cpu_kernels.batch_invariant()):
+            # the AMX GEMM, as for bf16 weights: rows independent of each other (see Bf16Weight)
+            tiles = torch.empty(n // 16, k // 32, 16, 32, dtype=x.dtype)
+            tiles.copy_(self.q.view(n // 16, 16, k // 32, 32).transpose(1, 2))
+            flat = x.reshape(-1, x.shape[-1])
+            return (cpu_kernels.linear_bf16_amx(flat, tiles) * self.scale).view(*x.shape[:-1], -1)
         if self.path == "gemm" or x.device.type != "cpu":
             return F.linear(x, self.q.to(x.dtype)) * self.scale
         flat = x.reshape(-1, x.shape[-1])
@@ -178,31 +186,52 @@ class Int4Weight:
 
 @dataclass
 class Bf16Weight:
-    """A bfloat16 decoder matrix on a CPU with voxlive's kernels: ``cpu_kernels.linear_bf16`` for
-    the few rows of a decode step, the stock GEMM for more rows (a prompt, teacher forcing, big batches)."""
+    """A bfloat16 matrix on a CPU with voxlive's kernels.
 
-    w: torch.Tensor  # [N, K] bfloat16
-    max_rows: int  # at most this many rows go through the kernel (cpu_kernels.BF16_MAX_ROWS)
+    With AMX (``cpu_kernels.amx_available``) the matrix is kept in the AMX GEMM's tile order and every
+    product goes through that GEMM, whatever the number of rows: each row's result depends on that row
+    alone, so a stream's numbers do not depend on how its frames or positions were chunked or batched,
+    and a decode step of many rows costs one pass over the weights. Without AMX, ``cpu_kernels.linear_bf16``
+    takes the few rows of a decode step and the stock GEMM the rest (a prompt, teacher forcing, big batches).
+    """
+
+    w: torch.Tensor  # [N, K] bfloat16; with AMX in tile order [N / 16, K / 32, 16, 32]
+    max_rows: int  # without AMX, at most this many rows go through the kernel (cpu_kernels.BF16_MAX_ROWS)
+    amx: bool
 
     @classmethod
-    def wrap(cls, w: torch.Tensor) -> torch.Tensor | Bf16Weight:
-        """``w`` itself unless the kernel applies (CPU, bfloat16, the bf16 kernel available)."""
-        if (w.device.type == "cpu" and w.dtype == torch.bfloat16 and w.shape[1] % cpu_kernels.K_MULTIPLE == 0
-                and cpu_kernels.bf16_available()):
-            return cls(w, cpu_kernels.BF16_MAX_ROWS[cpu_kernels.variant()])
+    def wrap(cls, w: torch.Tensor, *, many_rows: bool = False) -> torch.Tensor | Bf16Weight:
+        """``w`` itself unless a kernel applies (CPU, bfloat16, sizes it takes). ``many_rows``: a matrix
+        that mostly multiplies many rows at once (the encoder), where oneDNN's GEMM is faster than the
+        AMX GEMM at 744 rows (not at 48) and which takes the AMX GEMM only for
+        ``cpu_kernels.batch_invariant()``."""
+        if w.device.type != "cpu" or w.dtype != torch.bfloat16 or w.shape[1] % cpu_kernels.K_MULTIPLE:
+            return w
+        if cpu_kernels.amx_available() and w.shape[0] % 16 == 0 and (not many_rows or cpu_kernels.batch_invariant()):
+            return cls(cpu_kernels.bf16_tiles(w), 0, True)
+        if cpu_kernels.bf16_available() and not many_rows:
+            return cls(w, cpu_kernels.BF16_MAX_ROWS[cpu_kernels.variant()], False)
         return w
 
     @property
     def nbytes(self) -> int:
         return self.w.nbytes
 
-    def linear(self, x: torch.Tensor) -> torch.Tensor:
+    def linear(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         flat = x.reshape(-1, x.shape[-1])
-        if flat.shape[0] > self.max_rows or x.dtype != torch.bfloat16:
-            return F.linear(x, self.w)
-        return cpu_kernels.linear_bf16(flat, self.w).view(*x.shape[:-1], -1)
+        if self.amx and x.dtype == torch.bfloat16:
+            return cpu_kernels.linear_bf16_amx(flat, self.w, bias).view(*x.shape[:-1], -1)
+        if self.amx:
+            y = F.linear(x, self.rows(torch.arange(self.w.shape[0] * 16)).to(x.dtype))
+        elif flat.shape[0] > self.max_rows or x.dtype != torch.bfloat16:
+            y = F.linear(x, self.w)
+        else:
+            y = cpu_kernels.linear_bf16(flat, self.w).view(*x.shape[:-1], -1)
+        return y if bias is None else y + bias
 
     def rows(self, ids: torch.Tensor) -> torch.Tensor:
+        if self.amx:
+            return self.w[ids // 16, :, ids % 16].reshape(*ids.shape, -1)
         return self.w[ids]
 
 
@@ -214,6 +243,8 @@ def linear(x: torch.Tensor, w: Weight, bias: torch.Tensor | None = None) -> torc
     """``F.linear`` for a plain or a quantized weight: the one call every layer makes."""
     if isinstance(w, torch.Tensor):
         return F.linear(x, w, bias)
+    if isinstance(w, Bf16Weight):
+        return w.linear(x, bias)
     y = w.linear(x)
     return y if bias is None else y + bias
 

@@ -78,6 +78,6 @@ class WeightReader:
         """A linear layer's weight: the rows of ``names`` stacked, quantized as the mode says."""
         scheme = scheme_for(names[0], self.mode)
         if scheme is None:
-            return Bf16Weight.wrap(self.fused(names)) if uses_kernel(names[0]) else self.fused(names)
+            return Bf16Weight.wrap(self.fused(names), many_rows=not uses_kernel(names[0]))
         return QUANTIZED[scheme].from_stored(self.stored(names, scheme), self.dtype, self.device,
                                              kernel=uses_kernel(names[0]))
