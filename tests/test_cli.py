@@ -157,3 +157,22 @@ def test_serve_runs_the_server_until_interrupted(varied_dir, varied_model, speec
         proc.wait(timeout=60)
     assert proc.returncode == 0
     assert run("serve", "--model", varied_dir, "--max-sessions", 0).returncode == 2
+
+
+def test_transcribe_without_drafts_gives_the_same_text(varied_dir, varied_model, speech, tmp_path):
+    wav = tmp_path / "speech.wav"
+    sf.write(wav, speech, 16000, subtype="FLOAT")
+    r = run("transcribe", wav, "--model", varied_dir, "--dtype", "float32", "--no-drafts")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout == varied_model.transcribe(speech).format("text")
+
+
+def test_bench_drafts_reports_pass_costs_and_oracle_accuracies(varied_dir):
+    r = run("bench", "--model", varied_dir, "--seconds", 1, "--dtype", "float32", "--drafts")
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.splitlines()
+    costs = [line.split() for line in lines[3:19]]
+    assert [row[0] for row in costs] == [str(k) for k in range(1, 17)] and costs[0][2] == "1.00"
+    oracle = [line.split() for line in lines[-6:]]
+    assert [row[0] for row in oracle] == ["0.00", "0.25", "0.50", "0.75", "0.90", "1.00"]
+    assert oracle[-1][3] == "1.00" and oracle[0][3] == "0.00"  # share of drafts accepted, fixed length
