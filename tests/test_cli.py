@@ -317,3 +317,22 @@ def test_log_redaction_keeps_the_rest_of_the_line():
     assert short.redact('"GET /v1/models?token=k HTTP/1.1" 200') == '"GET /v1/models?token=<redacted> HTTP/1.1" 200'
     assert short.redact('"WebSocket /asr?delay_ms=240&token=wrong"') == '"WebSocket /asr?delay_ms=240&token=<redacted>"'
     assert RedactKeys("s3cret").redact("key s3cret, not s3crets") == "key <redacted>, not s3crets"
+
+
+def test_transcribe_without_drafts_gives_the_same_text(varied_dir, varied_model, speech, tmp_path):
+    wav = tmp_path / "speech.wav"
+    sf.write(wav, speech, 16000, subtype="FLOAT")
+    r = run("transcribe", wav, "--model", varied_dir, "--dtype", "float32", "--no-drafts")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout == varied_model.transcribe(speech).format("text")
+
+
+def test_bench_drafts_reports_pass_costs_and_oracle_accuracies(varied_dir):
+    r = run("bench", "--model", varied_dir, "--seconds", 1, "--dtype", "float32", "--drafts")
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.splitlines()
+    costs = [line.split() for line in lines[3:19]]
+    assert [row[0] for row in costs] == [str(k) for k in range(1, 17)] and costs[0][2] == "1.00"
+    oracle = [line.split() for line in lines[-6:]]
+    assert [row[0] for row in oracle] == ["0.00", "0.25", "0.50", "0.75", "0.90", "1.00"]
+    assert oracle[-1][3] == "1.00" and oracle[0][3] == "0.00"  # share of drafts accepted, fixed length

@@ -43,6 +43,8 @@ def _model_args(p: argparse.ArgumentParser) -> None:
                    help="weight-only quantization at load (int6: MLX only); a converted checkpoint has its own")
     p.add_argument("--compile", action="store_true", help="torch.compile the decode step (slow start; see README)")
     p.add_argument("--delay-ms", type=int, help="transcription delay: 80..1200 in steps of 80, or 2400 (default 480)")
+    p.add_argument("--no-drafts", action="store_true",
+                   help="decode one token per decoder pass (default: guess pad runs and repeats, verify them in one pass)")
 
 
 def _check_model_args(a) -> None:
@@ -79,7 +81,8 @@ def _load(a, *, quiet: bool = False):
     if not quiet:
         _status(f"loading {name}")
     started = time.monotonic()
-    model = load(a.model, backend=a.backend, device=a.device, dtype=a.dtype, quantize=a.quantize, compile=a.compile)
+    model = load(a.model, backend=a.backend, device=a.device, dtype=a.dtype, quantize=a.quantize, compile=a.compile,
+                 drafts=not a.no_drafts)
     if not quiet:
         _status(f"loaded in {time.monotonic() - started:.1f} s: {model.summary}")
     return model
@@ -242,6 +245,8 @@ def cmd_bench(a) -> int:
         check_delay_ms(a.delay_ms)
     if a.streams:
         return _bench_streams(a, quantize)
+    if a.drafts:
+        return _bench_drafts(a, quantize)
     from voxlive_bench.bench import bench, report
 
     results = bench(a.model, random_weights=a.random_weights, seconds=a.seconds, dtype=a.dtype, device=a.device,
@@ -266,6 +271,25 @@ def _bench_streams(a, modes: list[str | None]) -> int:
         weights = getattr(model.runtime, "quantize", None) or mode  # a converted checkpoint has its own
         print(f"[voxlive] {model.backend} backend, {weights or 'unquantized'} weights")
         print(report_streams(bench_streams(model, counts, seconds=a.seconds, delay_ms=a.delay_ms), a.seconds))
+        del model
+        gc.collect()
+    return 0
+
+
+def _bench_drafts(a, modes: list[str | None]) -> int:
+    import gc
+
+    from voxlive_bench.bench import random_checkpoint_dir
+    from voxlive_bench.drafts import ROWS, bench_drafts, report_drafts
+
+    from .model import load
+
+    source = str(random_checkpoint_dir("full")) if a.random_weights else a.model
+    for mode in modes:  # one model in memory at a time
+        model = load(source, backend=a.backend, device=a.device, dtype=a.dtype, quantize=mode, compile=a.compile,
+                     max_draft=max(ROWS) - 1)
+        print(f"[voxlive] {model.summary}")
+        print(report_drafts(bench_drafts(model, seconds=a.seconds)))
         del model
         gc.collect()
     return 0
@@ -352,6 +376,9 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--compile", action="store_true", help="torch.compile the decode step")
     b.add_argument("--streams", nargs="+", type=int,
                    help="instead: these numbers of concurrent streams through the server's engine, e.g. 1 2 4 8 16")
+    b.add_argument("--drafts", action="store_true",
+                   help="instead: decoder pass cost for 1..16 rows, and time per token with oracle drafts of "
+                        "accuracy 0..1")
     b.set_defaults(run=cmd_bench)
 
     c = sub.add_parser("convert", help="write a quantized checkpoint (torch), or the mlx-community layout (mlx)")

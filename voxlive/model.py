@@ -13,6 +13,7 @@ import numpy as np
 from .audio import SAMPLE_RATE, load_audio
 from .backends.runtime import MAX_DRAFT
 from .checkpoint import CheckpointError, open_checkpoint
+from .drafts import Drafting
 from .session import Stream
 from .tokens import Tokenizer
 from .transcript import Transcript
@@ -22,23 +23,29 @@ QUANTIZE = (None, "int8", "int4", "int6")
 
 
 class Model:
-    def __init__(self, runtime, tokenizer: Tokenizer, source: str):
+    def __init__(self, runtime, tokenizer: Tokenizer, source: str, *, drafts: bool = True):
         self.runtime = runtime
+        self.drafts = drafts  # streams draft tokens by default (``voxlive.drafts``)
         self.tokenizer = tokenizer
         self.config = runtime.config
         self.source = source
         self._fresh_streams: dict[int, Stream] = {}  # delay in tokens -> a new stream to fork
 
-    def stream(self, *, delay_ms: int | None = None) -> Stream:
+    def stream(self, *, delay_ms: int | None = None, drafts: bool | None = None) -> Stream:
         """A live stream: ``feed(pcm)`` float32 16 kHz mono chunks of any size, then ``finish()``.
 
         Streams start as a fork of one fresh stream per delay, whose silent left pad (2.56 s) is
-        encoded and decoded once per model instead of once per stream.
+        encoded and decoded once per model instead of once per stream. ``drafts`` (default: the
+        model's ``load`` option): where several positions' audio is in, guess their tokens and verify
+        the guesses in one decoder pass (the same tokens, fewer passes).
         """
         delay = self.config.delay_tokens(delay_ms)
         if delay not in self._fresh_streams:
             self._fresh_streams[delay] = Stream(self.runtime, self.tokenizer, self.config, delay_ms=delay_ms)
-        return self._fresh_streams[delay].fork()
+        stream = self._fresh_streams[delay].fork()
+        if self.drafts if drafts is None else drafts:
+            stream.use_drafting(Drafting.default(self.tokenizer.streaming_pad))
+        return stream
 
     @property
     def backend(self) -> str:
@@ -54,15 +61,15 @@ class Model:
         return ", ".join(parts)
 
     def transcribe(self, audio, *, delay_ms: int | None = None, chunk_seconds: float = 30.0,
-                   progress: Callable[[float, float], None] | None = None) -> Transcript:
+                   progress: Callable[[float, float], None] | None = None, drafts: bool | None = None) -> Transcript:
         """Transcribe a whole file (path, encoded bytes, or float32 16 kHz mono array).
 
         This is the streaming algorithm fed ``chunk_seconds`` at a time (the encoder runs on each
         whole chunk at once), so its tokens are those of any live stream of the same audio.
-        ``progress(done_seconds, total_seconds)`` is called after each chunk.
+        ``progress(done_seconds, total_seconds)`` is called after each chunk; ``drafts`` as in ``stream``.
         """
         pcm = load_audio(audio)
-        stream = self.stream(delay_ms=delay_ms)
+        stream = self.stream(delay_ms=delay_ms, drafts=drafts)
         step = max(1, int(chunk_seconds * SAMPLE_RATE))
         total = len(pcm) / SAMPLE_RATE
         for start in range(0, len(pcm), step):
@@ -156,14 +163,15 @@ def check_options(*, backend: str, device: str | None, quantize: str | None, com
 
 def load(source: str | os.PathLike | None = None, *, backend: str = "auto", device: str | None = None,
          dtype: str | None = None, quantize: str | None = None, kv_dtype: str | None = None,
-         max_draft: int = MAX_DRAFT, compile: bool = False) -> Model:
+         max_draft: int = MAX_DRAFT, drafts: bool = True, compile: bool = False) -> Model:
     """Load a checkpoint (local directory or Hugging Face repo id; default the official model).
 
     ``quantize`` "int8" | "int4": weight-only quantization at load (or the mode of a checkpoint
     written by ``voxlive convert``). ``kv_dtype`` None | "int8": the KV caches in the activation
     dtype or in int8 (half the memory of bf16, see the README). ``max_draft``: the most drafted
     tokens a decode step may verify per stream (the decoder's KV pool holds that many positions
-    beyond its window). ``compile``: run the decode step through torch.compile with
+    beyond its window). ``drafts``: whether streams guess and verify several tokens per decoder pass
+    by default (``Model.stream``; the tokens are the same either way). ``compile``: run the decode step through torch.compile with
     static shapes (slow to start; pays on GPUs more than on small CPUs, see the README).
     """
     backend = check_options(backend=backend, device=device, quantize=quantize, compile=compile)
@@ -180,7 +188,7 @@ def load(source: str | os.PathLike | None = None, *, backend: str = "auto", devi
         tokenizer = Tokenizer(ckpt.tokenizer_path)
         runtime = MLXRuntime(ckpt, pad_id=tokenizer.streaming_pad, device=device, dtype=dtype, quantize=quantize,
                              kv_dtype=kv_dtype, max_draft=max_draft)
-        return Model(runtime, tokenizer, str(ckpt.directory))
+        return Model(runtime, tokenizer, str(ckpt.directory), drafts=drafts)
     from .backends.torch.runtime import TorchRuntime
 
     ckpt = open_checkpoint(source)
@@ -190,4 +198,4 @@ def load(source: str | os.PathLike | None = None, *, backend: str = "auto", devi
     tokenizer = Tokenizer(ckpt.tokenizer_path)
     runtime = TorchRuntime(ckpt, pad_id=tokenizer.streaming_pad, device=device, dtype=dtype, quantize=quantize,
                            kv_dtype=kv_dtype, max_draft=max_draft, compile=compile)
-    return Model(runtime, tokenizer, str(ckpt.directory))
+    return Model(runtime, tokenizer, str(ckpt.directory), drafts=drafts)

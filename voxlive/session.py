@@ -10,7 +10,8 @@ encoded. Offline ``transcribe`` is this same algorithm fed in large chunks.
 EOS: the token is fed back and decoding continues (as vLLM does), so no audio is dropped after it.
 
 A decode step feeds each ready stream its last token and, when something proposed drafts
-(``Stream.propose``) and their audio is encoded, the drafted tokens of the following positions:
+(``Stream.propose``, or the stream's ``drafting``: ``voxlive.drafts``) and their audio is encoded,
+the drafted tokens of the following positions:
 the runtime returns the greedy token of every fed position, the stream accepts the drafts up to
 the first that differs from what the model chose and rewinds the rest, so tokens never depend on
 the drafts. The token chosen at a position is the greedy one, unless ``pad_penalty`` is set: then
@@ -27,6 +28,7 @@ import numpy as np
 
 from .backends.runtime import Decoded
 from .config import ModelConfig
+from .drafts import Drafting
 from .mel import MelStream
 from .tokens import Tokenizer
 from .transcript import Transcript, Word
@@ -60,6 +62,10 @@ class Stream:
         self.pad_penalty = 0.0  # subtracted from [STREAMING_PAD]'s logit margin before the choice
         self.last_step: Decoded | None = None  # what the last decode step returned for this stream
         self._drafts: list[int] = []  # proposed tokens for the positions after the next one
+        self.drafting: Drafting | None = None  # guesses drafts when none are proposed (None: off)
+        self._drafted = 0  # drafts of this step that came from ``drafting``
+        self.drafts_fed = 0  # drafted tokens fed so far ...
+        self.drafts_accepted = 0  # ... and confirmed by the model
         self._flushed = False
         self._words = WordAssembler(tokenizer, left_pad=a.n_left_pad_tokens, delay=self.delay_tokens,
                                     seconds_per_token=a.ms_per_token / 1000)
@@ -79,6 +85,7 @@ class Stream:
         new.tokens = list(self.tokens)
         new._drafts = list(self._drafts)
         new._text = bytearray(self._text)
+        new.drafting = copy.deepcopy(self.drafting)
         new._words = self._words.copy()
         new._new_words = list(self._new_words)
         return new
@@ -156,9 +163,21 @@ class Stream:
         feeds those whose audio is encoded, and keeps each only if the model agrees."""
         self._drafts = [int(t) for t in drafts]
 
+    def use_drafting(self, drafting: Drafting | None) -> None:
+        """Draft with ``drafting`` from now on (None: only what ``propose`` gives); it first sees the
+        tokens emitted so far."""
+        self.drafting = drafting
+        if drafting is not None:
+            for token in self.tokens:
+                drafting.observe(token)
+
     def _step_feed(self) -> list[int]:
-        room = min(self.encoded - self.decoded - 1, self.runtime.max_draft)
-        return [self.tokens[-1]] + self._drafts[:max(0, room)]
+        room = max(0, min(self.encoded - self.decoded - 1, self.runtime.max_draft))
+        self._drafted = 0
+        if not self._drafts and self.drafting is not None and room:
+            self._drafts = self.drafting.draft(room)[:room]
+            self._drafted = len(self._drafts)
+        return [self.tokens[-1]] + self._drafts[:room]
 
     def choose(self, decoded: Decoded, i: int) -> int:
         """The token of fed position i: greedy, or the best other where a pad wins by less than the penalty."""
@@ -179,12 +198,18 @@ class Stream:
                 break
         if accepted < len(feed):
             self.runtime.rewind(self.state, len(feed) - accepted)
+        self.drafts_fed += len(feed) - 1
+        self.drafts_accepted += accepted - 1
+        if self.drafting is not None:
+            self.drafting.update(self._drafted, accepted - 1 if self._drafted else 0)
         self._drafts = self._drafts[len(feed) - 1:] if accepted == len(feed) else []
         self.decoded += accepted
 
     def _accept(self, token: int, position: int) -> None:
         self.tokens.append(token)
         self._text += self.tokenizer.token_bytes(token)
+        if self.drafting is not None:
+            self.drafting.observe(token)
         self._new_words += self._words.push(token, position, self.duration)
 
     @property

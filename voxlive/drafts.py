@@ -1,0 +1,193 @@
+"""Drafting: guesses of a stream's next tokens, verified by the decoder in one pass.
+
+Whenever audio for several positions is encoded, a decode step can feed, after the stream's last
+token, tokens guessed for the following positions; the session keeps the prefix the model confirms
+plus the model's own token at the first miss, and rewinds the rest (``Stream._take_step``). The
+tokens never depend on the guesses, only the number of passes does: a pass reads the decoder's
+weights once for all its rows.
+
+A stream's ``Drafting`` pairs a ``Drafter`` (what to guess) with a ``DraftLength`` (how many to
+feed). A new strategy is a new class:
+
+- ``PadRuns``: after ``[STREAMING_PAD]``, more pads (most positions are pads, in long runs);
+- ``Bigrams``: the token that most often followed the last one in this stream so far, chained;
+- ``Fallback``: the first drafter's guesses, else the second's;
+- ``Oracle``: known true tokens, each corrupted with a probability (tests and benchmarks);
+- ``Fixed`` and ``Adaptive`` lengths; ``Adaptive`` picks the length with the most expected tokens
+  per unit of pass cost, from the acceptance seen so far and a linear cost model.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol, Sequence
+
+import numpy as np
+
+# Cost of each row of a verification pass beyond the first, relative to a one-row pass. A step at
+# batch 1 is memory-bound (it reads all decoder weights), so extra rows are cheap; the figure is a
+# model, not a measurement: ``voxlive bench --drafts`` measures c(k) for a given machine and model.
+ROW_COST = 0.25
+
+
+class Drafter(Protocol):
+    def observe(self, token: int) -> None:
+        """The stream emitted ``token`` (every token, in order)."""
+
+    def draft(self, n: int) -> list[int]:
+        """At most ``n`` guesses for the positions after the last observed token (maybe none)."""
+
+
+class PadRuns:
+    """After a ``[STREAMING_PAD]``, guess that the run of pads goes on."""
+
+    def __init__(self, pad_id: int):
+        self.pad_id = pad_id
+        self.last: int | None = None
+
+    def observe(self, token: int) -> None:
+        self.last = token
+
+    def draft(self, n: int) -> list[int]:
+        return [self.pad_id] * n if self.last == self.pad_id else []
+
+
+class Bigrams:
+    """The token that most often followed the last one in this stream so far (ties: the one that got
+    there first), chained for several positions."""
+
+    def __init__(self):
+        self.last: int | None = None
+        self._counts: dict[int, dict[int, int]] = {}
+        self._best: dict[int, int] = {}
+
+    def observe(self, token: int) -> None:
+        prev, self.last = self.last, token
+        if prev is None:
+            return
+        after = self._counts.setdefault(prev, {})
+        after[token] = after.get(token, 0) + 1
+        best = self._best.get(prev)
+        if best is None or after[token] > after[best]:
+            self._best[prev] = token
+
+    def draft(self, n: int) -> list[int]:
+        out, token = [], self.last
+        while len(out) < n and token in self._best:
+            token = self._best[token]
+            out.append(token)
+        return out
+
+
+class Fallback:
+    """The first drafter's guesses when it has any, else the second's."""
+
+    def __init__(self, first: Drafter, second: Drafter):
+        self.first, self.second = first, second
+
+    def observe(self, token: int) -> None:
+        self.first.observe(token)
+        self.second.observe(token)
+
+    def draft(self, n: int) -> list[int]:
+        return self.first.draft(n) or self.second.draft(n)
+
+
+class Oracle:
+    """The true tokens of the stream (from an earlier run), each replaced by a wrong one with
+    probability ``1 - accuracy``: drafts of controlled quality, for tests and benchmarks."""
+
+    def __init__(self, tokens: Sequence[int], *, accuracy: float = 1.0, vocab_size: int, seed: int = 0):
+        if not 0.0 <= accuracy <= 1.0:
+            raise ValueError(f"accuracy must be in [0, 1], got {accuracy}")
+        self.tokens = [int(t) for t in tokens]
+        self.accuracy = accuracy
+        self.vocab_size = vocab_size
+        self.seen = 0
+        self._rng = np.random.default_rng(seed)
+
+    def observe(self, token: int) -> None:
+        self.seen += 1
+
+    def draft(self, n: int) -> list[int]:
+        out = self.tokens[self.seen:self.seen + n]  # guesses of what the next positions emit
+        wrong = self._rng.random(len(out)) >= self.accuracy
+        return [(t + 1) % self.vocab_size if w else t for t, w in zip(out, wrong)]
+
+
+class DraftLength(Protocol):
+    def choose(self, room: int) -> int:
+        """How many drafts to feed this step, at most ``room``."""
+
+    def update(self, fed: int, accepted: int) -> None:
+        """A step fed ``fed`` drafts (maybe 0) and the model confirmed the first ``accepted``."""
+
+
+class Fixed:
+    """Always as many drafts as there is room for, up to ``n``."""
+
+    def __init__(self, n: int):
+        self.n = n
+
+    def choose(self, room: int) -> int:
+        return min(self.n, room)
+
+    def update(self, fed: int, accepted: int) -> None:
+        pass
+
+
+class Adaptive:
+    """The draft length k that maximizes expected tokens per pass cost.
+
+    Each draft is taken as accepted with probability ``a`` given the ones before it were, so a pass
+    of k drafts yields ``1 + a + ... + a**k`` tokens and costs ``1 + row_cost * k`` one-row passes.
+    ``a`` is estimated from the drafts seen so far, with a prior of ``prior`` (weight 2 drafts)
+    and every observation decaying by ``decay`` per step: a stream whose drafts stopped paying
+    stops drafting, then drifts back to the prior and tries again.
+    """
+
+    def __init__(self, *, row_cost: float = ROW_COST, prior: float = 0.75, decay: float = 0.95, most: int = 16):
+        if row_cost < 0:
+            raise ValueError(f"row_cost must be >= 0, got {row_cost}")
+        self.row_cost, self.prior, self.decay, self.most = row_cost, prior, decay, most
+        self.hits = 0.0  # decayed counts of drafts confirmed ...
+        self.misses = 0.0  # ... and of first misses
+
+    @property
+    def acceptance(self) -> float:
+        return (self.hits + 2 * self.prior) / (self.hits + self.misses + 2)
+
+    def choose(self, room: int) -> int:
+        a = self.acceptance
+        best, best_rate, tokens = 0, 1.0, 1.0
+        for k in range(1, min(room, self.most) + 1):
+            tokens += a ** k
+            rate = tokens / (1 + self.row_cost * k)
+            if rate > best_rate:
+                best, best_rate = k, rate
+        return best
+
+    def update(self, fed: int, accepted: int) -> None:
+        self.hits = self.decay * self.hits + accepted
+        self.misses = self.decay * self.misses + (accepted < fed)
+
+
+class Drafting:
+    """A stream's drafting: what to guess and how many guesses to feed."""
+
+    def __init__(self, drafter: Drafter, length: DraftLength):
+        self.drafter, self.length = drafter, length
+
+    @classmethod
+    def default(cls, pad_id: int) -> Drafting:
+        """Pad runs, else the 1-gram lookup; the adaptive length."""
+        return cls(Fallback(PadRuns(pad_id), Bigrams()), Adaptive())
+
+    def observe(self, token: int) -> None:
+        self.drafter.observe(token)
+
+    def draft(self, room: int) -> list[int]:
+        n = self.length.choose(room)
+        return self.drafter.draft(n) if n else []
+
+    def update(self, fed: int, accepted: int) -> None:
+        self.length.update(fed, accepted)
