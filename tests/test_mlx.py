@@ -25,7 +25,7 @@ from voxlive import layouts
 from voxlive.checkpoint import CheckpointError, SafetensorsFile
 from voxlive.config import ConfigError
 from voxlive_bench.reference import offline_padded_audio
-from voxlive.session import Stream, decode_available
+from voxlive.session import Stream
 from voxlive.testing import write_random_checkpoint
 
 # Sizes whose every matrix input is a multiple of MLX's default quantization group (64), so every

@@ -261,10 +261,13 @@ def _bench_streams(a, modes: list[str | None]) -> int:
     counts = sorted(set(a.streams))
     source = str(random_checkpoint_dir("full")) if a.random_weights else a.model
     for mode in modes:  # one model in memory at a time
-        model = load(source, backend=a.backend, device=a.device, dtype=a.dtype, quantize=mode, compile=a.compile)
-        weights = getattr(model.runtime, "quantize", None) or mode  # a converted checkpoint has its own
-        print(f"[voxlive] {model.backend} backend, {weights or 'unquantized'} weights")
-        print(report_streams(bench_streams(model, counts, seconds=a.seconds, delay_ms=a.delay_ms), a.seconds))
+        model = load(source, backend=a.backend, device=a.device, dtype=a.dtype, quantize=mode, compile=a.compile,
+                     kv_dtype=a.kv_dtype)
+        weights = model.runtime.quantize or mode  # a converted checkpoint has its own
+        age = f", streams {a.age_tokens} positions old" if a.age_tokens else ""
+        print(f"[voxlive] {model.backend} backend, {weights or 'unquantized'} weights, {model.runtime.kv_dtype} KV{age}")
+        print(report_streams(bench_streams(model, counts, seconds=a.seconds, delay_ms=a.delay_ms,
+                                           age_tokens=a.age_tokens), a.seconds))
         del model
         gc.collect()
     return 0
@@ -351,6 +354,10 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--compile", action="store_true", help="torch.compile the decode step")
     b.add_argument("--streams", nargs="+", type=int,
                    help="instead: these numbers of concurrent streams through the server's engine, e.g. 1 2 4 8 16")
+    b.add_argument("--age-tokens", type=int, default=0,
+                   help="with --streams: start each stream this many decoder positions old (its KV cache filled, "
+                        "e.g. 8300: past the full window)")
+    b.add_argument("--kv-dtype", choices=["int8"], help="with --streams: int8 KV caches")
     b.set_defaults(run=cmd_bench)
 
     c = sub.add_parser("convert", help="write a quantized checkpoint (torch), or the mlx-community layout (mlx)")

@@ -119,6 +119,15 @@ class SlotPool:
         for s in slots:
             self._length[s] -= n
 
+    def age(self, slot: int, n: int) -> None:
+        """Benchmarks only: make a slot's stream ``n`` positions older, its new keys and values zeros
+        (e.g. a stream past the full window, without running its hours of audio)."""
+        end = -(-min(self._filled(slot, n), self.capacity) // KEY_BLOCK) * KEY_BLOCK
+        if self._ready[slot] < end:
+            self._zero(slot, int(self._ready[slot]), end)
+            self._ready[slot] = end
+        self._length[slot] += n
+
     def commit(self, plan: Plan) -> None:
         """The pass ran: each slot's length advances by what it fed."""
         for s, c in zip(plan.slots, plan.counts):
