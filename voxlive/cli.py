@@ -267,10 +267,13 @@ def _bench_streams(a, modes: list[str | None]) -> int:
     counts = sorted(set(a.streams))
     source = str(random_checkpoint_dir("full")) if a.random_weights else a.model
     for mode in modes:  # one model in memory at a time
-        model = load(source, backend=a.backend, device=a.device, dtype=a.dtype, quantize=mode, compile=a.compile)
-        weights = getattr(model.runtime, "quantize", None) or mode  # a converted checkpoint has its own
-        print(f"[voxlive] {model.backend} backend, {weights or 'unquantized'} weights")
-        print(report_streams(bench_streams(model, counts, seconds=a.seconds, delay_ms=a.delay_ms), a.seconds))
+        model = load(source, backend=a.backend, device=a.device, dtype=a.dtype, quantize=mode, compile=a.compile,
+                     kv_dtype=a.kv_dtype)
+        weights = model.runtime.quantize or mode  # a converted checkpoint has its own
+        age = f", streams {a.age_tokens} positions old" if a.age_tokens else ""
+        print(f"[voxlive] {model.backend} backend, {weights or 'unquantized'} weights, {model.runtime.kv_dtype} KV{age}")
+        print(report_streams(bench_streams(model, counts, seconds=a.seconds, delay_ms=a.delay_ms,
+                                           age_tokens=a.age_tokens), a.seconds))
         del model
         gc.collect()
     return 0
@@ -379,6 +382,10 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--drafts", action="store_true",
                    help="instead: decoder pass cost for 1..16 rows, and time per token with oracle drafts of "
                         "accuracy 0..1")
+    b.add_argument("--age-tokens", type=int, default=0,
+                   help="with --streams: start each stream this many decoder positions old (its KV cache filled, "
+                        "e.g. 8300: past the full window)")
+    b.add_argument("--kv-dtype", choices=["int8"], help="with --streams: int8 KV caches")
     b.set_defaults(run=cmd_bench)
 
     c = sub.add_parser("convert", help="write a quantized checkpoint (torch), or the mlx-community layout (mlx)")

@@ -11,7 +11,6 @@ from typing import Callable
 import numpy as np
 
 from .audio import SAMPLE_RATE, load_audio
-from .backends.runtime import MAX_DRAFT
 from .checkpoint import CheckpointError, open_checkpoint
 from .drafts import Drafting
 from .session import Stream
@@ -163,15 +162,16 @@ def check_options(*, backend: str, device: str | None, quantize: str | None, com
 
 def load(source: str | os.PathLike | None = None, *, backend: str = "auto", device: str | None = None,
          dtype: str | None = None, quantize: str | None = None, kv_dtype: str | None = None,
-         max_draft: int = MAX_DRAFT, drafts: bool = True, compile: bool = False) -> Model:
+         max_draft: int | None = None, drafts: bool = True, compile: bool = False) -> Model:
     """Load a checkpoint (local directory or Hugging Face repo id; default the official model).
 
     ``quantize`` "int8" | "int4": weight-only quantization at load (or the mode of a checkpoint
     written by ``voxlive convert``). ``kv_dtype`` None | "int8": the KV caches in the activation
     dtype or in int8 (half the memory of bf16, see the README). ``max_draft``: the most drafted
     tokens a decode step may verify per stream (the decoder's KV pool holds that many positions
-    beyond its window). ``drafts``: whether streams guess and verify several tokens per decoder pass
-    by default (``Model.stream``; the tokens are the same either way). ``compile``: run the decode step through torch.compile with
+    beyond its window; None: 8). ``drafts``: whether streams guess and verify several tokens per
+    decoder pass by default (``Model.stream``; the tokens are the same either way). ``compile``: run
+    the decode step through torch.compile with
     static shapes (slow to start; pays on GPUs more than on small CPUs, see the README).
     """
     backend = check_options(backend=backend, device=device, quantize=quantize, compile=compile)

@@ -23,16 +23,19 @@ Prompt positions are multi-token feeds too, batched across streams (``prefill_pr
 from __future__ import annotations
 
 import copy
+from typing import TYPE_CHECKING
 
 import numpy as np
 
-from .backends.runtime import Decoded
 from .config import ModelConfig
 from .drafts import Drafting
 from .mel import MelStream
 from .tokens import Tokenizer
 from .transcript import Transcript, Word
 from .words import WordAssembler
+
+if TYPE_CHECKING:  # the backends are imported when a model is loaded, not with the session
+    from .backends.runtime import Decoded
 
 RIGHT_PAD_BUFFER_TOKENS = 10  # mistral-common's OFFLINE_STREAMING_BUFFER_TOKENS
 

@@ -61,9 +61,23 @@ async def _serve(engine, pcm, n: int, delay_ms) -> float:
     return time.perf_counter() - t
 
 
-def bench_streams(model, counts: list[int], *, seconds: float, delay_ms=None) -> list[dict]:
+def _aged_streams(model, tokens: int) -> None:
+    """Every new stream starts ``tokens`` decoder positions old (its cache filled with zeros)."""
+    fresh = model.stream
+
+    def stream(**options):
+        s = fresh(**options)
+        model.runtime.decoder_pool.age(s.state.decoder_slot, tokens)
+        return s
+
+    model.stream = stream
+
+
+def bench_streams(model, counts: list[int], *, seconds: float, delay_ms=None, age_tokens: int = 0) -> list[dict]:
     from voxlive.server.engine import Engine
 
+    if age_tokens:
+        _aged_streams(model, age_tokens)
     pcm = bench_audio(seconds)
     timer = _StepTimer(model.runtime)
     engine = Engine(model, max_sessions=max(counts), max_buffer_seconds=seconds + 1)

@@ -11,9 +11,8 @@ its window: ``rewind`` only lowers the length, and is exact.
 Which position an index holds follows from the slot's length and start alone, so attention masks
 come from positions, never from what was written: a rewound or reused slot needs no clearing. A
 batched pass is planned once (``plan``: positions, masks, where each new key goes) and every layer
-runs ONE attention call over ``[batch, kv_heads, keys, head_dim]``, ``keys`` being the prefix of
-the slots the batch's fullest stream fills, rounded up to ``KEY_BLOCK`` (a handful of shapes per
-batch size). Short feeds (at most ``extra + 1`` positions: a step, a verification) store their keys
+runs ONE attention call over the batch's slots, reading the prefix of whole ``KEY_BLOCK`` blocks
+of indices that the batch's fullest stream fills (a handful of shapes per batch size). Short feeds (at most ``extra + 1`` positions: a step, a verification) store their keys
 first and attend over the pool alone; longer ones (prompts, encoder chunks, teacher forcing)
 attend over the pool and themselves, then store.
 
@@ -120,6 +119,15 @@ class SlotPool:
         for s in slots:
             self._length[s] -= n
 
+    def age(self, slot: int, n: int) -> None:
+        """Benchmarks only: make a slot's stream ``n`` positions older, its new keys and values zeros
+        (e.g. a stream past the full window, without running its hours of audio)."""
+        end = -(-min(self._filled(slot, n), self.capacity) // KEY_BLOCK) * KEY_BLOCK
+        if self._ready[slot] < end:
+            self._zero(slot, int(self._ready[slot]), end)
+            self._ready[slot] = end
+        self._length[slot] += n
+
     def commit(self, plan: Plan) -> None:
         """The pass ran: each slot's length advances by what it fed."""
         for s, c in zip(plan.slots, plan.counts):
@@ -130,9 +138,9 @@ class SlotPool:
         cap, B, n = self.capacity, len(slots), max(counts)
         in_place = n <= cap - self.window + 1
         fill = max(self._filled(s, c if in_place else 0) for s, c in zip(slots, counts))
-        keys = min(cap, -(-fill // KEY_BLOCK) * KEY_BLOCK)
+        keys = -(-fill // KEY_BLOCK) * KEY_BLOCK  # whole blocks (past the capacity: never held, masked)
         for s, c in zip(slots, counts):  # indices this pass reads or writes that no stream ever wrote
-            need = max(keys, self._filled(s, c))
+            need = max(keys, -(-self._filled(s, c) // KEY_BLOCK) * KEY_BLOCK)
             if self._ready[s] < need:
                 self._zero(s, int(self._ready[s]), need)
                 self._ready[s] = need
@@ -144,7 +152,7 @@ class SlotPool:
         # index i of a slot holds relative position rel - 1 - ((rel - 1 - i) mod capacity), if >= 0
         rel = lengths - starts + (count if in_place else 0)
         held = rel[:, None] - 1 - np.mod(rel[:, None] - 1 - np.arange(keys)[None, :], cap)
-        kpos = np.where(held >= 0, starts[:, None] + held, FAR)
+        kpos = np.where((held >= 0) & (np.arange(keys) < cap)[None, :], starts[:, None] + held, FAR)
         fed = j[None, :] < count[:, None]  # [B, n]
         if not in_place:
             kpos = np.concatenate((kpos, np.where(fed, qpos, FAR)), axis=1)

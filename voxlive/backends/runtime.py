@@ -137,7 +137,8 @@ class BaseRuntime:
 
     backend: str
 
-    def _setup(self, config: ModelConfig, pad_id: int, max_draft: int) -> None:
+    def _setup(self, config: ModelConfig, pad_id: int, max_draft: int | None) -> None:
+        max_draft = MAX_DRAFT if max_draft is None else max_draft
         if max_draft < 0:
             raise ValueError(f"max_draft must be >= 0, got {max_draft}")
         self.config = config

@@ -4,7 +4,8 @@ The same layout and plans as the PyTorch pool, with two MLX differences. Each la
 ``[slots, kv_heads, allocated, head_dim]`` array, so a pass's write into one layer can reuse that
 array's buffer in place (MLX donates a buffer only to its single user; one array for all layers
 would be read by one layer while the next writes it, and copied). And the arrays grow along the
-index axis in blocks of ``KEY_BLOCK`` up to the capacity, as far as the fullest slot reads: MLX has
+index axis in blocks of ``KEY_BLOCK`` up to the capacity (rounded up to a block), as far as the
+fullest slot reads: MLX has
 no allocation whose pages stay untouched (``torch.empty``), so preallocating the decoder's 8192
 indices would cost every slot ~870 MB of bf16 from its first second.
 
@@ -63,7 +64,7 @@ class KVPool(SlotPool):
     def _zero(self, slot: int, lo: int, hi: int) -> None:
         # A new array's indices are zeros; a reused slot's hold finite values of an earlier stream.
         if hi > self.allocated:
-            size = min(self.capacity, -(-hi // KEY_BLOCK) * KEY_BLOCK)
+            size = -(-hi // KEY_BLOCK) * KEY_BLOCK
             for i, arrays in enumerate(self._lists()):
                 for layer, a in enumerate(arrays):
                     extra = self._zeros(a.shape[0], size - self.allocated, i >= 2)

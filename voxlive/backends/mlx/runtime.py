@@ -19,7 +19,7 @@ import mlx.core as mx
 import numpy as np
 
 from ...checkpoint import Checkpoint, CheckpointError
-from ..runtime import MAX_DRAFT, BaseRuntime, pick_dtype, pick_kv_dtype, pick_quantize
+from ..runtime import BaseRuntime, pick_dtype, pick_kv_dtype, pick_quantize
 from .decoder import Decoder
 from .encoder import Adapter, ConvState, Encoder
 from .quant import BITS
@@ -46,7 +46,7 @@ class MLXRuntime(BaseRuntime):
     backend = "mlx"
 
     def __init__(self, ckpt: Checkpoint, *, pad_id: int, device: str | None = None, dtype: str | None = None,
-                 quantize: str | None = None, kv_dtype: str | None = None, max_draft: int = MAX_DRAFT):
+                 quantize: str | None = None, kv_dtype: str | None = None, max_draft: int | None = None):
         self._setup(ckpt.config, pad_id, max_draft)
         self.device = pick_device(device)
         self.dtype = pick_dtype(dtype, DTYPES, "bfloat16")  # the checkpoint's own dtype

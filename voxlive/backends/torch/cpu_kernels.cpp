@@ -613,8 +613,9 @@ inline f16v exp_nonpositive(f16v x) {
 
 template <typename T>
 void attention_impl(const at::Tensor& q, const at::Tensor& k_new, const at::Tensor& v_new, const at::Tensor& k_ring,
-                    const at::Tensor& v_ring, int64_t start, int64_t window, int64_t D, at::Tensor& out) {
-  const int64_t n = q.size(0), H = q.size(1) / D, KVH = k_new.size(1) / D, W = k_ring.size(1), G = H / KVH;
+                    const at::Tensor& v_ring, int64_t start, int64_t window, int64_t W, int64_t D, at::Tensor& out) {
+  // the ring is [blocks, kv_heads, KB, D]: index i of head g at ((i / KB) * KVH + g) * KB + i % KB
+  const int64_t n = q.size(0), H = q.size(1) / D, KVH = k_new.size(1) / D, KB = k_ring.size(2), G = H / KVH;
   const int64_t per_tile = kLanes / G, tiles = (n + per_tile - 1) / per_tile;  // queries per tile of 16 lanes
   const T* qp = (const T*)q.data_ptr();
   const T* knp = (const T*)k_new.data_ptr();
@@ -634,8 +635,9 @@ void attention_impl(const at::Tensor& q, const at::Tensor& k_new, const at::Tens
     for (int64_t job = begin; job < end; job++) {
       const int64_t g = job / tiles, i0 = job % tiles * per_tile, nq = std::min(per_tile, n - i0);
       const int64_t pos0 = start + i0, lo = std::max<int64_t>(0, pos0 - window + 1), count = pos0 + nq - lo;
-      auto key = [&](int64_t p) { return p < start ? krp + (g * W + p % W) * D : knp + (p - start) * ks + g * D; };
-      auto value = [&](int64_t p) { return p < start ? vrp + (g * W + p % W) * D : vnp + (p - start) * vs + g * D; };
+      auto at = [&](int64_t p) { return ((p % W / KB * KVH + g) * KB + p % W % KB) * D; };
+      auto key = [&](int64_t p) { return p < start ? krp + at(p) : knp + (p - start) * ks + g * D; };
+      auto value = [&](int64_t p) { return p < start ? vrp + at(p) : vnp + (p - start) * vs + g * D; };
       // lane l: query i0 + l / G, head g * G + l % G; zeros in lanes past the last query
       i16v qpos;
       for (int l = 0; l < kLanes; l++) {
@@ -686,23 +688,25 @@ void attention_impl(const at::Tensor& q, const at::Tensor& k_new, const at::Tens
 }
 
 at::Tensor attention(const at::Tensor& q, const at::Tensor& k_new, const at::Tensor& v_new, const at::Tensor& k_ring,
-                     const at::Tensor& v_ring, int64_t start, int64_t window, int64_t head_dim) {
+                     const at::Tensor& v_ring, int64_t start, int64_t window, int64_t head_dim, int64_t capacity) {
   for (const at::Tensor* t : {&q, &k_new, &v_new})
     TORCH_CHECK(t->dim() == 2 && t->stride(1) == 1 && t->size(1) % head_dim == 0, "attention: q, k and v are [n, heads * head_dim] rows");
   for (const at::Tensor* t : {&k_ring, &v_ring})
-    TORCH_CHECK(t->dim() == 3 && t->is_contiguous() && t->size(2) == head_dim, "attention: the ring is [kv_heads, slots, head_dim]");
+    TORCH_CHECK(t->dim() == 4 && t->is_contiguous() && t->size(3) == head_dim,
+                "attention: the ring is [blocks, kv_heads, block, head_dim]");
   const int64_t n = q.size(0), H = q.size(1) / head_dim, KVH = k_new.size(1) / head_dim;
   TORCH_CHECK(k_new.size(0) == n && v_new.size(0) == n && v_new.size(1) == k_new.size(1) && H % KVH == 0 &&
-              k_ring.size(0) == KVH && v_ring.sizes() == k_ring.sizes(), "attention: shapes do not match");
-  TORCH_CHECK(start == 0 || k_ring.size(1) >= window, "attention: the ring holds fewer slots than the window");
+              k_ring.size(1) == KVH && v_ring.sizes() == k_ring.sizes(), "attention: shapes do not match");
+  TORCH_CHECK(capacity > 0 && capacity <= k_ring.size(0) * k_ring.size(2), "attention: the ring holds fewer than capacity slots");
+  TORCH_CHECK(start == 0 || capacity >= window, "attention: the ring holds fewer slots than the window");
   TORCH_CHECK(kLanes % (H / KVH) == 0, "attention: the heads per kv head must divide ", kLanes);
   TORCH_CHECK(head_dim % 8 == 0, "attention: head_dim must be a multiple of 8");
   const auto type = q.scalar_type();
   for (const at::Tensor* t : {&k_new, &v_new, &k_ring, &v_ring})
     TORCH_CHECK(t->scalar_type() == type && t->device().is_cpu(), "attention: CPU tensors of one dtype");
   at::Tensor out = at::empty({n, H * head_dim}, q.options());
-  if (type == at::kBFloat16) attention_impl<uint16_t>(q, k_new, v_new, k_ring, v_ring, start, window, head_dim, out);
-  else if (type == at::kFloat) attention_impl<float>(q, k_new, v_new, k_ring, v_ring, start, window, head_dim, out);
+  if (type == at::kBFloat16) attention_impl<uint16_t>(q, k_new, v_new, k_ring, v_ring, start, window, capacity, head_dim, out);
+  else if (type == at::kFloat) attention_impl<float>(q, k_new, v_new, k_ring, v_ring, start, window, capacity, head_dim, out);
   else TORCH_CHECK(false, "attention: bfloat16 or float32");
   return out;
 }
@@ -716,7 +720,7 @@ TORCH_LIBRARY(voxlive, m) {
   m.def("linear_bf16_amx(Tensor x, Tensor w, Tensor? bias) -> Tensor");
   m.def("bf16_tiles(Tensor w) -> Tensor");
   m.def("amx_ready() -> bool", [] { return amx_permitted(); });
-  m.def("attention(Tensor q, Tensor k_new, Tensor v_new, Tensor k_ring, Tensor v_ring, int start, int window, int head_dim) -> Tensor");
+  m.def("attention(Tensor q, Tensor k_new, Tensor v_new, Tensor k_ring, Tensor v_ring, int start, int window, int head_dim, int capacity) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(voxlive, CPU, m) {

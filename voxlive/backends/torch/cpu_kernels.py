@@ -190,10 +190,15 @@ def linear_bf16_amx(x: torch.Tensor, tiles: torch.Tensor, bias: torch.Tensor | N
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ring_k: torch.Tensor, ring_v: torch.Tensor,
-              start: int, window: int, head_dim: int) -> torch.Tensor:
+              start: int, window: int, head_dim: int, capacity: int | None = None) -> torch.Tensor:
     """Causal sliding-window attention of the n positions start.. of one sequence, each query on its own.
 
-    q [n, heads * head_dim], k/v [n, kv_heads * head_dim] (rows may be strided), the ring [kv_heads,
-    slots >= window, head_dim] holding position p < start in slot p % slots. Returns [n, heads * head_dim].
+    q [n, heads * head_dim], k/v [n, kv_heads * head_dim] (rows may be strided); the ring holds
+    position p < start at index p % capacity: [kv_heads, capacity >= window, head_dim], or a KV
+    pool's slot [blocks, kv_heads, block, head_dim] (index i in block i // block) with ``capacity``
+    given. Returns [n, heads * head_dim].
     """
-    return torch.ops.voxlive.attention(q, k, v, ring_k, ring_v, start, window, head_dim)
+    if ring_k.dim() == 3:  # one block holding the whole ring
+        capacity = ring_k.shape[1]
+        ring_k, ring_v = ring_k[None], ring_v[None]
+    return torch.ops.voxlive.attention(q, k, v, ring_k, ring_v, start, window, head_dim, capacity)

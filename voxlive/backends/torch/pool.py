@@ -1,13 +1,17 @@
 """The KV slot pool's buffers and batched attention, in PyTorch (bookkeeping: ``backends/pool.py``).
 
-Keys and values are ``[layers, slots, kv_heads, capacity, head_dim]`` ``torch.empty`` buffers:
-on CPU their untouched pages are not resident, so RSS grows with the indices streams actually
-filled, not with the pool's size. ``kv_int8``: int8 keys and values with one float32 scale per
-head and position (half the bytes of bf16). Keys are stored after RoPE.
+Keys and values are ``[layers, slots, blocks, kv_heads, KEY_BLOCK, head_dim]`` ``torch.empty``
+buffers: the index axis of a slot (its capacity, rounded up to a block) is cut into blocks of
+``KEY_BLOCK`` indices, so the prefix attention reads is one contiguous piece of each slot at any
+fill (a strided prefix of ``[kv_heads, capacity, head_dim]`` makes CPU matmuls copy it first, or
+run at a quarter of their speed). On CPU untouched pages are not resident, so RSS grows with the
+indices streams actually filled, not with the pool's size. ``kv_int8``: int8 keys and values with
+one float32 scale per head and position (half the bytes of bf16). Keys are stored after RoPE.
 
-Attention is plain batched matmuls with the query heads of a KV head grouped (``[group * n, d] x
-[d, keys]``) and a softmax in float32: it reads the keys and values once, at memory speed, where
-``scaled_dot_product_attention`` with one query ran at ~1 GB/s in bf16 on CPU.
+Attention is batched matmuls over (slot, block, KV head), the query heads of a KV head grouped
+(``[KEY_BLOCK, d] x [d, group * n]``, then ``[group * n, KEY_BLOCK] x [KEY_BLOCK, d]`` summed over
+blocks in float32) and a softmax in float32 over all blocks: it reads the keys and values once,
+in place, where ``scaled_dot_product_attention`` with one query ran at ~1 GB/s in bf16 on CPU.
 """
 
 from __future__ import annotations
@@ -17,7 +21,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from ..pool import Plan, SlotPool
+from ..pool import KEY_BLOCK, Plan, SlotPool
 from . import cpu_kernels
 
 
@@ -28,7 +32,7 @@ class Step:
     plan: Plan
     rows: torch.Tensor | None
     positions: np.ndarray
-    mask: torch.Tensor
+    bias: torch.Tensor  # the plan's mask as 0 / -inf, [B, 1, 1, n, keys (+ n)]
     index: torch.Tensor
     write_rows: torch.Tensor
     write_slots: torch.Tensor
@@ -41,6 +45,7 @@ class KVPool(SlotPool):
         self.n_layers, self.n_kv_heads, self.head_dim = n_layers, n_kv_heads, head_dim
         self.dtype, self.device, self.int8 = dtype, device, kv_int8
         self.k = self.v = self.k_scale = self.v_scale = None
+        self._scratch: dict[str, torch.Tensor] = {}  # per buffer's name: where non-contiguous reads are gathered
         self.capacity = window + extra
         super().__init__(window, extra, slots)
 
@@ -52,7 +57,8 @@ class KVPool(SlotPool):
 
     def _grow(self, slots: int) -> None:
         old, n = self._buffers(), self.slots
-        shape = (self.n_layers, slots, self.n_kv_heads, self.capacity, self.head_dim)
+        blocks = -(-self.capacity // KEY_BLOCK)
+        shape = (self.n_layers, slots, blocks, self.n_kv_heads, KEY_BLOCK, self.head_dim)
         store = torch.int8 if self.int8 else self.dtype
         self.k = torch.empty(shape, dtype=store, device=self.device)
         self.v = torch.empty(shape, dtype=store, device=self.device)
@@ -61,15 +67,18 @@ class KVPool(SlotPool):
             self.v_scale = torch.empty(shape[:-1], dtype=torch.float32, device=self.device)
         for new, buf in zip(self._buffers(), old):
             for s in range(n):  # only what was written is copied (and touched)
-                new[:, s, :, :self._ready[s]] = buf[:, s, :, :self._ready[s]]
+                new[:, s, :-(-self._ready[s] // KEY_BLOCK)] = buf[:, s, :-(-self._ready[s] // KEY_BLOCK)]
 
     def _copy(self, dst: int, src: int, n: int) -> None:
+        blocks = -(-n // KEY_BLOCK)
         for buf in self._buffers():
-            buf[:, dst, :, :n] = buf[:, src, :, :n]
+            buf[:, dst, :blocks] = buf[:, src, :blocks]
 
     def _zero(self, slot: int, lo: int, hi: int) -> None:
-        for buf in self._buffers():
-            buf[:, slot, :, lo:hi] = 0
+        for b in range(lo // KEY_BLOCK, -(-hi // KEY_BLOCK)):
+            a, c = max(lo - b * KEY_BLOCK, 0), min(hi - b * KEY_BLOCK, KEY_BLOCK)
+            for buf in self._buffers():
+                buf[:, slot, b, :, a:c] = 0
 
     def begin(self, slots: list[int], counts: list[int]) -> Step:
         p = self.plan(slots, counts)
@@ -77,54 +86,81 @@ class KVPool(SlotPool):
         def t(a):
             return torch.from_numpy(np.ascontiguousarray(a)).to(self.device)
 
-        return Step(p, None if p.rows is None else t(p.rows), p.positions, t(p.mask), t(np.array(p.slots)),
-                    t(p.write_rows), t(p.write_slots), t(p.write_at))
+        # the mask as a bias added to the scores (0 or -inf) [B, 1, 1, n, keys]: cheaper than a fill per layer
+        bias = torch.zeros(p.mask.shape, dtype=self.dtype).masked_fill_(torch.from_numpy(~p.mask), float("-inf"))
+        return Step(p, None if p.rows is None else t(p.rows), p.positions, bias[:, None, None].to(self.device),
+                    t(np.array(p.slots)), t(p.write_rows), t(p.write_slots), t(p.write_at))
 
     def _store(self, layer: int, step: Step, k: torch.Tensor, v: torch.Tensor) -> None:
         k, v = k[step.write_rows], v[step.write_rows]
+        block, at = step.write_at // KEY_BLOCK, step.write_at % KEY_BLOCK
         if self.int8:
             (k, ks), (v, vs) = _quantize(k), _quantize(v)
-            self.k_scale[layer][step.write_slots, :, step.write_at] = ks
-            self.v_scale[layer][step.write_slots, :, step.write_at] = vs
-        self.k[layer][step.write_slots, :, step.write_at] = k
-        self.v[layer][step.write_slots, :, step.write_at] = v
+            self.k_scale[layer][step.write_slots, block, :, at] = ks
+            self.v_scale[layer][step.write_slots, block, :, at] = vs
+        self.k[layer][step.write_slots, block, :, at] = k
+        self.v[layer][step.write_slots, block, :, at] = v
 
-    def _read(self, buf: torch.Tensor, layer: int, step: Step) -> torch.Tensor:
-        """Indices 0 .. keys of the step's slots [B, kv_heads, keys, ...]: a view when they are a range."""
-        p = step.plan
-        if p.lo is not None:
-            return buf[layer, p.lo:p.lo + len(p.slots), :, :p.keys]
-        return buf[layer, :, :, :p.keys].index_select(0, step.index)
+    def _read(self, name: str, layer: int, step: Step) -> torch.Tensor:
+        """Blocks 0 .. keys / KEY_BLOCK of the step's slots [B, blocks, kv_heads, KEY_BLOCK, ...].
+
+        In place when that is one piece of memory (one slot, or a range of slots read to their last
+        block); else gathered into a buffer kept for the next step (a fresh one would cost a page
+        fault per 4 KB, several times the copy itself)."""
+        p, buf = step.plan, getattr(self, name)
+        blocks, B = p.keys // KEY_BLOCK, len(p.slots)
+        if p.lo is not None and (B == 1 or blocks == buf.shape[2]):
+            return buf[layer, p.lo:p.lo + B, :blocks]
+        shape = (B, blocks, *buf.shape[3:])
+        size = B * blocks * buf[0, 0, 0].numel()
+        scratch = self._scratch.get(name)
+        if scratch is None or scratch.numel() < size:
+            scratch = self._scratch[name] = torch.empty(size, dtype=buf.dtype, device=buf.device)
+        out = scratch[:size].view(shape)
+        torch.index_select(buf[layer, :, :blocks], 0, step.index, out=out)
+        return out
 
     def attend(self, layer: int, step: Step, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """Sliding-window attention of the fed rows q [rows, heads, d] (k, v [rows, kv_heads, d]) over
         their streams' slots and themselves; stores k, v. Returns [rows, heads * d]."""
         p = step.plan
-        B, n = len(p.slots), p.n
+        B, n, m = len(p.slots), p.n, p.keys // KEY_BLOCK
         heads, d = q.shape[1], q.shape[2]
         kvh = self.n_kv_heads
-        group = heads // kvh
         if self.kernel_attends(q):
             return self._attend_each(layer, step, q, k, v)
+        gn = heads // kvh * n  # the query rows of one KV head: its group of heads x the fed positions
         if p.in_place:
             self._store(layer, step, k, v)
-        q = self._pad(q * d ** -0.5, step)  # [B, n, heads, d]
-        q = q.view(B, n, kvh, group, d).permute(0, 2, 3, 1, 4).reshape(B, kvh, group * n, d)
-        keys, values = self._read(self.k, layer, step), self._read(self.v, layer, step)
-        if self.int8:
-            keys = keys.to(q.dtype) * self._read(self.k_scale, layer, step)[..., None].to(q.dtype)
-            values = values.to(q.dtype) * self._read(self.v_scale, layer, step)[..., None].to(q.dtype)
-        if not p.in_place:
+        else:
             if self.int8:  # as the pool will hold them, so results do not depend on how positions are fed
                 k, v = _round_trip(k), _round_trip(v)
-            keys = torch.cat((keys, self._pad(k, step).transpose(1, 2)), dim=2)
-            values = torch.cat((values, self._pad(v, step).transpose(1, 2)), dim=2)
-        scores = (q @ keys.transpose(-1, -2)).view(B, kvh, group, n, -1)
-        scores = scores.masked_fill(~step.mask[:, None, None], float("-inf"))
-        probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype).view(B, kvh, group * n, -1)
-        out = (probs @ values).view(B, kvh, group, n, d).permute(0, 3, 1, 2, 4).reshape(B * n, heads * d)
+            k_new, v_new = self._pad(k, step).transpose(1, 2), self._pad(v, step).transpose(1, 2)  # [B, kvh, n, d]
+        q = self._pad(q * d ** -0.5, step)  # [B, n, heads, d]
+        q = q.view(B, n, kvh, heads // kvh, d).permute(0, 2, 3, 1, 4).reshape(B, kvh, gn, d)
+        scores = []
+        if m:
+            keys, values = self._read("k", layer, step), self._read("v", layer, step)
+            if self.int8:
+                keys = keys.to(q.dtype) * self._read("k_scale", layer, step)[..., None].to(q.dtype)
+                values = values.to(q.dtype) * self._read("v_scale", layer, step)[..., None].to(q.dtype)
+            qt = q.transpose(2, 3)[:, None].expand(B, m, kvh, d, gn).reshape(B * m * kvh, d, gn)
+            s = torch.bmm(keys.reshape(B * m * kvh, KEY_BLOCK, d), qt)  # [B * m * kvh, KEY_BLOCK, gn]
+            scores.append(s.view(B, m, kvh, KEY_BLOCK, gn).permute(0, 2, 4, 1, 3).reshape(B, kvh, gn, m * KEY_BLOCK))
         if not p.in_place:
+            scores.append(q @ k_new.transpose(2, 3))  # [B, kvh, gn, n]
+        scores = scores[0] if len(scores) == 1 else torch.cat(scores, dim=-1)
+        scores = scores.view(B, kvh, heads // kvh, n, -1) + step.bias
+        probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype).view(B, kvh, gn, -1)
+        out = torch.zeros(B, kvh, gn, d, dtype=torch.float32, device=q.device)
+        if m:
+            pp = probs[..., :m * KEY_BLOCK].reshape(B, kvh, gn, m, KEY_BLOCK).permute(0, 3, 1, 2, 4)
+            parts = torch.bmm(pp.reshape(B * m * kvh, gn, KEY_BLOCK), values.reshape(B * m * kvh, KEY_BLOCK, d))
+            out += parts.view(B, m, kvh, gn, d).sum(1, dtype=torch.float32)
+        if not p.in_place:
+            out += (probs[..., m * KEY_BLOCK:] @ v_new).float()
             self._store(layer, step, k, v)
+        out = out.to(q.dtype).view(B, kvh, heads // kvh, n, d).permute(0, 3, 1, 2, 4).reshape(B * n, heads * d)
         return out if step.rows is None else out[step.rows]
 
     def kernel_attends(self, q: torch.Tensor) -> bool:
@@ -146,7 +182,7 @@ class KVPool(SlotPool):
             rel = int(self._length[slot] - self._start[slot])  # positions relative to the slot's start
             rows = [t[row:row + count].reshape(count, t.shape[1] * t.shape[2]) for t in (q, k, v)]
             outs.append(cpu_kernels.attention(*rows, self.k[layer, slot], self.v[layer, slot], rel, self.window,
-                                              q.shape[2]))
+                                              q.shape[2], self.capacity))
             row += count
         self._store(layer, step, k, v)
         return outs[0] if len(outs) == 1 else torch.cat(outs)

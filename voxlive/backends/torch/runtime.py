@@ -11,7 +11,7 @@ import torch
 
 from ...checkpoint import Checkpoint, CheckpointError
 from ...layouts.torch_quantized import MODES
-from ..runtime import MAX_DRAFT, BaseRuntime, pick_dtype, pick_kv_dtype, pick_quantize
+from ..runtime import BaseRuntime, pick_dtype, pick_kv_dtype, pick_quantize
 from .decoder import Decoder
 from .encoder import Adapter, ConvState, Encoder
 from .weights import WeightReader
@@ -34,7 +34,7 @@ class TorchRuntime(BaseRuntime):
     backend = "torch"
 
     def __init__(self, ckpt: Checkpoint, *, pad_id: int, device: str | None = None, dtype: str | None = None,
-                 quantize: str | None = None, kv_dtype: str | None = None, max_draft: int = MAX_DRAFT,
+                 quantize: str | None = None, kv_dtype: str | None = None, max_draft: int | None = None,
                  compile: bool = False):
         self._setup(ckpt.config, pad_id, max_draft)
         self.device = pick_device(device)
@@ -51,7 +51,7 @@ class TorchRuntime(BaseRuntime):
         except OSError as err:
             raise CheckpointError(f"{ckpt.weights.path}: read error: {err}") from err
         self.encoder_pool = self.encoder.new_pool(self.dtype, self.device, kv_int8=int8)
-        self.decoder_pool = self.decoder.new_pool(self.dtype, self.device, extra=max_draft, kv_int8=int8)
+        self.decoder_pool = self.decoder.new_pool(self.dtype, self.device, extra=self.max_draft, kv_int8=int8)
         # compile: the decoder's forward through torch.compile (one function serves every pass; the
         # pool's positions and masks are tensors). Slow to start, and slower than eager on small
         # CPUs (README); the same design would let a CUDA graph capture the step.
