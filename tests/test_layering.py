@@ -3,7 +3,8 @@
 Imports are read from the source (every ``import`` statement, at module level or inside a
 function, since a lazy import is still a dependency), and checked in a fresh interpreter where
 what matters is what actually gets imported: opening a checkpoint of any layout, and the CLI's
-``--help``, load neither torch nor MLX nor any backend.
+``--help``, load neither torch nor MLX nor any backend (``voxlive.backends.torch`` or ``.mlx``; the
+runtime contract in ``voxlive.backends.runtime`` is plain Python and numpy, shared by both).
 """
 
 from __future__ import annotations
@@ -104,7 +105,7 @@ _NO_BACKEND = """
 import sys
 {body}
 loaded = sorted({{m.split('.')[0] for m in sys.modules}} & {{'torch', 'mlx', 'transformers'}}
-                | {{m for m in sys.modules if m.startswith('voxlive.backends')}})
+                | {{m for m in sys.modules if m.startswith(('voxlive.backends.torch', 'voxlive.backends.mlx'))}})
 assert not loaded, f"imported {{loaded}}"
 print("ok")
 """

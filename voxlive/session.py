@@ -142,10 +142,6 @@ class Stream:
         step = self.config.audio.ms_per_token / 1000
         return max(0, self.decoded - len(self.prompt) + 1) * step
 
-    def prefill_prompt(self) -> None:
-        """Run the prompt positions whose audio is encoded (see ``prefill_prompts``)."""
-        prefill_prompts([self])
-
     def _prompt_feed(self) -> tuple[list[int], bool]:
         """The prompt tokens whose audio is encoded and not yet run, and whether they end the prompt.
 
@@ -229,8 +225,7 @@ class Stream:
         return self.transcript()
 
     def transcript(self) -> Transcript:
-        # The first word's token carries the space before it; the text starts at the first word.
-        return Transcript(text=self.tokenizer.decode(self.tokens).strip(), words=list(self._words.words),
+        return Transcript(text=self.tokenizer.decode(self.tokens), words=list(self._words.words),
                           tokens=list(self.tokens), duration=self.duration, delay_ms=self.delay_ms)
 
 

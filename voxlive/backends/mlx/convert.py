@@ -17,9 +17,9 @@ import mlx.core as mx
 from ...checkpoint import CheckpointError, expected_native_tensors, open_checkpoint
 from ...config import read_json
 from ...layouts import mlx_packed, native, voxmlx
+from ..runtime import pick_dtype
 from .quant import BITS, GROUP_SIZE
 from .runtime import DTYPES
-from ..runtime import pick_dtype
 from .thread import mlx_thread
 from .weights import WeightReader
 
