@@ -112,9 +112,8 @@ def pick_quantize(requested: str | None, stored: str | None, modes: Sequence[str
         raise ValueError(f"quantize={requested!r} is not available on the {backend} backend (it has "
                          f"{tuple(modes)}{others})")
     if stored is not None and requested not in (None, stored):
-        raise CheckpointError(f"{ckpt.directory}: already quantized to {stored.removeprefix('int')} bits: a checkpoint "
-                              f"quantized to {stored} cannot be loaded as {requested}; load it as it is, or convert "
-                              f"the float checkpoint to {requested}")
+        raise CheckpointError(f"{ckpt.directory}: a checkpoint already quantized to {stored} cannot be loaded as "
+                              f"{requested}; load it as it is, or convert the float checkpoint to {requested}")
     return requested or stored
 
 
