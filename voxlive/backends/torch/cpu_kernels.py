@@ -63,6 +63,44 @@ def _cpu_flags() -> set[str]:
     return set(line.partition(":")[2].split())
 
 
+def build_name(variant: str) -> str:
+    """Named by the source and flags: checkouts of other versions on one machine keep their own builds."""
+    cflags = BASE_FLAGS + VARIANTS[variant][1]
+    digest = hashlib.sha256(SOURCE.read_bytes() + " ".join(cflags).encode()).hexdigest()[:12]
+    return f"voxlive_cpu_kernels_{variant}_{digest}"
+
+
+def build_directory(name: str) -> Path:
+    """Where a build lives: PyTorch's extension root (``TORCH_EXTENSIONS_DIR`` or its default), then
+    the Python and torch versions (a build is only good for the torch it was compiled against)."""
+    from torch.utils.cpp_extension import get_default_build_root
+
+    root = Path(os.environ.get("TORCH_EXTENSIONS_DIR") or get_default_build_root())
+    return root / f"py{sys.version_info.major}{sys.version_info.minor}-torch{torch.__version__}" / name
+
+
+def _build(name: str, cflags: list[str]) -> None:
+    """PyTorch's ``cpp_extension.load``, under an flock of our own.
+
+    PyTorch marks a build in progress with a ``lock`` file and has every other process wait until
+    it is gone: a build killed half-way (Ctrl-C during the first run) leaves it behind, and every
+    later start of voxlive would wait for ever, silently. The flock is released by the kernel when
+    its holder dies, and every voxlive build of this name holds it, so a ``lock`` file found while
+    holding it is such a leftover, and is removed.
+    """
+    import fcntl
+
+    from torch.utils.cpp_extension import load
+
+    directory = build_directory(name)
+    directory.mkdir(parents=True, exist_ok=True)
+    with open(directory / "voxlive.flock", "w") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        (directory / "lock").unlink(missing_ok=True)
+        load(name, [str(SOURCE)], extra_cflags=cflags, extra_ldflags=["-fopenmp"], is_python_module=False,
+             build_directory=str(directory))
+
+
 def _load() -> str | None:
     """Loads the best build this CPU runs (``VOXLIVE_CPU_KERNELS``: 0 for none, or a variant's name)."""
     global _variant, _bf16, _amx, _batch_invariant
@@ -87,13 +125,7 @@ def _load() -> str | None:
     notice.daemon = True
     notice.start()
     try:
-        from torch.utils.cpp_extension import load
-
-        cflags = BASE_FLAGS + VARIANTS[variant][1]
-        # named by the source and flags: checkouts of other versions on one machine keep their own builds
-        digest = hashlib.sha256(SOURCE.read_bytes() + " ".join(cflags).encode()).hexdigest()[:12]
-        load(f"voxlive_cpu_kernels_{variant}_{digest}", [str(SOURCE)], extra_cflags=cflags,
-             extra_ldflags=["-fopenmp"], is_python_module=False)
+        _build(build_name(variant), BASE_FLAGS + VARIANTS[variant][1])
     except Exception as err:  # no ninja, a failed build: the stock kernels do the work
         # The compiler's first error, not the whole command line it ran.
         lines = [line.strip() for line in str(err).splitlines() if line.strip()] or [type(err).__name__]
