@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 import voxlive
+from voxlive.backends.pool import KEY_BLOCK
 from voxlive.drafts import Adaptive, Bigrams, Drafting, Fallback, Fixed, Oracle, PadRuns
 from voxlive.session import decode_available, decode_step, encode_and_prefill
 
@@ -120,11 +121,13 @@ def test_batched_streams_each_with_its_own_drafts_give_their_stepwise_tokens(mod
 
 
 def _window(rt, state):
-    """The decoder pool's keys and values of the positions in the stream's window, by position."""
+    """The decoder pool's keys and values of the positions in the stream's window, by position:
+    [layers, kv_heads, positions, head_dim] (the pool keeps index i in block i // KEY_BLOCK)."""
     pool = rt.decoder_pool
     length, start = pool.length(state.decoder_slot), int(pool._start[state.decoder_slot])
-    at = [(p - start) % pool.capacity for p in range(max(start, length - pool.window), length)]
-    return [b[:, state.decoder_slot][:, :, at].float().numpy() for b in (pool.k, pool.v)]
+    at = np.array([(p - start) % pool.capacity for p in range(max(start, length - pool.window), length)])
+    return [b[:, state.decoder_slot][:, at // KEY_BLOCK, :, at % KEY_BLOCK].permute(1, 2, 0, 3).float().numpy()
+            for b in (pool.k, pool.v)]
 
 
 @pytest.mark.parametrize("rejected", [1, 4, 8])
@@ -174,8 +177,7 @@ def test_the_server_engine_drafts(model, audio, stepwise):
     finally:
         engine.stop()
     assert transcript.tokens == stepwise[480]
-    assert session.stream.drafts_accepted > 0
-    assert engine.steps < len(transcript.tokens)
+    assert engine.steps < len(transcript.tokens)  # some steps accepted drafts (the stream itself is freed by now)
 
 
 def test_drafts_off_feed_one_token_per_step(varied_dir, speech):
