@@ -48,3 +48,11 @@ def speech(tmp_path_factory):
     """About 4 s of speech: longer than the tiny encoder window (24 frames = 0.48 s) and decoder window."""
     return speak("The quick brown fox jumps over the lazy dog. Streaming speech to text.",
                  tmp_path_factory.mktemp("speech") / "speech.wav")
+
+
+@pytest.fixture(scope="session")
+def dialogue(tmp_path_factory):
+    """espeak-ng phrases with silences of known lengths, and the turns they make (tests/dialogue.py)."""
+    from dialogue import build
+
+    return build(tmp_path_factory.mktemp("dialogue"))

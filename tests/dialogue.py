@@ -3,6 +3,8 @@ and trailing silence cut off) separated by silences of known lengths (test helpe
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import numpy as np
 
 RATE = 16000
@@ -41,3 +43,18 @@ def build(tmp) -> tuple[np.ndarray, list[tuple[float, float]]]:
 
 def as_float(pcm16: np.ndarray) -> np.ndarray:
     return pcm16.astype(np.float32) / 32768.0
+
+
+@contextmanager
+def agent_server(varied_dir, key: str):
+    """The real server under uvicorn (the tiny model in float32) with an API key, for the voice-agent
+    protocol tests."""
+    from serving import running
+
+    import voxlive
+    from voxlive.server import Engine, create_app
+
+    model = voxlive.load(varied_dir, dtype="float32", device="cpu")
+    app = create_app(Engine(model, max_sessions=8), model_id="tiny", api_key=key)
+    with running(app, ws_max_size=512 * 1024) as host:
+        yield host

@@ -9,12 +9,9 @@ import math
 
 import pytest
 import websockets
-from dialogue import RATE, as_float, build
-from serving import running
+from dialogue import RATE, agent_server, as_float
 
-import voxlive
 from voxlive.pcm import PcmDecoder
-from voxlive.server import Engine, create_app
 from voxlive.server.deepgram import DeepgramConnection
 
 deepgram = pytest.importorskip("deepgram")
@@ -28,15 +25,8 @@ TOKEN = 0.08
 
 
 @pytest.fixture(scope="module")
-def dialogue(tmp_path_factory):
-    return build(tmp_path_factory.mktemp("dialogue"))
-
-
-@pytest.fixture(scope="module")
 def server(varied_dir):
-    model = voxlive.load(varied_dir, dtype="float32", device="cpu")
-    app = create_app(Engine(model, max_sessions=8), model_id="tiny", api_key=KEY)
-    with running(app, ws_max_size=512 * 1024) as host:
+    with agent_server(varied_dir, KEY) as host:
         yield host
 
 
