@@ -41,16 +41,7 @@ _RENAMES = [
     (r"layers\.(\d+)\.(.+)", r"decoder.layers.\1.\2"),
     (r"norm\.weight", r"decoder.norm.weight"),
 ]
-_COMPILED = [(re.compile(f"^{p}$"), r) for p, r in _RENAMES]
-
-
-def module_name(name: str) -> str:
-    """mlx-audio's name of a native tensor."""
-    for pattern, replacement in _COMPILED:
-        new, n = pattern.subn(replacement, name)
-        if n:
-            return new
-    raise KeyError(f"no mlx-audio name for native tensor {name!r}")
+module_name = mlx_packed.Renames(_RENAMES, "mlx-audio")  # mlx-audio's name of a native tensor
 
 
 def recognizes(directory: Path) -> bool:

@@ -12,6 +12,7 @@ between versions.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Callable
 
@@ -25,6 +26,22 @@ WEIGHTS_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 GROUP_SIZES = (32, 64, 128)
 BITS = (2, 3, 4, 5, 6, 8)
+
+
+class Renames:
+    """A converter's names of the native tensors: (native name pattern, replacement) rules, the first
+    match wins. Calling it renames one tensor."""
+
+    def __init__(self, rules: list[tuple[str, str]], layout: str):
+        self.rules = [(re.compile(f"^{pattern}$"), replacement) for pattern, replacement in rules]
+        self.layout = layout
+
+    def __call__(self, name: str) -> str:
+        for pattern, replacement in self.rules:
+            new, n = pattern.subn(replacement, name)
+            if n:
+                return new
+        raise KeyError(f"no {self.layout} name for native tensor {name!r}")
 
 
 def is_candidate(directory: Path) -> bool:

@@ -54,16 +54,7 @@ _RENAMES = [
     (r"layers\.(\d+)\.ada_rms_norm_t_cond\.2\.weight", r"language_model.layers.\1.ada_norm.linear_out.weight"),
     (r"norm\.weight", r"language_model.norm.weight"),
 ]
-_COMPILED = [(re.compile(f"^{p}$"), r) for p, r in _RENAMES]
-
-
-def converted_name(name: str) -> str:
-    """The converted layout's name of a native tensor."""
-    for pattern, replacement in _COMPILED:
-        new, n = pattern.subn(replacement, name)
-        if n:
-            return new
-    raise KeyError(f"no converted name for native tensor {name!r}")
+converted_name = mlx_packed.Renames(_RENAMES, "converted")  # the converted layout's name of a native tensor
 
 
 def quantizable(name: str, shape: tuple[int, ...], group_size: int) -> bool:
