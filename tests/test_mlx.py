@@ -24,7 +24,7 @@ import voxlive
 from voxlive import layouts
 from voxlive.checkpoint import CheckpointError, SafetensorsFile
 from voxlive.config import ConfigError
-from voxlive.session import Stream, decode_available
+from voxlive.session import Stream
 from voxlive.testing import write_random_checkpoint
 from voxlive_bench.reference import offline_padded_audio
 

@@ -19,10 +19,10 @@ import sys
 
 def encoder(argv):
     sys.argv = ["encoder", *argv]
-    import time, statistics, numpy as np, torch, torch.nn.functional as F
+    import time, statistics, torch, torch.nn.functional as F
     from voxlive.config import parse_config
     from voxlive.testing import make_params
-    from voxlive.backends.torch import encoder as E, layers
+    from voxlive.backends.torch import encoder as E
     from voxlive.backends.torch.quant import Bf16Weight
 
     N_LAYERS = int(sys.argv[1]) if len(sys.argv) > 1 else 8
@@ -57,7 +57,6 @@ def encoder(argv):
         return F.gelu(F.conv1d(x[None], w2, b2, stride=2))[0].transpose(0, 1)
 
     from voxlive.backends.torch import cpu_kernels as ck
-    from voxlive.backends.torch.pool import KVPool
     clock = time.process_time if os.environ.get("NT", "1") == "1" else time.perf_counter
     def run(enc, is_old, mel, chunk_frames):
         ck._batch_invariant = not is_old
@@ -90,7 +89,7 @@ def rows(argv):
     sys.argv = ["rows", *argv]
     import time, statistics, torch, torch.nn.functional as F
     from voxlive.backends.torch import cpu_kernels as ck
-    from voxlive.backends.torch.quant import quantize, QUANTIZED, Bf16Weight
+    from voxlive.backends.torch.quant import quantize
     nt = int(os.environ.get("NT", "1")); torch.set_num_threads(nt)
     clock = time.process_time if nt == 1 else time.perf_counter
     assert ck.available()
@@ -100,8 +99,6 @@ def rows(argv):
     wb = w.bfloat16()
     tiles = ck.bf16_tiles(wb)
     p8, p4 = quantize(w, "int8"), quantize(w, "int4")
-    cpu = torch.device("cpu")
-    q8 = QUANTIZED["int8"].from_stored(p8, torch.bfloat16, cpu); q4 = QUANTIZED["int4"].from_stored(p4, torch.bfloat16, cpu)
     s8 = p8["scale"].bfloat16()
     vals = torch.stack((p4["q"] >> 4, p4["q"] & 15), dim=-1).view(N, K).to(torch.int32)
     a4 = torch.ops.aten._convert_weight_to_int4pack_for_cpu(vals, 1)
