@@ -275,17 +275,6 @@ def test_drafted_tokens_right_or_wrong_give_the_offline_tokens(model, speech, mo
     assert max(fed) == 5  # the last token and 4 drafts in one step
 
 
-def test_pad_penalty_picks_the_best_other_token_where_the_pad_wins_by_less(model):
-    from voxlive.backends.runtime import Decoded
-
-    pad = model.tokenizer.streaming_pad
-    d = Decoded(tokens=[pad, pad, 1234], pad_margins=[3.5, 9.0, -1.0], best_other=[1500, 1600, 1234])
-    s = model.stream()
-    assert [s.choose(d, i) for i in range(3)] == [pad, pad, 1234]  # no penalty: greedy
-    s.pad_penalty = 7.0  # breaks a rut's margin (+3.5), not true silence's (+9)
-    assert [s.choose(d, i) for i in range(3)] == [1500, pad, 1234]
-
-
 def _resident(t) -> int:
     """Bytes of a CPU tensor's memory that are resident (present bits of /proc/self/pagemap)."""
     page = 4096

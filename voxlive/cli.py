@@ -47,6 +47,36 @@ def _model_args(p: argparse.ArgumentParser) -> None:
                    help="decode one token per decoder pass (default: guess pad runs and repeats, verify them in one pass)")
 
 
+def _rut_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("blank ruts", "a penalty on [STREAMING_PAD]'s logit once a run of pads is long "
+                                           "(vLLM PR #47615's calibration; see the README)")
+    g.add_argument("--rut-after", type=int, default=200, metavar="N", help="pads in a run before the penalty (200)")
+    g.add_argument("--rut-speech-after", default="50", metavar="N|off",
+                   help="pads over VAD speech before the penalty (50 = 4 s; off: no VAD)")
+    g.add_argument("--rut-slope", type=float, default=0.5, help="penalty per pad past the threshold (0.5)")
+    g.add_argument("--rut-cap", type=float, default=7.0, help="the largest penalty (7.0; true silence is +8.5)")
+    g.add_argument("--no-rut-penalty", action="store_true", help="pure greedy decoding: no blank-rut penalty")
+
+
+def _rut_policy(a):
+    """The blank-rut policy the flags ask for (None: off); a UsageError for bad values."""
+    from .rut import RutPolicy
+
+    if a.no_rut_penalty:
+        return None
+    speech = a.rut_speech_after
+    if speech.lower() == "off":
+        speech = None
+    elif speech.isdigit():
+        speech = int(speech)
+    else:
+        raise UsageError(f"--rut-speech-after must be a count of positions or off, got {speech!r}")
+    try:
+        return RutPolicy(after=a.rut_after, speech_after=speech, slope=a.rut_slope, cap=a.rut_cap).check()
+    except ValueError as e:
+        raise UsageError(f"--rut-*: {e}") from None
+
+
 def _check_model_args(a) -> None:
     """The model options, checked against the backend without opening any checkpoint."""
     from .config import check_delay_ms
@@ -142,6 +172,7 @@ def cmd_transcribe(a) -> int:
     if several and a.format in ("srt", "vtt") and not a.output_dir:
         raise UsageError(f"several files in {a.format} need --output-dir (one subtitle file each)")
     _check_model_args(a)
+    rut = _rut_policy(a)
     targets = _output_paths(a.files, Path(a.output_dir), a.format) if a.output_dir else {}
     if targets:
         _make_output_dir(a.output_dir)
@@ -149,12 +180,15 @@ def cmd_transcribe(a) -> int:
     failed = 0
     for f in a.files:
         try:
-            transcript = model.transcribe(f, delay_ms=a.delay_ms,
+            transcript = model.transcribe(f, delay_ms=a.delay_ms, rut=rut,
                                           progress=None if a.quiet else _progress_bar(Path(f).name))
         except AudioError as e:
             print(f"voxlive: {e}", file=sys.stderr)
             failed += 1
             continue
+        if transcript.ruts and not a.quiet:
+            _status(f"{f}: {len(transcript.ruts)} blank rut(s) broken, at " +
+                    ", ".join(f"{r.start:.1f}-{r.end:.1f} s" for r in transcript.ruts[:5]))
         if targets:
             targets[f].write_text(transcript.format(a.format), encoding="utf-8")
             if not a.quiet:
@@ -215,14 +249,17 @@ def cmd_serve(a) -> int:
     from .server import serve
 
     for flag, value, least in (("--max-sessions", a.max_sessions, 1), ("--max-message-kb", a.max_message_kb, 1),
-                               ("--max-upload-mb", a.max_upload_mb, 0.001)):
-        if value < least:
+                               ("--max-upload-mb", a.max_upload_mb, 0.001), ("--idle-timeout", a.idle_timeout, 0),
+                               ("--send-timeout", a.send_timeout, 0)):
+        if not value >= least:
             raise UsageError(f"{flag} must be at least {least}, got {value}")
     _check_model_args(a)
+    rut = _rut_policy(a)
     sock = _listening_socket(a.host, a.port)
     model = _load(a)
     serve(model, model_id=a.model or DEFAULT_MODEL, sock=sock, max_sessions=a.max_sessions, api_key=a.api_key,
-          delay_ms=a.delay_ms, max_message_bytes=a.max_message_kb * 1024, max_upload_mb=a.max_upload_mb)
+          delay_ms=a.delay_ms, max_message_bytes=a.max_message_kb * 1024, max_upload_mb=a.max_upload_mb,
+          idle_timeout=a.idle_timeout or None, send_timeout=a.send_timeout or None, rut=rut)
     return 0
 
 
@@ -345,6 +382,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "'file' field, srt and vtt need --output-dir")
     t.add_argument("--output-dir", help="write <name>.<txt|json|srt|vtt> per file here instead of stdout")
     t.add_argument("--quiet", action="store_true", help="no progress bar or status lines")
+    _rut_args(t)
     t.set_defaults(run=cmd_transcribe)
 
     m = sub.add_parser("listen", help="transcribe the microphone live")
@@ -362,6 +400,12 @@ def build_parser() -> argparse.ArgumentParser:
                                      "page and /health")
     v.add_argument("--max-message-kb", type=int, default=4096, help="largest WebSocket message accepted")
     v.add_argument("--max-upload-mb", type=float, default=200.0, help="largest file accepted by the upload route")
+    v.add_argument("--idle-timeout", type=float, default=7200.0, metavar="SECONDS",
+                   help="close a WebSocket that sends nothing this long (1001; default 7200; 0: never)")
+    v.add_argument("--send-timeout", type=float, default=60.0, metavar="SECONDS",
+                   help="close a WebSocket that reads nothing this long while a message waits (1008; default 60; "
+                        "0: never)")
+    _rut_args(v)
     v.set_defaults(run=cmd_serve)
 
     b = sub.add_parser("bench", help="measure speed: load, encoder, decoder step, RTF, peak RSS")

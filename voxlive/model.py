@@ -13,12 +13,14 @@ import numpy as np
 from .audio import SAMPLE_RATE, load_audio
 from .checkpoint import CheckpointError, open_checkpoint
 from .drafts import Drafting
+from .rut import DEFAULT_POLICY, RutPolicy
 from .session import Stream
 from .tokens import Tokenizer
 from .transcript import Transcript
 
 BACKENDS = ("auto", "torch", "mlx")
 QUANTIZE = (None, "int8", "int4", "int6")
+SPEECH = ("vad", "fed", "none")
 
 
 class Model:
@@ -29,22 +31,39 @@ class Model:
         self.config = runtime.config
         self.source = source
         self._fresh_streams: dict[int, Stream] = {}  # delay in tokens -> a new stream to fork
+        self._vad = None  # the SileroVad streams share, loaded by the first that needs it
 
-    def stream(self, *, delay_ms: int | None = None, drafts: bool | None = None) -> Stream:
+    def stream(self, *, delay_ms: int | None = None, drafts: bool | None = None,
+               rut: RutPolicy | None = DEFAULT_POLICY, speech: str = "vad") -> Stream:
         """A live stream: ``feed(pcm)`` float32 16 kHz mono chunks of any size, then ``finish()``.
 
         Streams start as a fork of one fresh stream per delay, whose silent left pad (2.56 s) is
         encoded and decoded once per model instead of once per stream. ``drafts`` (default: the
         model's ``load`` option): where several positions' audio is in, guess their tokens and verify
-        the guesses in one decoder pass (the same tokens, fewer passes).
+        the guesses in one decoder pass (the same tokens, fewer passes). ``rut``: the blank-rut
+        penalty (``voxlive.rut``; None: pure greedy decoding). ``speech``, for its speech threshold:
+        "vad" runs Silero VAD on the audio the stream is fed, "fed" takes its probabilities from
+        ``Stream.add_speech`` (a server computes them off its engine thread), "none" goes without.
         """
+        if speech not in SPEECH:
+            raise ValueError(f"speech must be one of {SPEECH}, got {speech!r}")
         delay = self.config.delay_tokens(delay_ms)
         if delay not in self._fresh_streams:
             self._fresh_streams[delay] = Stream(self.runtime, self.tokenizer, self.config, delay_ms=delay_ms)
         stream = self._fresh_streams[delay].fork()
         if self.drafts if drafts is None else drafts:
             stream.use_drafting(Drafting.default(self.tokenizer.streaming_pad))
+        vad = self.vad().stream() if speech == "vad" and rut is not None and rut.speech_after is not None else None
+        stream.use_rut(rut, vad=vad, speech=speech == "fed")
         return stream
+
+    def vad(self):
+        """The Silero VAD this model's streams share (loaded on first use)."""
+        if self._vad is None:
+            from .vad import SileroVad
+
+            self._vad = SileroVad()
+        return self._vad
 
     @property
     def backend(self) -> str:
@@ -60,15 +79,17 @@ class Model:
         return ", ".join(parts)
 
     def transcribe(self, audio, *, delay_ms: int | None = None, chunk_seconds: float = 30.0,
-                   progress: Callable[[float, float], None] | None = None, drafts: bool | None = None) -> Transcript:
+                   progress: Callable[[float, float], None] | None = None, drafts: bool | None = None,
+                   rut: RutPolicy | None = DEFAULT_POLICY) -> Transcript:
         """Transcribe a whole file (path, encoded bytes, or float32 16 kHz mono array).
 
         This is the streaming algorithm fed ``chunk_seconds`` at a time (the encoder runs on each
         whole chunk at once), so its tokens are those of any live stream of the same audio.
-        ``progress(done_seconds, total_seconds)`` is called after each chunk; ``drafts`` as in ``stream``.
+        ``progress(done_seconds, total_seconds)`` is called after each chunk; ``drafts`` and ``rut``
+        as in ``stream``.
         """
         pcm = load_audio(audio)
-        stream = self.stream(delay_ms=delay_ms, drafts=drafts)
+        stream = self.stream(delay_ms=delay_ms, drafts=drafts, rut=rut)
         step = max(1, int(chunk_seconds * SAMPLE_RATE))
         total = len(pcm) / SAMPLE_RATE
         for start in range(0, len(pcm), step):

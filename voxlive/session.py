@@ -14,9 +14,11 @@ A decode step feeds each ready stream its last token and, when something propose
 the drafted tokens of the following positions:
 the runtime returns the greedy token of every fed position, the stream accepts the drafts up to
 the first that differs from what the model chose and rewinds the rest, so tokens never depend on
-the drafts. The token chosen at a position is the greedy one, unless ``pad_penalty`` is set: then
-``[STREAMING_PAD]`` loses to the best other token where its logit margin is below the penalty (a
-pad-logit penalty, applied from the margins the runtime returns, without re-running anything).
+the drafts. The token chosen at a position is the greedy one, except in a blank rut (``voxlive.rut``,
+``use_rut``): past a long run of pads, ``[STREAMING_PAD]`` loses to the best other token where its
+logit margin is below the run's penalty (applied from the margins the runtime returns, without
+re-running anything). Drafts compose with it: a drafted position is kept only if it equals that
+choice, and the run (hence the penalty) of each position counts the positions accepted before it.
 Prompt positions are multi-token feeds too, batched across streams (``prefill_prompts``).
 """
 
@@ -30,6 +32,7 @@ import numpy as np
 from .config import ModelConfig
 from .drafts import Drafting
 from .mel import MelStream
+from .rut import Rut, RutGuard, RutPolicy, SpeechTrack
 from .tokens import Tokenizer
 from .transcript import Transcript, Word
 from .words import WordAssembler
@@ -62,7 +65,8 @@ class Stream:
         self._text = bytearray()  # the text tokens' bytes so far: the transcript is never re-decoded
         self.samples = 0  # input samples received
         self.finished = False  # end_audio() called: no more audio
-        self.pad_penalty = 0.0  # subtracted from [STREAMING_PAD]'s logit margin before the choice
+        self.rut: RutGuard | None = None  # the blank-rut penalty (None: greedy everywhere)
+        self.vad = None  # a VadStream run on pushed audio for the rut's speech threshold (None: not here)
         self.last_step: Decoded | None = None  # what the last decode step returned for this stream
         self._drafts: list[int] = []  # proposed tokens for the positions after the next one
         self.drafting: Drafting | None = None  # guesses drafts when none are proposed (None: off)
@@ -90,6 +94,8 @@ class Stream:
         new._text = bytearray(self._text)
         new.drafting = copy.deepcopy(self.drafting)
         new._words = self._words.copy()
+        new.rut = self.rut.copy() if self.rut is not None else None
+        new.vad = self.vad.copy() if self.vad is not None else None
         new._new_words = list(self._new_words)
         return new
 
@@ -112,6 +118,8 @@ class Stream:
         if not np.isfinite(pcm).all():
             raise ValueError("PCM contains NaN or infinity")
         self.samples += pcm.shape[0]
+        if self.vad is not None:
+            self.add_speech(self.vad.push(pcm))
         self._push_samples(pcm)
 
     def _push_samples(self, pcm: np.ndarray) -> None:
@@ -174,6 +182,34 @@ class Stream:
             for token in self.tokens:
                 drafting.observe(token)
 
+    def use_rut(self, policy: RutPolicy | None, *, vad=None, speech: bool = False) -> None:
+        """Break blank ruts with ``policy`` from the next position on (None: pure greedy).
+
+        Its speech threshold needs VAD probabilities of the input: ``vad`` (a ``VadStream``) is run
+        on every pushed chunk; ``speech=True`` instead expects them through ``add_speech`` (a server
+        computes them beside its event loop, off the engine thread). Neither: the plain threshold only.
+        """
+        self.vad = vad
+        if policy is None:
+            self.rut = None
+            return
+        policy.check()
+        track = None
+        if (vad is not None or speech) and policy.speech_after is not None:
+            track = SpeechTrack(self._per_token, policy.speech_threshold)
+        self.rut = RutGuard(policy, pad=self.tokenizer.streaming_pad, offset=self._words.offset,
+                            seconds_per_token=self.config.audio.ms_per_token / 1000, speech=track)
+
+    def add_speech(self, probs) -> None:
+        """VAD speech probabilities of the next 32 ms frames of the input (``voxlive.vad``'s frames)."""
+        if self.rut is not None and self.rut.speech is not None:
+            self.rut.speech.add(probs)
+
+    @property
+    def pad_penalty(self) -> float:
+        """What ``[STREAMING_PAD]``'s logit loses at the next position (0 outside a long pad run)."""
+        return self.rut.penalty() if self.rut is not None else 0.0
+
     def _step_feed(self) -> list[int]:
         room = max(0, min(self.encoded - self.decoded - 1, self.runtime.max_draft))
         self._drafted = 0
@@ -183,7 +219,8 @@ class Stream:
         return [self.tokens[-1]] + self._drafts[:room]
 
     def choose(self, decoded: Decoded, i: int) -> int:
-        """The token of fed position i: greedy, or the best other where a pad wins by less than the penalty."""
+        """The token of fed position i: greedy, or the best other where a pad wins by less than the
+        penalty (that of the position after those accepted so far)."""
         token = decoded.tokens[i]
         if token == self.tokenizer.streaming_pad and decoded.pad_margins[i] < self.pad_penalty:
             return decoded.best_other[i]
@@ -195,7 +232,7 @@ class Stream:
         accepted = 0
         while accepted < len(feed):
             token = self.choose(decoded, accepted)
-            self._accept(token, self.decoded + accepted)
+            self._accept(token, self.decoded + accepted, broke=token != decoded.tokens[accepted])
             accepted += 1
             if accepted == len(feed) or feed[accepted] != token:
                 break
@@ -208,7 +245,9 @@ class Stream:
         self._drafts = self._drafts[len(feed) - 1:] if accepted == len(feed) else []
         self.decoded += accepted
 
-    def _accept(self, token: int, position: int) -> None:
+    def _accept(self, token: int, position: int, *, broke: bool = False) -> None:
+        if self.rut is not None:
+            self.rut.accepted(token, position, broke=broke)
         self.tokens.append(token)
         self._text += self.tokenizer.token_bytes(token)
         if self.drafting is not None:
@@ -219,6 +258,15 @@ class Stream:
     def partial_word(self) -> str:
         """The text of the word being spoken: tokens emitted since the last word boundary."""
         return self._words.partial
+
+    @property
+    def ruts(self) -> int:
+        """Blank ruts the penalty has broken so far."""
+        return self.rut.count if self.rut is not None else 0
+
+    def take_ruts(self) -> list[Rut]:
+        """The ruts broken since the last call (``voxlive.rut.Rut``)."""
+        return self.rut.take() if self.rut is not None else []
 
     def take_words(self) -> list[Word]:
         words, self._new_words = self._new_words, []
@@ -255,7 +303,8 @@ class Stream:
     def transcript(self) -> Transcript:
         # The first word's token carries the space before it; the text starts at the first word.
         return Transcript(text=self._text.decode("utf-8", errors="replace").strip(), words=list(self._words.words),
-                          tokens=list(self.tokens), duration=self.duration, delay_ms=self.delay_ms)
+                          tokens=list(self.tokens), duration=self.duration, delay_ms=self.delay_ms,
+                          ruts=list(self.rut.broken) if self.rut is not None else [])
 
 
 def encode_pending(streams: list[Stream]) -> None:
@@ -279,7 +328,8 @@ def prefill_prompts(streams: list[Stream]) -> None:
             s.decoded += len(feed)
             if done:
                 s.last_step = decoded
-                s._accept(s.choose(decoded, 0), s.decoded - 1)
+                token = s.choose(decoded, 0)
+                s._accept(token, s.decoded - 1, broke=token != decoded.tokens[0])
 
 
 def decode_step(streams: list[Stream]) -> list[Stream]:

@@ -26,14 +26,18 @@ class Transcript:
     tokens: list[int] = field(default_factory=list)  # every generated id, specials included
     duration: float = 0.0  # seconds of input audio
     delay_ms: int = 0
+    ruts: list = field(default_factory=list)  # voxlive.rut.Rut: the blank ruts the pad penalty broke
 
     def to_dict(self) -> dict:
-        return {
+        out = {
             "text": self.text,
             "duration": round(self.duration, 3),
             "delay_ms": self.delay_ms,
             "words": [w.to_dict() for w in self.words],
         }
+        if self.ruts:
+            out["blank_ruts"] = [r.to_dict() for r in self.ruts]
+        return out
 
     def format(self, fmt: str) -> str:
         if fmt == "text":

@@ -85,6 +85,13 @@ class VadStream:
         self._pending = np.zeros(0, dtype=np.float32)
         self.frames = 0  # frames computed so far
 
+    def copy(self) -> VadStream:
+        """An independent copy (a forked stream's) sharing the weights: push replaces the arrays
+        it keeps, never writes them in place."""
+        new = VadStream.__new__(VadStream)
+        new.__dict__.update(self.__dict__)
+        return new
+
     def push(self, pcm: np.ndarray) -> np.ndarray:
         pcm = np.asarray(pcm, dtype=np.float32)
         buf = np.concatenate((self._tail, self._pending, pcm))

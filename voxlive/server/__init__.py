@@ -5,6 +5,7 @@ from __future__ import annotations
 import socket
 import sys
 
+from ..rut import DEFAULT_POLICY
 from .app import create_app
 from .engine import Engine
 from .logs import redact_keys_in_uvicorn_logs
@@ -21,11 +22,12 @@ def serve(model, *, model_id: str | None = None, host: str = "127.0.0.1", port: 
           delay_ms: int | None = None, max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
           max_upload_mb: float = 200.0, max_upload_seconds: float | None = 4 * 3600.0,
           idle_timeout: float | None = 7200.0, send_timeout: float | None = 60.0,
-          log_level: str = "info") -> None:
+          rut=DEFAULT_POLICY, log_level: str = "info") -> None:
     """Serve ``model`` until interrupted (uvicorn in this process, one engine thread).
 
     ``sock``: an already bound socket (the CLI binds it before loading the model, so a busy port
-    is reported at once); ``host`` and ``port`` are then its own.
+    is reported at once); ``host`` and ``port`` are then its own. ``rut``: the sessions' default
+    blank-rut policy (``voxlive.RutPolicy``; None: off), which a connection may change in its query.
     """
     import uvicorn
 
@@ -34,7 +36,7 @@ def serve(model, *, model_id: str | None = None, host: str = "127.0.0.1", port: 
     engine = Engine(model, max_sessions=max_sessions)
     model_id = model_id or model.source
     app = create_app(engine, model_id=model_id, api_key=api_key, delay_ms=delay_ms, max_upload_mb=max_upload_mb,
-                     max_upload_seconds=max_upload_seconds, idle_timeout=idle_timeout, send_timeout=send_timeout)
+                     max_upload_seconds=max_upload_seconds, idle_timeout=idle_timeout, send_timeout=send_timeout, rut=rut)
     config = uvicorn.Config(app, host=host, port=port, ws_max_size=max_message_bytes, log_level=log_level,
                             **WEBSOCKET_OPTIONS)
     redact_keys_in_uvicorn_logs(api_key)  # after uvicorn.Config, which configures its logging

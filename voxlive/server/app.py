@@ -14,6 +14,7 @@ from starlette.datastructures import UploadFile
 from starlette.formparsers import MultiPartParser
 
 from ..audio import AudioError, load_audio
+from ..rut import DEFAULT_POLICY, RutPolicy
 from ..transcript import Word, cues, subtitles
 from .engine import Engine, EngineBusy
 from .deepgram import deepgram_endpoint
@@ -39,7 +40,8 @@ class ApiError(Exception):
 
 def create_app(engine: Engine, *, model_id: str, api_key: str | None = None, delay_ms: int | None = None,
                max_upload_mb: float = 200.0, max_upload_seconds: float | None = 4 * 3600.0,
-               idle_timeout: float | None = 7200.0, send_timeout: float | None = 60.0) -> FastAPI:
+               idle_timeout: float | None = 7200.0, send_timeout: float | None = 60.0,
+               rut: RutPolicy | None = DEFAULT_POLICY) -> FastAPI:
     """The app around a (not yet started) engine; the app's lifespan starts and stops it."""
 
     @asynccontextmanager
@@ -51,7 +53,7 @@ def create_app(engine: Engine, *, model_id: str, api_key: str | None = None, del
     app = FastAPI(title="voxlive", lifespan=lifespan)
     app.state.voxlive = ServerState(engine, model_id, api_key, delay_ms, int(max_upload_mb * 1024 * 1024),
                                     max_upload_seconds=max_upload_seconds, idle_timeout=idle_timeout,
-                                    send_timeout=send_timeout)
+                                    send_timeout=send_timeout, rut=rut.check() if rut is not None else None)
 
     @app.exception_handler(ApiError)
     async def api_error(request: Request, err: ApiError):
@@ -65,7 +67,8 @@ def create_app(engine: Engine, *, model_id: str, api_key: str | None = None, del
 
     @app.get("/health")
     async def health():
-        return {"status": "ok", "model": model_id, "sessions": engine.active, "max_sessions": engine.max_sessions}
+        return {"status": "ok", "model": model_id, "sessions": engine.active, "max_sessions": engine.max_sessions,
+                "blank_ruts": engine.ruts}
 
     @app.get("/v1/models")
     async def models(request: Request):
@@ -182,7 +185,7 @@ async def transcribe_upload(request: Request, state: ServerState) -> Response:
     except AudioError as err:
         raise ApiError(400, f"{file.filename or 'file'}: {err}", param="file") from None
     try:
-        session = state.engine.open(delay_ms=delay_ms)
+        session = state.engine.open(delay_ms=delay_ms, rut=state.rut, vad=state.rut_vad(state.rut))
     except EngineBusy as err:
         raise ApiError(503, str(err), "server_busy", headers={"Retry-After": "5"}) from None
 

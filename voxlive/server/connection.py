@@ -62,6 +62,7 @@ class Connection:
                 await self.close_with_error("invalid or missing API key", "unauthorized", CLOSE_POLICY)
             try:
                 self.delay_ms = self.state.delay_from(self.ws.query_params.get("delay_ms"))
+                self.rut = self.state.rut_from(self.ws.query_params)
             except ValueError as err:
                 await self.close_with_error(str(err), "invalid_parameter", CLOSE_POLICY)
             await self.run()
@@ -81,7 +82,7 @@ class Connection:
 
     async def open(self) -> Session:
         try:
-            session = self.engine.open(delay_ms=self.delay_ms)
+            session = self.engine.open(delay_ms=self.delay_ms, rut=self.rut, vad=self.state.rut_vad(self.rut))
         except EngineBusy as err:
             await self.close_with_error(str(err), "server_busy", CLOSE_TRY_AGAIN)
         self.sessions.append(session)

@@ -15,6 +15,11 @@ the lag figure accumulate until the client's handler takes them), so a slow read
 bytes of text, not a queue of messages. Every update carries ``lag``: seconds of received audio
 not yet transcribed, which is how a client learns that it is not being served in real time.
 
+Blank ruts (``voxlive.rut``): each session's stream breaks them with the session's policy; the
+speech threshold's VAD runs in the session's ``append``, on the client's event loop, and its
+probabilities travel with the audio, so the engine thread never waits on it. Every rut broken is
+in the session's updates (``Update.ruts``) and counted in ``Engine.ruts`` (``/health``).
+
 Locking: ``engine.lock`` guards what both sides touch (inboxes, pending updates, flags). A stream
 is touched only by the engine thread, and model work runs without the lock held.
 """
@@ -29,6 +34,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from ..rut import DEFAULT_POLICY, Rut, RutPolicy
 from ..session import Stream, decode_step, encode_and_prefill
 from ..transcript import Transcript, Word
 from .scheduler import Plan, Policy, SessionView, schedule
@@ -56,11 +62,13 @@ class Update:
     transcript: Transcript | None = None  # set once, on the last update of a finished session
     positions: int = 0  # with the transcript: decoder positions run (prompt included)
     error: str | None = None  # set once, when the engine failed this session
+    ruts: list[Rut] = field(default_factory=list)  # blank ruts broken since the last update
 
     def merge(self, news: Update) -> None:
         self.cuts += news.cuts
         self.tokens += news.tokens
         self.words += news.words
+        self.ruts += news.ruts
         self.partial, self.lag = news.partial, news.lag
         self.transcript = news.transcript or self.transcript
         self.positions = news.positions or self.positions
@@ -92,10 +100,14 @@ class Session:
     """One stream in the engine: the asyncio side (a WebSocket or HTTP handler) feeds audio and
     reads updates; the engine thread reads its ``view``, moves its audio and publishes to it."""
 
-    def __init__(self, engine: Engine, delay_ms: int | None, loop: asyncio.AbstractEventLoop):
+    def __init__(self, engine: Engine, delay_ms: int | None, loop: asyncio.AbstractEventLoop, *,
+                 rut: RutPolicy | None = DEFAULT_POLICY, vad=None):
         self.engine = engine
         self.delay_ms = delay_ms
         self.loop = loop
+        self.rut = rut  # the stream's blank-rut policy (None: pure greedy)
+        self.vad = vad  # a VadStream for the rut's speech threshold, run here in append (None: none)
+        self._speech: list[np.ndarray] = []  # its probabilities not yet handed to the stream
         self.stream: Stream | None = None  # created, and touched, by the engine thread only
         self.received = 0  # samples accepted
         self._published = 0  # stream tokens already handed to the client
@@ -126,7 +138,10 @@ class Session:
             await self._drained.wait()
         if self._done or self._closed:
             raise SessionOver(self._pending.error or "session is over")
+        probs = self.vad.push(pcm) if self.vad is not None and len(pcm) else None
         with self.engine.lock:
+            if probs is not None and len(probs):
+                self._speech.append(probs)
             if len(pcm):
                 self._inbox.append(pcm)
                 self._inbox_samples += len(pcm)
@@ -162,7 +177,7 @@ class Session:
         while True:
             with self.engine.lock:
                 news = self._pending
-                if news.tokens or news.words or news.cuts or news.transcript or news.error \
+                if news.tokens or news.words or news.cuts or news.ruts or news.transcript or news.error \
                         or news.lag != self._last_lag:
                     self._pending = Update(partial=news.partial, lag=news.lag)
                     self._last_lag = news.lag
@@ -211,6 +226,13 @@ class Session:
         self._notify(self._drained)
         return np.concatenate(taken) if len(taken) > 1 else taken[0]
 
+    def take_speech(self) -> np.ndarray | None:
+        """The VAD probabilities computed since the last call (engine lock held)."""
+        if not self._speech:
+            return None
+        probs, self._speech = np.concatenate(self._speech), []
+        return probs
+
     def progress(self, *, complete: bool) -> Update:
         """What the stream has that the client has not seen (engine thread, no lock: the final
         transcript is decoded here, not while every session waits for the lock)."""
@@ -223,7 +245,13 @@ class Session:
             fork.stream.runtime.release(fork.stream.state)  # its KV slots back to the pools now
         if self._forks:  # the main stream's tokens wait until the forks before them are out
             return Update(cuts=cuts, partial=self._pending.partial, lag=lag)
-        news = Update(tokens=st.tokens[self._published:], words=st.take_words(), partial=st.partial_word, cuts=cuts)
+        news = Update(tokens=st.tokens[self._published:], words=st.take_words(), partial=st.partial_word, cuts=cuts,
+                      ruts=st.take_ruts())
+        if news.ruts:
+            self.engine.ruts += len(news.ruts)
+            for rut in news.ruts:
+                log.warning("blank rut broken: %d pads from %.2f s of audio, text again at %.2f s", rut.positions,
+                            rut.start, rut.end)
         self._published = len(st.tokens)
         news.lag = lag
         if complete:
@@ -240,7 +268,7 @@ class Session:
             return
         self._pending.merge(news)
         self._done = news.transcript is not None
-        if news.tokens or news.words or news.cuts or news.transcript or news.lag != self._last_lag:
+        if news.tokens or news.words or news.cuts or news.ruts or news.transcript or news.lag != self._last_lag:
             self._notify(self._changed)
 
     def fail(self, message: str) -> None:
@@ -284,6 +312,7 @@ class Engine:
         self.sessions: list[Session] = []
         self.steps = 0  # batched decode steps run (for metrics and tests)
         self.max_batch = 0  # the largest decode batch seen
+        self.ruts = 0  # blank ruts broken, all sessions together (engine thread)
         self._stop = False
         self._thread = threading.Thread(target=self._run, name="voxlive-engine", daemon=True)
 
@@ -296,10 +325,14 @@ class Engine:
             self.work.notify()
         self._thread.join(timeout=30)
 
-    def open(self, *, delay_ms: int | None = None) -> Session:
-        """A new session on the calling event loop; raises EngineBusy past ``max_sessions``."""
+    def open(self, *, delay_ms: int | None = None, rut: RutPolicy | None = DEFAULT_POLICY, vad=None) -> Session:
+        """A new session on the calling event loop; raises EngineBusy past ``max_sessions``.
+
+        ``rut``: its blank-rut policy; ``vad``: a VadStream for the policy's speech threshold."""
         self.model.config.delay_tokens(delay_ms)  # a bad delay fails here, in the caller's thread
-        session = Session(self, delay_ms, asyncio.get_running_loop())
+        if rut is not None:
+            rut.check()
+        session = Session(self, delay_ms, asyncio.get_running_loop(), rut=rut, vad=vad)
         with self.lock:
             if len(self.sessions) >= self.max_sessions:
                 raise EngineBusy(f"server busy: {self.max_sessions} sessions already running")
@@ -331,7 +364,7 @@ class Engine:
                     s.release()
                 if plan.drop:
                     self.sessions = [s for s in self.sessions if not s._closed]
-                audio = {s: s.take_audio(n) for s, n in plan.ingest.items()}
+                audio = {s: (s.take_audio(n), s.take_speech()) for s, n in plan.ingest.items()}
                 cuts = {s: s._cuts.popleft() for s in plan.fork}
                 sessions = list(self.sessions)
             try:
@@ -350,11 +383,13 @@ class Engine:
                 if plan.complete:
                     self.sessions = [s for s in self.sessions if not s.finished]
 
-    def _execute(self, plan: Plan, audio: dict[Session, np.ndarray], cuts: dict[Session, int]) -> None:
+    def _execute(self, plan: Plan, audio: dict[Session, tuple], cuts: dict[Session, int]) -> None:
         """Run a plan's model work (engine thread, no lock held)."""
         for s in plan.start:
-            s.stream = self.model.stream(delay_ms=s.delay_ms)
-        for s, pcm in audio.items():
+            s.stream = self.model.stream(delay_ms=s.delay_ms, rut=s.rut, speech="fed" if s.vad else "none")
+        for s, (pcm, speech) in audio.items():
+            if speech is not None:
+                s.stream.add_speech(speech)
             s.stream.push(pcm)
         for s, samples in cuts.items():  # the audio up to the cut is in: fork there, pad the fork
             fork = s.stream.fork()

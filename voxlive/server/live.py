@@ -15,20 +15,13 @@ import codecs
 
 from ..pcm import PcmDecoder
 from ..turns import Delta, Segment, Turns, TurnSettings
-from ..vad import SileroVad, VadUnavailable
+from ..vad import VadUnavailable
 from starlette.websockets import WebSocketDisconnect
 
 from .connection import Closed, Connection, log
 from .engine import Session
 
 CLOSE_INTERNAL = 1011
-
-
-def shared_vad(state) -> SileroVad:
-    """The server's one VAD (its weights loaded on first use)."""
-    if state.vad is None:
-        state.vad = SileroVad()
-    return state.vad
 
 
 class LiveConnection(Connection):
@@ -58,7 +51,7 @@ class LiveConnection(Connection):
                                samples_per_token=self.model.config.audio.samples_per_token)
             if self.settings is not None:
                 try:
-                    self.vad_stream = shared_vad(self.state).stream()
+                    self.vad_stream = self.state.shared_vad().stream()
                 except VadUnavailable as err:
                     await self.close_with_error(str(err), "processing_error", CLOSE_INTERNAL)
             self.session = await self.open()

@@ -8,7 +8,9 @@ As in vLLM, ``commit`` without ``final`` starts (or continues) an utterance and 
 ``final: true`` ends it; after ``transcription.done`` the connection can start another. Audio
 appended before the first commit is kept, not dropped. voxlive adds fields that clients ignore:
 ``lag`` (seconds of audio received and not yet transcribed) on deltas, and ``words`` (text,
-start, end) on a delta as soon as they are complete (a delta may then carry words and no text).
+start, end) on a delta as soon as they are complete (a delta may then carry words and no text),
+and ``blank_ruts`` ({start, end, positions}, see ``voxlive.rut``) on the delta after a blank rut
+was broken.
 ``?done_words=true`` also puts every word of the utterance on ``transcription.done``; it is off by
 default because that message would grow with the utterance's length (1.7 MB after 4 h).
 Text deltas are the generated tokens' bytes decoded incrementally, so their concatenation is
@@ -105,10 +107,12 @@ class RealtimeConnection(Connection):
             completion_tokens += len(update.tokens)
             delta = deltas.push(b"".join(tokenizer.token_bytes(t) for t in update.tokens),
                                 final=update.transcript is not None)
-            if delta or update.words:
+            if delta or update.words or update.ruts:
                 event = {"type": "transcription.delta", "delta": delta, "lag": update.lag}
                 if update.words:
                     event["words"] = [w.to_dict() for w in update.words]
+                if update.ruts:
+                    event["blank_ruts"] = [r.to_dict() for r in update.ruts]
                 await self.send(event)
             if update.transcript is not None:
                 self.forget(session)

@@ -7,7 +7,10 @@ in-process with PyAV. An empty frame ends the audio. Each update is a state: ``l
 so far grouped into lines at sentence ends and pauses), ``buffer_transcription`` (the word still
 being spoken), ``remaining_time_transcription`` (the lag: seconds received and not yet
 transcribed) and ``status``. After the last update comes ``{"type": "ready_to_stop"}``. voxlive
-adds ``words`` (text, start, end in seconds) to each line; clients that do not know it ignore it.
+adds ``words`` (text, start, end in seconds) to each line, and ``blank_ruts`` ({start, end,
+positions} per blank rut broken since the last update, see ``voxlive.rut``) to the update that
+follows one; clients that do not know them ignore them. The query's ``rut*`` parameters set the
+connection's rut policy (``ServerState.rut_from``).
 
 ``?mode=full`` (the default) sends the whole state every time. ``?mode=diff`` (as WhisperLiveKit
 defines it) sends ``{"type": "snapshot", "seq": 1, ...state}`` first, then ``{"type": "diff",
@@ -108,8 +111,9 @@ class Updates:
         self.partial, self.lag = "", 0.0
         self.seq = 0
 
-    def message(self, words: list[Word] = (), error: str | None = None) -> str:
-        """The next message after ``words`` (the new ones) and the current partial and lag."""
+    def message(self, words: list[Word] = (), error: str | None = None, ruts=()) -> str:
+        """The next message after ``words`` (the new ones) and the current partial and lag;
+        ``ruts``: the blank ruts broken since the last message (``voxlive.rut.Rut``)."""
         changed = self.lines.add(list(words))
         self.seq += 1
         fields = {
@@ -123,6 +127,8 @@ class Updates:
         }
         if error:
             fields["error"] = error
+        if ruts:
+            fields["blank_ruts"] = [r.to_dict() for r in ruts]
         if self.mode == "diff" and self.seq > 1:
             del fields["lines"]
             head = {"type": "diff", "seq": self.seq, "n_lines": len(self.lines)}
@@ -205,7 +211,7 @@ class WhisperLiveKitConnection(Connection):
                 await self.error(update.error, "processing_error")
                 return
             self.updates.partial, self.updates.lag = update.partial, update.lag
-            await self.send_text(self.updates.message(update.words))
+            await self.send_text(self.updates.message(update.words, ruts=update.ruts))
             if update.transcript is not None:
                 return
 
