@@ -180,3 +180,36 @@ def test_text_deltas_add_up_to_the_text(tok):
         pieces = [d.push(data[i:i + cut]) for i in range(0, len(data), cut)] + [d.push(b"", final=True)]
         assert "".join(pieces) == text.strip()
         assert not pieces[0].startswith(" ")
+
+
+def test_a_word_without_a_boundary_ends_at_max_word_bytes_on_a_character_boundary(tok):
+    from voxlive.words import MAX_WORD_BYTES
+
+    byte = {tok.token_bytes(t): t for t in range(tok.num_special, tok.num_special + 256)}
+    assert len(byte) == 256  # Tekken's first pieces: the single bytes
+    a = _assembler(tok)
+    eacute = [byte[b"\xc3"], byte[b"\xa9"]]  # "é", split across two tokens
+    words, partials = [], []
+    for i, t in enumerate(eacute * 200 + [byte[b"x"]]):  # 401 bytes, no boundary
+        words += a.push(t, 38 + i, limit=1e9)
+        partials.append(a.partial)
+    assert [w.text for w in words] == ["é" * (MAX_WORD_BYTES // 2)]
+    assert words[0].start == 0.0 and words[0].end == round(MAX_WORD_BYTES * STEP, 3)
+    assert partials[0] == "" and partials[1] == "é"  # half a character is not shown
+    rest = "é" * (200 - MAX_WORD_BYTES // 2) + "x"
+    assert a.partial == rest
+    assert [w.text for w in a.flush(1e9)] == [rest] and a.partial == ""
+    assert max(len(p.encode()) for p in partials) < MAX_WORD_BYTES
+
+
+def test_the_word_log_gives_back_every_word_as_stored(tok):
+    from voxlive.words import WordLog
+
+    log = WordLog()
+    words = [Word("héllo", 0.0, 0.08), Word("wörld", 0.16, 1 / 3), Word("日本", 2.0, 2.24)]
+    for w in words:
+        log.append(w)
+    assert list(log) == words and len(log) == 3
+    copy = log.copy()
+    log.append(Word("more", 3.0, 3.08))
+    assert list(copy) == words

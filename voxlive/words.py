@@ -19,17 +19,56 @@ has heard, so streams and offline transcription give the same times.
 
 Word boundaries: a ``[STREAMING_WORD]`` token, whitespace at the start of (or inside) a text
 token's bytes, ``</s>``, and the end of the stream. A word is reported when the next boundary
-arrives, never earlier, so a reported word is final.
+arrives, never earlier, so a reported word is final. A word also ends once it reaches
+``MAX_WORD_BYTES`` at a character's end (no real word is that long; text without spaces, or a
+model that never emits one, would otherwise make a "word" that grows for the whole session), so
+the word in progress, decoded incrementally as its tokens arrive, costs a bounded amount per step.
+
+Memory: the words of a whole session are kept compactly (``WordLog``: their UTF-8 bytes and two
+float64 times each, ~25 bytes a word instead of a few hundred for Python objects), so a stream that
+runs for hours holds its words at about the cost of its text.
 """
 
 from __future__ import annotations
 
+import codecs
 import re
+from array import array
 
 from .tokens import Tokenizer
 from .transcript import Word
 
 _SPACE = re.compile(rb"(\s+)")
+MAX_WORD_BYTES = 256
+
+
+class WordLog:
+    """Words in order, stored compactly; ``list(log)`` gives them as ``Word`` objects."""
+
+    def __init__(self):
+        self._text = bytearray()  # every word's UTF-8 bytes, one after the other
+        self._ends = array("Q")  # where each word's bytes end in _text
+        self._times = array("d")  # start, end of each word
+
+    def copy(self) -> WordLog:
+        new = WordLog()
+        new._text, new._ends, new._times = bytearray(self._text), array("Q", self._ends), array("d", self._times)
+        return new
+
+    def append(self, word: Word) -> None:
+        self._text += word.text.encode("utf-8")
+        self._ends.append(len(self._text))
+        self._times.extend((word.start, word.end))
+
+    def __len__(self) -> int:
+        return len(self._ends)
+
+    def __iter__(self):
+        lo = 0
+        for i, hi in enumerate(self._ends):
+            yield Word(self._text[lo:hi].decode("utf-8"), self._times[2 * i],
+                       self._times[2 * i + 1])
+            lo = hi
 
 
 class WordAssembler:
@@ -37,20 +76,25 @@ class WordAssembler:
         self.tok = tokenizer
         self.offset = left_pad + delay
         self.step = seconds_per_token
-        self._bytes = b""
+        self._bytes = bytearray()  # the word in progress
+        self._utf8 = codecs.getincrementaldecoder("utf-8")(errors="ignore")
+        self._partial = ""  # its text, decoded as its bytes came (an incomplete last character left out)
         self._first = self._last = -1
-        self.words: list[Word] = []
+        self.words = WordLog()
 
     def copy(self) -> WordAssembler:
         new = WordAssembler.__new__(WordAssembler)
         new.__dict__.update(self.__dict__)
-        new.words = list(self.words)
+        new._bytes = bytearray(self._bytes)
+        new._utf8 = codecs.getincrementaldecoder("utf-8")(errors="ignore")
+        new._utf8.setstate(self._utf8.getstate())
+        new.words = self.words.copy()
         return new
 
     @property
     def partial(self) -> str:
         """Text of the word in progress (not yet closed by a boundary)."""
-        return self._bytes.decode("utf-8", errors="ignore")
+        return self._partial
 
     def push(self, token: int, position: int, limit: float) -> list[Word]:
         """Add the token emitted at ``position``; return words completed by it.
@@ -70,7 +114,10 @@ class WordAssembler:
                 if not self._bytes:
                     self._first = position
                 self._bytes += piece
+                self._partial += self._utf8.decode(piece)
                 self._last = position
+                if len(self._bytes) >= MAX_WORD_BYTES and not self._utf8.getstate()[0]:
+                    self._close(done, limit)  # at a character's end: neither part is cut mid-character
         return done
 
     def flush(self, limit: float) -> list[Word]:
@@ -83,7 +130,9 @@ class WordAssembler:
             return
         start, end = self._extent(limit)
         word = Word(self._bytes.decode("utf-8", errors="replace"), start, end)
-        self._bytes = b""
+        self._bytes = bytearray()
+        self._utf8.reset()
+        self._partial = ""
         self.words.append(word)
         done.append(word)
 
