@@ -104,6 +104,10 @@ MISTAKES = {  # arguments after the command -> what the one line must say
     "argparse choice": (["transcribe", "{wav}", "--dtype", "bf16"], "invalid choice: 'bf16'"),
     "serve bad delay": (["serve", "--delay-ms", "100"], "delay_ms must be a multiple of 80"),
     "serve no sessions": (["serve", "--max-sessions", "0"], "--max-sessions must be at least 1"),
+    "serve negative idle timeout": (["serve", "--idle-timeout", "-1"], "--idle-timeout must be at least 0"),
+    "rut speech after a word": (["transcribe", "{wav}", "--rut-speech-after", "soon"],
+                                "--rut-speech-after must be a count of positions or off"),
+    "serve rut cap zero": (["serve", "--rut-cap", "0"], "slope and cap must be positive"),
     "listen device gpu": (["listen", "--device", "gpu"], "'gpu' is the MLX backend's name"),
 }
 
@@ -258,13 +262,14 @@ def test_serve_says_what_it_serves_and_never_logs_the_key(varied_dir, varied_mod
     import time
 
     import httpx
+    from websockets.exceptions import ConnectionClosed
     from websockets.sync.client import connect
 
     key = "s3cret-key-1234"
     wav = tmp_path / "speech.wav"
     sf.write(wav, speech, 16000, subtype="FLOAT")
     proc = subprocess.Popen([sys.executable, "-m", "voxlive", "serve", "--model", str(varied_dir), "--dtype",
-                             "float32", "--port", "0", "--api-key", key, "--delay-ms", "240"],
+                             "float32", "--port", "0", "--api-key", key, "--delay-ms", "240", "--idle-timeout", "2"],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     output: list[str] = []  # everything the server prints, its logs included
     reader = threading.Thread(target=lambda: output.extend(proc.stdout), daemon=True)
@@ -295,6 +300,10 @@ def test_serve_says_what_it_serves_and_never_logs_the_key(varied_dir, varied_mod
         assert httpx.get(f"{base}/v1/models?token=mistyped-{key}").status_code == 401
         with connect(f"ws{base[4:]}/asr?token={key}&delay_ms=240") as ws:
             assert json.loads(ws.recv())["type"] == "config"
+            assert "nothing received for 2 s" in json.loads(ws.recv(timeout=60))["error"]  # --idle-timeout 2
+            with pytest.raises(ConnectionClosed) as closed:
+                ws.recv(timeout=60)
+            assert closed.value.rcvd.code == 1001
         with open(wav, "rb") as f:
             r = httpx.post(f"{base}/v1/audio/transcriptions", files={"file": f},
                            headers={"Authorization": f"Bearer {key}"}, timeout=120)
