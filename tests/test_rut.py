@@ -127,3 +127,15 @@ def test_choose_takes_the_best_other_token_where_the_pad_wins_by_less_than_the_p
         s.rut.accepted(pad, p, broke=False)
     assert s.pad_penalty == 7.0  # 14 pads past the threshold: the cap
     assert [s.choose(d, i) for i in range(3)] == [1500, pad, 1234]  # a rut's +3.5 breaks, silence's +9 not
+
+
+def test_the_speech_track_keeps_only_the_frames_still_to_be_asked_about():
+    from voxlive.rut import SpeechTrack
+
+    track = SpeechTrack(1280, 0.5)
+    probs = np.zeros(31 * 3600, dtype=np.float32)  # an hour of 32 ms frames
+    probs[5] = 0.9  # samples 2560..3072: input token 2 (2560..3840)
+    track.add(probs)
+    assert [track.speech(j) for j in range(4)] == [False, False, True, False]
+    track.forget_before(44_000)  # the stream has accepted the position about token 44,000
+    assert len(track._probs) == 31 * 3600 - 44_000 * 1280 // 512 and not track.speech(44_000)

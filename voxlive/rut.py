@@ -95,12 +95,15 @@ class SpeechTrack:
         """Whether a frame over input token ``token`` is speech (False where no VAD has seen it yet)."""
         if token < 0:
             return False
-        lo = token * self.per_token // FRAME
-        hi = -(-(token + 1) * self.per_token // FRAME)
-        if lo > self._first:  # the frames before are no longer needed: tokens are asked in order
-            self._probs, self._first = self._probs[lo - self._first:], lo
+        lo, hi = token * self.per_token // FRAME, -(-(token + 1) * self.per_token // FRAME)
         window = self._probs[max(0, lo - self._first):max(0, hi - self._first)]
         return bool(window.size and window.max() >= self.threshold)
+
+    def forget_before(self, token: int) -> None:
+        """Drop the frames before input token ``token``: tokens are asked about in order."""
+        lo = max(0, token) * self.per_token // FRAME
+        if lo > self._first:
+            self._probs, self._first = self._probs[lo - self._first:], lo
 
 
 class RutGuard:
@@ -136,6 +139,8 @@ class RutGuard:
 
     def accepted(self, token: int, position: int, *, broke: bool) -> None:
         """The token chosen at ``position``; ``broke``: the penalty chose it over a greedy pad."""
+        if self.speech is not None:
+            self.speech.forget_before(position - self.offset)
         if broke:
             rut = Rut(self._time(self._start), self._time(position), self.run)
             self.broken.append(rut)
