@@ -188,7 +188,10 @@ class Stream:
         Its speech threshold needs VAD probabilities of the input: ``vad`` (a ``VadStream``) is run
         on every pushed chunk; ``speech=True`` instead expects them through ``add_speech`` (a server
         computes them beside its event loop, off the engine thread). Neither: the plain threshold only.
+        Speech is on the clock of the input, so it is chosen before the first audio.
         """
+        if self.samples and (vad is not None or speech):
+            raise RuntimeError("the rut's speech source is set before the stream's first audio")
         self.vad = vad
         if policy is None:
             self.rut = None
