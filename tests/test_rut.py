@@ -116,6 +116,35 @@ def test_drafts_on_and_off_give_the_same_tokens_and_ruts_with_the_penalty_active
     assert with_drafts.tokens == without.tokens and with_drafts.ruts == without.ruts != []
 
 
+class FedTokens:
+    """A runtime that records the token each decoder position was fed, minus rewound ones."""
+
+    def __init__(self, runtime):
+        self.inner, self.fed = runtime, []
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+    def decode(self, states, feeds, *, outputs=None):
+        for feed in feeds:
+            self.fed += feed
+        return self.inner.decode(states, feeds, outputs=outputs)
+
+    def rewind(self, state, n):
+        del self.fed[len(self.fed) - n:]
+        self.inner.rewind(state, n)
+
+
+def test_with_drafts_every_position_is_fed_the_penalised_choice_before_it(demo, long_speech):
+    recorder = FedTokens(forced_pad(demo, RUT, RUT_MARGIN).runtime)
+    s = voxlive.Model(recorder, demo.tokenizer, demo.source).stream(rut=PLAIN, drafts=True)
+    s.feed(long_speech)
+    t = s.finish()
+    assert s.ruts == 1 and s.drafts_accepted > 0
+    first = len(s.prompt) - 1  # the position of tokens[0]; the position after it is fed it
+    assert recorder.fed[:first + 1] == s.prompt and recorder.fed[first + 1:] == t.tokens[:len(recorder.fed) - first - 1]
+
+
 def test_choose_takes_the_best_other_token_where_the_pad_wins_by_less_than_the_penalty(demo):
     from voxlive.backends.runtime import Decoded
 
