@@ -53,6 +53,7 @@ class Connection:
         self.sessions: list[Session] = []
         self.senders: set[asyncio.Task] = set()
         self.stuck = False  # a send timed out: the socket's buffer is full
+        self.rut = self.state.rut  # the blank-rut policy of its sessions (the query's, once read)
 
     async def serve(self) -> None:
         self.main = asyncio.current_task()

@@ -298,7 +298,7 @@ def wants_openai(event: dict) -> bool:
 async def take_over(connection, event: dict) -> None:
     """Serve the rest of a connection that began as vLLM's as an OpenAI transcription session."""
     openai = OpenAIRealtimeConnection(connection.ws, beta=event.get("type") == "transcription_session.update")
-    openai.delay_ms = connection.delay_ms
+    openai.delay_ms, openai.rut = connection.delay_ms, connection.rut
     try:
         await openai.run(first=event)
     finally:
