@@ -37,7 +37,7 @@ READY_SECONDS = 300  # generous: Ray on two shared cores is slow to start and re
 @pytest.fixture(scope="module")
 def cluster(varied_dir):
     port = free_port()
-    replicas.connect(num_cpus=2, port=port)
+    replicas.connect(num_cpus=2, port=port, dashboard=False)
     try:
         serve.run(replicas.application(str(varied_dir), model_id="tiny", max_sessions=MAX_SESSIONS, replicas=2,
                                        load_options={"dtype": "float32", "device": "cpu"}),
@@ -168,8 +168,9 @@ def test_full_replicas_are_passed_over_until_every_one_is_full_then_1013(cluster
 
 
 def test_a_killed_replica_fails_only_its_own_sessions_and_comes_back(cluster, varied_model, speech):
-    """Two streams on each replica; one replica's process is killed mid-stream: its clients get a
-    1011 close with the reason (not a hang), the other replica's streams finish exactly as offline,
+    """Four streams over the two replicas (at least one on each: one replica takes at most three);
+    one replica's process is killed mid-stream: its clients get a 1011 close with the reason (not a
+    hang), the other replica's streams finish exactly as offline,
     a new session right after the kill is served by the live replica, and Ray starts a new replica
     that takes sessions again."""
     expected = varied_model.transcribe(as_sent(speech))
@@ -198,8 +199,9 @@ def test_a_killed_replica_fails_only_its_own_sessions_and_comes_back(cluster, va
         return victim, lost, finished, after, fresh
 
     victim, lost, finished, after, fresh = asyncio.run(run())
-    assert len(lost) == 2 and all(c.code == CLOSE_INTERNAL and c.reason == LOST_REASON for c in lost)
-    assert len(finished) == 2 and all(snapshot_words(last) == words_of(expected) for last in finished)
+    assert lost and all(c.code == CLOSE_INTERNAL and c.reason == LOST_REASON for c in lost)
+    assert finished and all(snapshot_words(last) == words_of(expected) for last in finished)
+    assert len(lost) + len(finished) == 4
     assert after != victim and snapshot_words(fresh) == words_of(expected)
 
     async def served_by() -> str:

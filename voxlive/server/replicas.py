@@ -14,10 +14,12 @@ import time
 
 import ray
 from ray import serve
+from ray.serve import metrics as serve_metrics
 from ray.serve.config import AutoscalingConfig, AutoscalingPolicy, RequestRouterConfig
 
 from .app import create_app
 from .engine import Engine
+from .metrics import resident_bytes
 from .routing import PROXY_CALLBACK, PROXY_CALLBACK_ENV, LeastLoadedRouter, SessionsPolicy
 
 APP_NAME = "voxlive"
@@ -41,12 +43,24 @@ class VoxliveReplica:
         self.engine = Engine(voxlive.load(source, **load_options), max_sessions=max_sessions)
         self.name = serve.get_replica_context().replica_tag
         self.server_options = server_options
+        # Ray's own metrics (its Prometheus export and dashboard), tagged with the replica by Ray:
+        # every replica's load in one place, where /metrics answers for one replica at a time.
+        self.gauges = {name: serve_metrics.Gauge(name, description=text) for name, text in (
+            ("voxlive_sessions", "live sessions"), ("voxlive_lag_seconds", "the worst session's lag"),
+            ("voxlive_decode_batch_size", "streams in the last decode step"),
+            ("voxlive_resident_memory_bytes", "the replica's resident memory"))}
 
     def __serve_build_asgi_app__(self):
         return create_app(self.engine, replica=self.name, **self.server_options)
 
     def record_routing_stats(self) -> dict:
+        """Called by Ray every ROUTING_STATS_SECONDS: the routers' figures, and Ray's gauges."""
         load = self.engine.load()
+        for name, value in (("voxlive_sessions", load.sessions), ("voxlive_lag_seconds", load.lag),
+                            ("voxlive_decode_batch_size", load.batch),
+                            ("voxlive_resident_memory_bytes", resident_bytes())):
+            if value is not None:
+                self.gauges[name].set(value)
         return {"sessions": load.sessions, "max_sessions": load.max_sessions, "lag": load.lag}
 
     def record_autoscaling_stats(self) -> dict:
@@ -91,21 +105,24 @@ def build(args: dict):
     """Serve's application builder, for config files: ``args`` are ``application``'s keyword
     arguments, plus ``model`` (the checkpoint) and the model's load options (``dtype``, ``device``,
     ``quantize``, ``backend``)."""
+    from ..checkpoint import DEFAULT_MODEL
+
     args = dict(args)
     source = args.pop("model", None)
     load_options = {k: args.pop(k) for k in ("backend", "device", "dtype", "quantize", "compile", "drafts")
                     if k in args}
-    return application(source, model_id=args.pop("model_id", source or "voxlive"), load_options=load_options,
+    return application(source, model_id=args.pop("model_id", source or DEFAULT_MODEL), load_options=load_options,
                        **args)
 
 
 def connect(address: str | None = None, *, num_cpus: int | None = None, host: str = "127.0.0.1",
-            port: int = 8000) -> None:
-    """Join the Ray cluster at ``address`` (None: start a local one) and start Serve's proxy on
-    ``host:port``, with the middleware that tells clients of a lost replica."""
+            port: int = 8000, dashboard: bool | None = None) -> None:
+    """Join the Ray cluster at ``address`` (None: start a local one, with Ray's dashboard unless
+    ``dashboard`` is False) and start Serve's proxy on ``host:port``, with the middleware that
+    tells clients of a lost replica."""
     # The job's environment reaches the proxies when this job starts Serve; a cluster where Serve
     # already runs needs the variable set on its nodes (see README).
-    ray.init(address=address, num_cpus=num_cpus, include_dashboard=False, log_to_driver=False,
+    ray.init(address=address, num_cpus=num_cpus, include_dashboard=dashboard, log_to_driver=False,
              runtime_env={"env_vars": {PROXY_CALLBACK_ENV: PROXY_CALLBACK}})
     serve.start(http_options={"host": host, "port": port})
 
@@ -115,11 +132,11 @@ def serve_on_ray(source: str | None, *, address: str | None, host: str, port: in
     on the way out (and a local cluster stopped)."""
     connect(address, host=host, port=port)
     started = time.monotonic()
-    serve.run(application(source, **options), name=APP_NAME, route_prefix="/", blocking=False)
     shown = f"[{host}]" if ":" in host else host
-    print(f"voxlive: {APP_NAME} on Ray Serve at http://{shown}:{port}/ (ready in {time.monotonic() - started:.0f} s); "
-          f"Ctrl-C stops it", file=sys.stderr, flush=True)
     try:
+        serve.run(application(source, **options), name=APP_NAME, route_prefix="/", blocking=False)
+        print(f"voxlive: {APP_NAME} on Ray Serve at http://{shown}:{port}/ (ready in "
+              f"{time.monotonic() - started:.0f} s); Ctrl-C stops it", file=sys.stderr, flush=True)
         while True:
             time.sleep(3600)
     except KeyboardInterrupt:
