@@ -199,7 +199,7 @@ def test_a_killed_replica_fails_only_its_own_sessions_and_comes_back(cluster, va
         return victim, lost, finished, after, fresh
 
     victim, lost, finished, after, fresh = asyncio.run(run())
-    assert lost and all(c.code == CLOSE_INTERNAL and c.reason == LOST_REASON for c in lost)
+    assert lost and all(c is not None and c.code == CLOSE_INTERNAL and c.reason == LOST_REASON for c in lost)
     assert finished and all(snapshot_words(last) == words_of(expected) for last in finished)
     assert len(lost) + len(finished) == 4
     assert after != victim and snapshot_words(fresh) == words_of(expected)
