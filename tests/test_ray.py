@@ -31,19 +31,29 @@ from voxlive.server import replicas  # noqa: E402
 from voxlive.server.routing import CLOSE_INTERNAL, LOST_REASON, desired_replicas, routing_key  # noqa: E402
 
 MAX_SESSIONS = 3
+PUSH_INTERVAL = "RAY_SERVE_REPLICA_AUTOSCALING_METRIC_PUSH_INTERVAL_S"
 READY_SECONDS = 300  # generous: Ray on two shared cores is slow to start and restart
+
+
+def deploy(model_dir, **scaling) -> None:
+    # half a CPU each: a third replica fits in the two CPUs when the autoscaler asks for one
+    serve.run(replicas.application(str(model_dir), model_id="tiny", max_sessions=MAX_SESSIONS, cpus_per_replica=0.5,
+                                   load_options={"dtype": "float32", "device": "cpu"}, **scaling),
+              name=replicas.APP_NAME, route_prefix="/", blocking=False)
 
 
 @pytest.fixture(scope="module")
 def cluster(varied_dir):
     port = free_port()
-    replicas.connect(num_cpus=2, port=port, dashboard=False)
+    # replicas push their autoscaling metrics every second instead of every 10 (the cluster's
+    # processes inherit this process's environment)
+    os.environ[PUSH_INTERVAL] = "1"
     try:
-        serve.run(replicas.application(str(varied_dir), model_id="tiny", max_sessions=MAX_SESSIONS, replicas=2,
-                                       load_options={"dtype": "float32", "device": "cpu"}),
-                  name=replicas.APP_NAME, route_prefix="/", blocking=False)
+        replicas.connect(num_cpus=2, port=port, dashboard=False)
+        deploy(varied_dir, replicas=2)
         yield f"127.0.0.1:{port}"
     finally:
+        os.environ.pop(PUSH_INTERVAL, None)
         serve.shutdown()
         ray.shutdown()
 
@@ -213,3 +223,27 @@ def test_a_killed_replica_fails_only_its_own_sessions_and_comes_back(cluster, va
     while asyncio.run(served_by()) in (after, victim):  # until the new replica takes sessions
         assert time.monotonic() < deadline, "no new replica took the killed one's place"
         time.sleep(1)
+
+
+def test_the_autoscaler_adds_a_replica_for_live_sessions(cluster, varied_dir):
+    """Autoscaled between 2 and 3 replicas at one session each: four live sessions (four
+    connections, which Ray's default policy at two requests per replica would serve with two
+    replicas) make Ray's autoscaler start a third replica, through voxlive's policy."""
+    deploy(varied_dir, min_replicas=2, max_replicas=3, target_sessions=1,
+           autoscaling={"upscale_delay_s": 0, "look_back_period_s": 2})
+
+    def running() -> int:
+        status = serve.status().applications[replicas.APP_NAME].deployments["VoxliveReplica"]
+        return status.replica_states.get("RUNNING", 0)
+
+    async def hold_sessions():
+        opened = [await open_asr(cluster) for _ in range(4)]
+        deadline = time.monotonic() + READY_SECONDS
+        while running() < 3:
+            assert time.monotonic() < deadline, "no replica was added"
+            await asyncio.sleep(1)
+        for ws, _ in opened:
+            await ws.close()
+
+    assert running() == 2
+    asyncio.run(hold_sessions())

@@ -74,10 +74,11 @@ class VoxliveReplica:
 
 def application(source: str | None, *, model_id: str, load_options: dict | None = None, max_sessions: int = 16,
                 replicas: int | None = None, min_replicas: int | None = None, max_replicas: int | None = None,
-                target_sessions: float | None = None, gpus_per_replica: float = 0, cpus_per_replica: float = 1,
-                **server_options):
+                target_sessions: float | None = None, autoscaling: dict | None = None, gpus_per_replica: float = 0,
+                cpus_per_replica: float = 1, **server_options):
     """The bound deployment: ``replicas`` fixed, or autoscaled between ``min_replicas`` and
-    ``max_replicas`` at ``target_sessions`` per replica (default three quarters of ``max_sessions``).
+    ``max_replicas`` at ``target_sessions`` per replica (default three quarters of ``max_sessions``;
+    ``autoscaling``: more of Ray's ``AutoscalingConfig``, e.g. ``upscale_delay_s``).
     ``server_options``: ``create_app``'s (api_key, delay_ms, max_upload_mb, ...)."""
     scaling = {}
     if min_replicas is not None or max_replicas is not None:
@@ -85,6 +86,7 @@ def application(source: str | None, *, model_id: str, load_options: dict | None 
             raise ValueError("give a number of replicas, or a range to autoscale in, not both")
         target = target_sessions or max(1.0, 0.75 * max_sessions)
         scaling["autoscaling_config"] = AutoscalingConfig(
+            **(autoscaling or {}),
             min_replicas=min_replicas if min_replicas is not None else 1,
             max_replicas=max_replicas if max_replicas is not None else max(1, min_replicas or 1),
             policy=AutoscalingPolicy(policy_function=SessionsPolicy, policy_kwargs={"target_sessions": target}))
