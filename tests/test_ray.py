@@ -23,12 +23,13 @@ import websockets
 
 ray = pytest.importorskip("ray")
 from ray import serve  # noqa: E402
-from serving import free_port  # noqa: E402
+from serving import free_port, running  # noqa: E402
 from test_agents_mistral import chunks, mistral_session  # noqa: E402
 from test_server import as_sent, asr_stream, pcm16, realtime_utterance, snapshot_words, words_of  # noqa: E402
 
 from voxlive.server import replicas  # noqa: E402
-from voxlive.server.routing import CLOSE_INTERNAL, LOST_REASON, desired_replicas, routing_key  # noqa: E402
+from voxlive.server.routing import (  # noqa: E402
+    CLOSE_INTERNAL, LOST_REASON, ReplicaLostMiddleware, desired_replicas, routing_key)
 
 MAX_SESSIONS = 3
 PUSH_INTERVAL = "RAY_SERVE_REPLICA_AUTOSCALING_METRIC_PUSH_INTERVAL_S"
@@ -102,6 +103,37 @@ def test_autoscaling_wants_replicas_for_the_sessions_and_one_more_while_behind()
     assert desired_replicas([3.0, 3.0], [0.1, 0.1], 2, target_sessions=2) == 3
     assert desired_replicas([0.5, 0.0], [0.0, 0.0], 2, target_sessions=2) == 0.25  # Ray rounds up, keeps the minimum
     assert desired_replicas([1.0, 1.0], [4.0, 3.0], 2, target_sessions=2) == 3  # few sessions, but falling behind
+
+
+def test_a_request_ray_ends_without_an_answer_gets_a_503_or_a_1011():
+    """What Ray's proxy does when a replica dies: the request ends with nothing sent (an upload) or
+    nothing more after the handshake (a WebSocket). The middleware answers for it; a request that
+    was answered, or whose client left, is passed through untouched."""
+
+    async def ray_like(scope, receive, send):
+        if scope["path"] == "/answered":
+            await send({"type": "http.response.start", "status": 200, "headers": []})
+            await send({"type": "http.response.body", "body": b"ok"})
+        elif scope["type"] == "websocket":
+            await receive()  # websocket.connect
+            await send({"type": "websocket.accept"})
+            await receive()  # the client's first message, then the replica is gone
+
+    async def websocket(host):
+        async with websockets.connect(f"ws://{host}/asr") as ws:
+            await ws.send("hello")
+            with pytest.raises(websockets.ConnectionClosed) as closed:
+                await ws.recv()
+        return closed.value.rcvd
+
+    with running(ReplicaLostMiddleware(ray_like)) as host:
+        lost = httpx.post(f"http://{host}/v1/audio/transcriptions", content=b"x")
+        answered = httpx.get(f"http://{host}/answered")
+        close = asyncio.run(websocket(host))
+    assert lost.status_code == 503 and lost.headers["retry-after"] == "1"
+    assert lost.json()["error"]["code"] == "replica_lost" and "retry" in lost.json()["error"]["message"]
+    assert answered.status_code == 200 and answered.text == "ok"
+    assert close is not None and close.code == CLOSE_INTERNAL and close.reason == LOST_REASON
 
 
 def test_health_and_metrics_through_the_proxy_name_their_replica(cluster):

@@ -130,7 +130,7 @@ class ReplicaLostMiddleware:
             if scope["type"] == "websocket":  # before the handshake, this close refuses it (HTTP 403)
                 await send({"type": "websocket.close", "code": CLOSE_INTERNAL, "reason": LOST_REASON})
             elif not accepted:
-                body = json.dumps({"error": {"message": f"the server {LOST_REASON}; retry the request",
+                body = json.dumps({"error": {"message": "the replica serving this request was lost: retry it",
                                              "type": "server_error", "param": None, "code": "replica_lost"}})
                 await send({"type": "http.response.start", "status": 503,
                             "headers": [(b"content-type", b"application/json"), (b"retry-after", b"1")]})
