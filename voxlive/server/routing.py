@@ -1,6 +1,7 @@
 """How Ray Serve spreads voxlive sessions over replicas, scales them, and tells clients of a lost one.
 
-Three pieces, each run by Ray in its own process, so this module imports nothing heavy:
+Three pieces, each run by Ray in its own process (so this module imports Ray, and nothing of the
+engine):
 
 - ``LeastLoadedRouter`` (in every Ray proxy): a new connection or upload goes to the least loaded
   replica. Its live sessions are the router's own count of the connections and uploads in flight
@@ -8,7 +9,7 @@ Three pieces, each run by Ray in its own process, so this module imports nothing
   a burst of new sessions); its capacity and lag are what its engine reports every second
   (``record_routing_stats``), and the session count falls back on that report when the router
   has no fresh count. Replicas are tried in order: not full and keeping up, then not full but
-  behind (their worst lag past ``behind_s``), then full ones, fewest sessions first in each. A
+  behind (their worst lag past ``BEHIND_SECONDS``), then full ones, fewest sessions first in each. A
   WebSocket stays on the replica that accepted it for its life (Ray proxies the connection to
   that one replica).
 - ``SessionsPolicy`` (in the Serve controller): replicas for the sessions there are, from the
@@ -34,7 +35,7 @@ CLOSE_INTERNAL = 1011
 LOST_REASON = "replica lost: reconnect"
 
 
-def routing_key(stats: dict, in_flight: int | None, behind_s: float = BEHIND_SECONDS) -> tuple:
+def routing_key(stats: dict, in_flight: int | None) -> tuple:
     """The order replicas are tried in (smallest first), from a replica's reported engine load
     (``stats``: sessions, max_sessions, lag; empty before its first report) and the requests the
     router has in flight to it (None: no fresh count). The report's sessions may be a second old:
@@ -42,15 +43,14 @@ def routing_key(stats: dict, in_flight: int | None, behind_s: float = BEHIND_SEC
     sessions = in_flight if in_flight is not None else int(stats.get("sessions", 0))
     limit = stats.get("max_sessions")
     lag = float(stats.get("lag", 0.0))
-    return (limit is not None and sessions >= limit, lag > behind_s, sessions, lag)
+    return (limit is not None and sessions >= limit, lag > BEHIND_SECONDS, sessions, lag)
 
 
-def desired_replicas(sessions: list[float], lags: list[float], current: int, *, target_sessions: float,
-                     behind_s: float = BEHIND_SECONDS) -> float:
+def desired_replicas(sessions: list[float], lags: list[float], current: int, *, target_sessions: float) -> float:
     """Replicas for ``sessions`` live sessions (each replica's mean over the look-back window) at
     ``target_sessions`` each; one more than now while the replicas are behind on average."""
     wanted = sum(sessions) / target_sessions
-    if lags and sum(lags) / len(lags) > behind_s:
+    if lags and sum(lags) / len(lags) > BEHIND_SECONDS:
         wanted = max(wanted, current + 1)
     return wanted
 
@@ -59,8 +59,8 @@ class SessionsPolicy:
     """A Ray Serve autoscaling policy (``AutoscalingPolicy(policy_function=SessionsPolicy,
     policy_kwargs=...)``): Ray applies min/max replicas, the delays and the scaling factors."""
 
-    def __init__(self, target_sessions: float, behind_s: float = BEHIND_SECONDS):
-        self.target_sessions, self.behind_s = target_sessions, behind_s
+    def __init__(self, target_sessions: float):
+        self.target_sessions = target_sessions
 
     def __call__(self, ctx) -> tuple[float, dict]:
         metrics = ctx.aggregated_metrics or {}
@@ -68,26 +68,19 @@ class SessionsPolicy:
         lags = list(metrics.get("lag", {}).values())
         if not sessions:  # no report yet: keep what there is
             return ctx.target_num_replicas, ctx.policy_state
-        wanted = desired_replicas(sessions, lags, ctx.current_num_replicas, target_sessions=self.target_sessions,
-                                  behind_s=self.behind_s)
+        wanted = desired_replicas(sessions, lags, ctx.current_num_replicas, target_sessions=self.target_sessions)
         return math.ceil(wanted), ctx.policy_state
 
 
 class LeastLoadedRouter(RequestRouter):
     """Ray Serve's request router for voxlive replicas (``RequestRouterConfig(request_router_class=...)``)."""
 
-    behind_s = BEHIND_SECONDS
-
-    def initialize_state(self, behind_s: float = BEHIND_SECONDS, **_):
-        self.behind_s = behind_s
-
     async def choose_replicas(self, candidate_replicas, pending_request=None):
         # Each rank is one replica: Ray tries them in this order, skipping any it sees at its
         # max_ongoing_requests, and backs off only once every one has refused.
         cache = self.replica_queue_len_cache
         shuffled = random.sample(candidate_replicas, len(candidate_replicas))  # ties go anywhere
-        ranked = sorted(shuffled, key=lambda r: routing_key(r.routing_stats or {}, cache.get(r.replica_id),
-                                                            self.behind_s))
+        ranked = sorted(shuffled, key=lambda r: routing_key(r.routing_stats or {}, cache.get(r.replica_id)))
         return [[r] for r in ranked]
 
 
