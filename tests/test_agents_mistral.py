@@ -258,3 +258,15 @@ def test_wrong_key_is_refused_in_mistral_shape(server):
     with pytest.raises(RealtimeTranscriptionWSError) as info:
         asyncio.run(go())
     assert info.value.payload.error.code == 401
+
+
+def test_an_upgrade_whose_connection_header_comes_in_two_fields_is_accepted(server):
+    """``Connection: Upgrade`` and ``Connection: keep-alive`` as two fields are one list (RFC 9110):
+    LiveKit's mistralai plugin sends its upgrade so, and it must reach the route, not a 404."""
+    async def go():
+        headers = [("Authorization", f"Bearer {KEY}"), ("Connection", "keep-alive")]
+        async with websockets.connect(f"ws://{server}/v1/audio/transcriptions/realtime?model=tiny",
+                                      additional_headers=headers) as ws:
+            return json.loads(await ws.recv())["type"]
+
+    assert asyncio.run(go()) == "session.created"
