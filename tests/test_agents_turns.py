@@ -137,6 +137,20 @@ def test_cuts_splice_forks_and_drop_the_main_tokens_they_cover():
     assert delivered == fork1 + fork2[5:] + main[10:20]
 
 
+def test_a_cut_at_the_end_of_the_audio_is_its_last_final():
+    """Finalize, then CloseStream (LiveKit's ``end_input`` sends both): no audio came after the cut,
+    so the stream's own end pads what the fork padded; its tokens past the cut are not repeated.
+    With audio after the cut, they are that audio's text and make the next final."""
+    main = list(range(100, 110)) + [PAD] * 4  # 0.8 s of audio, then the padding of the end
+    for after, rest in ((0, []), (1280, main[10:])):
+        t = turns()
+        t.request_cut(12800)
+        out = t.push_cut(12800, main, 0)
+        t.end_of_audio(12800 + after)
+        out += t.push_tokens(main) + t.finish()
+        assert [s.tokens for s in out if isinstance(s, Segment)] == [main] + ([rest] if rest else [])
+
+
 
 def test_scheduler_stops_intake_at_a_cut_and_forks_there():
     from voxlive.server.scheduler import Policy, SessionView, schedule
