@@ -255,7 +255,7 @@ class Turns:
         self.timeline += tokens[start:]
         self._index += range(start, len(tokens))
         resume = math.ceil(samples / self.samples_per_token)
-        self._pieces.append(_Piece(resume, at + len(tokens) - forked_at))
+        self._pieces.append(_Piece(resume, at + len(tokens) - start))
         self._drop_below = resume
         return self.take()
 
