@@ -4,11 +4,12 @@ the ``mistralai`` SDK speaks it (``mistralai/extra/realtime``; shapes in ``mistr
 Server first: ``session.created {session}``. Client: ``session.update {session: {audio_format
 {encoding, sample_rate}, target_streaming_delay_ms, turn_detection, language, context_bias, ...}}``
 (before audio only, as Mistral's server rules) -> ``session.updated``; ``input_audio.append
-{audio}``, ``input_audio.flush`` (a forced final: the text so far as a segment and a ``transcription.done``;
-the session goes on), ``input_audio.end`` (the rest, the last ``transcription.done``, then the
-server closes). Server: ``transcription.text.delta {text}``, ``transcription.segment {text, start,
-end}`` (one per turn or flush), ``turn.start / eager_end / resume / end {time_s[, end_reason]}``,
-``transcription.done {model, text, usage, language, segments}``, ``error {error: {message, code}}``.
+{audio}``, ``input_audio.flush`` (a forced final: the text so far as a segment and a
+``transcription.done``; the session goes on), ``input_audio.end`` (the rest, the last
+``transcription.done``, then the server closes). Server: ``transcription.text.delta {text}``,
+``transcription.segment {text, start, end}`` (one per turn or flush), ``turn.start / eager_end /
+resume / end {time_s[, end_reason]}``, ``transcription.done {model, text, usage, language,
+segments}``, ``error {error: {message, code}}``.
 
 Each ``transcription.done`` covers the stretch since the one before (its text, segments and usage),
 so the dones of a session add up to its transcript, as its deltas do. Mistral's server answers a
