@@ -16,6 +16,7 @@ from starlette.formparsers import MultiPartParser
 from ..audio import AudioError, load_audio
 from ..rut import DEFAULT_POLICY, RutPolicy
 from ..transcript import Word, cues, subtitles
+from . import metrics
 from .engine import Engine, EngineBusy
 from .deepgram import deepgram_endpoint
 from .mistral import mistral_endpoint
@@ -41,8 +42,12 @@ class ApiError(Exception):
 def create_app(engine: Engine, *, model_id: str, api_key: str | None = None, delay_ms: int | None = None,
                max_upload_mb: float = 200.0, max_upload_seconds: float | None = 4 * 3600.0,
                idle_timeout: float | None = 7200.0, send_timeout: float | None = 60.0,
-               rut: RutPolicy | None = DEFAULT_POLICY) -> FastAPI:
-    """The app around a (not yet started) engine; the app's lifespan starts and stops it."""
+               replica: str | None = None, rut: RutPolicy | None = DEFAULT_POLICY) -> FastAPI:
+    """The app around a (not yet started) engine; the app's lifespan starts and stops it.
+
+    ``replica``: this server's name among several behind one endpoint (Ray Serve): /health and
+    /metrics carry it, and so does every WebSocket handshake (``x-voxlive-replica``). ``rut``: the
+    sessions' default blank-rut policy (None: off)."""
 
     @asynccontextmanager
     async def lifespan(app):
@@ -53,7 +58,8 @@ def create_app(engine: Engine, *, model_id: str, api_key: str | None = None, del
     app = FastAPI(title="voxlive", lifespan=lifespan)
     app.state.voxlive = ServerState(engine, model_id, api_key, delay_ms, int(max_upload_mb * 1024 * 1024),
                                     max_upload_seconds=max_upload_seconds, idle_timeout=idle_timeout,
-                                    send_timeout=send_timeout, rut=rut.check() if rut is not None else None)
+                                    send_timeout=send_timeout, replica=replica,
+                                    rut=rut.check() if rut is not None else None)
 
     @app.exception_handler(ApiError)
     async def api_error(request: Request, err: ApiError):
@@ -67,8 +73,15 @@ def create_app(engine: Engine, *, model_id: str, api_key: str | None = None, del
 
     @app.get("/health")
     async def health():
-        return {"status": "ok", "model": model_id, "sessions": engine.active, "max_sessions": engine.max_sessions,
-                "blank_ruts": engine.ruts}
+        load = engine.load()
+        body = {"status": "ok", "model": model_id, "sessions": load.sessions, "max_sessions": load.max_sessions,
+                "lag": load.lag, "blank_ruts": engine.ruts}
+        return body if replica is None else {**body, "replica": replica}
+
+    @app.get("/metrics")
+    async def metrics_route():
+        """Prometheus text, without the key (like /health): load figures, no data."""
+        return Response(metrics.render(engine.load(), replica=replica), media_type=metrics.CONTENT_TYPE)
 
     @app.get("/v1/models")
     async def models(request: Request):
