@@ -29,7 +29,7 @@ import time
 
 import numpy as np
 
-from .soak import audio_chunks, pcm16, sentences
+from .soak import audio_chunks, pcm16, sentences, wait_healthy
 
 CHUNK_SECONDS = 0.1  # audio_chunks' piece
 
@@ -50,19 +50,7 @@ class Server:
         self.port = port
 
     def wait_ready(self, seconds: float = 600) -> None:
-        import httpx
-
-        deadline = time.monotonic() + seconds
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise SystemExit(f"the server exited with {self.proc.returncode}")
-            try:
-                if httpx.get(f"http://127.0.0.1:{self.port}/health").status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.5)
-        raise SystemExit("the server did not start")
+        wait_healthy(self.proc, self.port, seconds)
 
     def stop(self) -> None:
         os.killpg(self.proc.pid, signal.SIGINT)

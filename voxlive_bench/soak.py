@@ -86,6 +86,23 @@ def serve_main(model_dir: str, port: int) -> None:
     serve(voxlive.load(model_dir, dtype="float32", device="cpu"), model_id="soak", port=port, log_level="warning")
 
 
+def wait_healthy(proc: subprocess.Popen, port: int, seconds: float) -> None:
+    """Until the server on ``port`` answers ``/health`` (its engine has started), or fail."""
+    import httpx
+
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise SystemExit(f"the server exited with {proc.returncode}")
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/health").status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.1)
+    raise SystemExit("the server did not start")
+
+
 class ServerProcess:
     def __init__(self, model_dir: str, port: int):
         code = f"from voxlive_bench.soak import serve_main; serve_main({model_dir!r}, {port})"
@@ -94,16 +111,7 @@ class ServerProcess:
         self.ticks = os.sysconf("SC_CLK_TCK")
 
     def wait_ready(self) -> None:
-        import httpx
-
-        for _ in range(600):
-            try:
-                if httpx.get(f"http://127.0.0.1:{self.port}/health").status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.1)
-        raise SystemExit("the server did not start")
+        wait_healthy(self.proc, self.port, seconds=60)
 
     def rss_mb(self) -> float:
         with open(f"/proc/{self.proc.pid}/status") as f:
@@ -263,13 +271,15 @@ def report(protocol: str, minutes: list[Minute], wall: float) -> str:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m voxlive_bench.soak", description=__doc__.split("\n\n")[0])
-    p.add_argument("--hours", type=float, required=True, help="hours of audio per protocol")
+    p.add_argument("--hours", type=float, required=True, help="hours of audio per protocol (samples: one per minute)")
     p.add_argument("--protocols", nargs="+", default=["asr", "realtime"], choices=["asr", "realtime"])
     p.add_argument("--pace", choices=["fast", "realtime"], default="fast")
     p.add_argument("--model", help="checkpoint directory (default: a tiny random one)")
     p.add_argument("--port", type=int, default=8765)
     p.add_argument("--check", action="store_true", help="compare with offline transcription of the same audio")
     a = p.parse_args(argv)
+    if a.hours * 60 < 1:
+        p.error(f"--hours {a.hours} is under one audio minute, the sampling period")
     tmp = tempfile.mkdtemp(prefix="voxlive-soak-")
     model_dir = a.model
     if model_dir is None:
