@@ -567,7 +567,6 @@ typedef float f16v __attribute__((vector_size(64)));
 typedef int32_t i16v __attribute__((vector_size(64)));
 typedef uint32_t u16v __attribute__((vector_size(64)));
 typedef uint16_t h16v __attribute__((vector_size(32)));
-typedef int8_t b16v __attribute__((vector_size(16)));
 
 inline f16v load16(const float* p) {
   f16v v;
@@ -599,12 +598,14 @@ inline void load_slab(const uint16_t* p, float* out) {
   std::memcpy(out + kLanes, &odd, sizeof odd);
 }
 inline void load_slab(const float* p, float* out) { std::memcpy(out, p, 2 * kLanes * sizeof(float)); }
-inline void load_slab(const int8_t* p, float* out) {
-  b16v lo, hi;
-  std::memcpy(&lo, p, sizeof lo);
-  std::memcpy(&hi, p + kLanes, sizeof hi);
-  store16(out, __builtin_convertvector(__builtin_convertvector(lo, i16v), f16v));
-  store16(out + kLanes, __builtin_convertvector(__builtin_convertvector(hi, i16v), f16v));
+inline void load_slab(const int8_t* p, float* out) {  // GCC's generic widening of int8 vectors is scalar code
+#if defined(__AVX512F__)
+  for (int h = 0; h < 2; h++)
+    _mm512_storeu_ps(out + h * kLanes, _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)(p + h * kLanes)))));
+#else
+  for (int h = 0; h < 4; h++)
+    _mm256_storeu_ps(out + h * 8, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i*)(p + h * 8)))));
+#endif
 }
 
 // D values of a stored row as S slabs (zeros past D)
@@ -819,7 +820,8 @@ void attend_job(const Job& job, const Q* qp, int64_t qs, const Source<T>& keys, 
     f16v sum = {};
     for (int64_t a = 0; a < span; a += 16) {
       const f16v sc = load16(s.scores + r * span + a);
-      const f16v e = sc == -INFINITY ? f16v{} : exp_nonpositive(sc - m);
+      // below e^-87 (next to the row's largest weight, 1) a weight is 0: no denormals in the sums
+      const f16v x = sc - m, e = x < -87.0f ? f16v{} : exp_nonpositive(x);
       store16(s.scores + r * span + a, e);
       sum += e;
     }
@@ -870,6 +872,9 @@ void attention_impl(const at::Tensor& q, const at::Tensor& k_new, const at::Tens
   auto qp = (const Q*)q.data_ptr();
   auto op = (Q*)out.data_ptr();
   at::parallel_for(0, jobs.size(), 1, [&](int64_t begin, int64_t end) {
+    // denormals flushed to zero (products of tiny weights and int8 scales would take microcode assists)
+    const unsigned int csr = _mm_getcsr();
+    _mm_setcsr(csr | 0x8040);
     Scratch s;
     for (int64_t j = begin; j < end; j++) {
       const int64_t b = jobs[j].b, r = row0[b], slot = slots[b];
@@ -880,6 +885,7 @@ void attention_impl(const at::Tensor& q, const at::Tensor& k_new, const at::Tens
       attend_job<Q, T, S>(jobs[j], qp + r * q.stride(0), q.stride(0), ks, vs, G, window, starts[b], capacity, KVH, KB, D,
                            op + r * H * D, H, s);
     }
+    _mm_setcsr(csr);
   });
 }
 
