@@ -180,8 +180,8 @@ class KVPool(SlotPool):
         """``attend`` by ``cpu_kernels.attention``: one call for the batch (each stream's rows are
         consecutive), over each slot as it was before the pass and the fed rows; then stores k, v."""
         p = step.plan
-        slots = np.array(p.slots)
-        starts = (self._length[slots] - self._start[slots]).tolist()  # positions relative to each stream's first
+        # positions relative to each stream's first (Python ints: torch.compile traces numpy indexing as tensors)
+        starts = [int(self._length[s] - self._start[s]) for s in p.slots]
         rows = q.shape[0]
         q2 = q.reshape(rows, -1)
         if self.int8:  # the new rows quantized as the pool will hold them, so chunking changes no number
