@@ -47,14 +47,14 @@ def as_float(pcm16: np.ndarray) -> np.ndarray:
 
 @contextmanager
 def agent_server(varied_dir, key: str):
-    """The real server under uvicorn (the tiny model in float32) with an API key, for the voice-agent
-    protocol tests."""
+    """The real server under uvicorn (the tiny model in float32, configured as ``voxlive serve``
+    configures it) with an API key, for the voice-agent protocol tests."""
     from serving import running
 
     import voxlive
-    from voxlive.server import Engine, create_app
+    from voxlive.server import WEBSOCKET_OPTIONS, Engine, create_app
 
     model = voxlive.load(varied_dir, dtype="float32", device="cpu")
     app = create_app(Engine(model, max_sessions=8), model_id="tiny", api_key=key)
-    with running(app, ws_max_size=512 * 1024) as host:
+    with running(app, ws_max_size=512 * 1024, **WEBSOCKET_OPTIONS) as host:
         yield host

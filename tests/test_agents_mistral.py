@@ -41,7 +41,8 @@ def chunks(data: bytes, size: int = 3200):
 
 
 async def mistral_session(host, pieces, *, flush_after=None, **connect):
-    """Stream ``pieces`` through the SDK (a flush after piece ``flush_after``), end, collect events."""
+    """Stream ``pieces`` through the SDK (a flush after piece ``flush_after``), end, collect events
+    until the server closes the session (a flush's ``transcription.done`` leaves it open)."""
     client = Mistral(api_key=KEY)
     connection = await client.audio.realtime.connect(model="voxtral-mini-transcribe-realtime-2602",
                                                      server_url=f"http://{host}", **connect)
@@ -57,7 +58,7 @@ async def mistral_session(host, pieces, *, flush_after=None, **connect):
     sender = asyncio.create_task(send())
     async for event in connection:
         events.append(event)
-        if event.type in ("transcription.done", "error"):
+        if event.type == "error":
             break
     await sender
     await connection.close()
@@ -109,8 +110,9 @@ def test_turns_from_vad_on_real_speech(server, dialogue, varied_model):
 
 
 def test_flush_in_the_middle_of_a_word_and_the_session_goes_on(server, dialogue, varied_model):
-    """A flush mid-word gives a segment equal to offline transcribe of the audio up to the flush;
-    the session goes on, and the next segment is the whole audio's offline tokens from the cut."""
+    """A flush mid-word gives a segment and a ``transcription.done`` equal to offline transcribe of
+    the audio up to the flush; the session goes on, the next segment is the whole audio's offline
+    tokens from the cut, and the last done carries that rest: the dones add up like the deltas."""
     pcm16, turns = dialogue
     data = pcm16.tobytes()
     piece = 1280 * 2  # 80 ms
@@ -128,7 +130,13 @@ def test_flush_in_the_middle_of_a_word_and_the_session_goes_on(server, dialogue,
     assert abs(segments[0].end - cut / RATE) < 1e-3
     resume = math.ceil(cut / 1280)
     assert "".join(s.text for s in segments[1:]) == tok.decode(whole.tokens[resume:])
-    assert deltas(events) == of(events, "transcription.done")[0].text == "".join(s.text for s in segments)
+    dones = of(events, "transcription.done")
+    assert len(dones) == 2
+    assert dones[0].text == segments[0].text and [s.text for s in dones[0].segments] == [segments[0].text]
+    assert dones[1].text == "".join(s.text for s in segments[1:])
+    assert deltas(events) == dones[0].text + dones[1].text == "".join(s.text for s in segments)
+    assert dones[0].usage.completion_tokens == len(upto_cut.tokens)  # the fork's tokens, its padding too
+    assert dones[0].usage.prompt_tokens == 0 < dones[1].usage.prompt_tokens  # the prompt counted once
     assert not of(events, "turn.start")  # no turn_detection asked: no turn events
 
 
@@ -250,3 +258,15 @@ def test_wrong_key_is_refused_in_mistral_shape(server):
     with pytest.raises(RealtimeTranscriptionWSError) as info:
         asyncio.run(go())
     assert info.value.payload.error.code == 401
+
+
+def test_an_upgrade_whose_connection_header_comes_in_two_fields_is_accepted(server):
+    """``Connection: Upgrade`` and ``Connection: keep-alive`` as two fields are one list (RFC 9110):
+    LiveKit's mistralai plugin sends its upgrade so, and it must reach the route, not a 404."""
+    async def go():
+        headers = [("Authorization", f"Bearer {KEY}"), ("Connection", "keep-alive")]
+        async with websockets.connect(f"ws://{server}/v1/audio/transcriptions/realtime?model=tiny",
+                                      additional_headers=headers) as ws:
+            return json.loads(await ws.recv())["type"]
+
+    assert asyncio.run(go()) == "session.created"

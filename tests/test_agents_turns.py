@@ -121,7 +121,8 @@ def test_the_next_turn_start_waits_for_the_previous_turn_end():
 
 
 def test_cuts_splice_forks_and_drop_the_main_tokens_they_cover():
-    """Two flushes whose forks come back before any main token was published in between."""
+    """Two flushes whose forks come back before any main token was published in between, then a
+    third after main tokens."""
     t = turns()
     main = list(range(100, 140))  # the main stream's tokens, index i at 0.08 i s
     t.request_cut(6400)  # 0.4 s: resume at index 5
@@ -135,6 +136,26 @@ def test_cuts_splice_forks_and_drop_the_main_tokens_they_cover():
     assert all(s.forced for s in segments)
     delivered = [tok for e in out if isinstance(e, Delta) for tok in e.tokens]
     assert delivered == fork1 + fork2[5:] + main[10:20]
+    # a third, its fork sharing the 20 main tokens: spliced after them, the main stream going on after it
+    t.request_cut(25600)  # 1.6 s: resume at index 20
+    fork3 = main[:20] + [PAD] * 4
+    out = t.push_cut(25600, fork3, 20) + t.push_tokens(main[20:30])
+    assert [s.tokens for s in out if isinstance(s, Segment)] == [main[10:20] + [PAD] * 4]
+    assert [tok for e in out if isinstance(e, Delta) for tok in e.tokens] == [PAD] * 4 + main[20:30]
+
+
+def test_a_cut_at_the_end_of_the_audio_is_its_last_final():
+    """Finalize, then CloseStream (LiveKit's ``end_input`` sends both): no audio came after the cut,
+    so the stream's own end pads what the fork padded; its tokens past the cut are not repeated.
+    With audio after the cut, they are that audio's text and make the next final."""
+    main = list(range(100, 110)) + [PAD] * 4  # 0.8 s of audio, then the padding of the end
+    for after, rest in ((0, []), (1280, main[10:])):
+        t = turns()
+        t.request_cut(12800)
+        out = t.push_cut(12800, main, 0)
+        t.end_of_audio(12800 + after)
+        out += t.push_tokens(main) + t.finish()
+        assert [s.tokens for s in out if isinstance(s, Segment)] == [main] + ([rest] if rest else [])
 
 
 

@@ -224,8 +224,8 @@ def test_bench_reports_both_engines(varied_dir):
     r = run("bench", "--model", varied_dir, "--seconds", 2, "--dtype", "float32", "--reference")
     assert r.returncode == 0, r.stderr
     out = r.stdout
-    for needle in ("[voxlive] cpu float32", "ms per audio second", "ms per step", "GEMV floor", "memory floor",
-                   "stream start", "[transformers] cpu float32", "ms per token", "real-time factor", "peak RSS",
+    for needle in ("[voxlive] cpu float32", "ms per audio second", "ms per pass", "GEMV floor", "memory floor",
+                   "transcribe()", "rest", "[transformers] cpu float32", "ms per token", "real-time factor", "peak RSS",
                    "speed-up vs transformers"):
         assert needle in out, needle
     assert run("bench").returncode == 2  # neither --model nor --random-weights
@@ -336,3 +336,14 @@ def test_bench_drafts_reports_pass_costs_and_oracle_accuracies(varied_dir):
     oracle = [line.split() for line in lines[-6:]]
     assert [row[0] for row in oracle] == ["0.00", "0.25", "0.50", "0.75", "0.90", "1.00"]
     assert oracle[-1][3] == "1.00" and oracle[0][3] == "0.00"  # share of drafts accepted, fixed length
+
+
+def test_serve_ray_options_are_checked_before_anything_starts(varied_dir):
+    for args, says in ((["--replicas", 2], "--replicas needs --ray"),
+                       (["--ray", "--replicas", 2, "--min-replicas", 1], "not both"),
+                       (["--ray", "--min-replicas", 3, "--max-replicas", 2], "more than --max-replicas"),
+                       (["--ray", "--target-sessions", 4], "needs --min-replicas"),
+                       (["--ray", "--gpus-per-replica", -1], "at least 0"),
+                       (["--ray", "--port", 0], "needs a --port")):
+        r = run("serve", "--model", varied_dir, *args, timeout=120)
+        assert r.returncode == 2 and says in r.stderr and "Traceback" not in r.stderr, (args, r.stderr)

@@ -253,7 +253,7 @@ def test_cli_convert_and_transcribe(quant_dir, quant_base, speech, tmp_path):
     assert json.loads(r.stdout)["text"] == expected
     r = run("bench", "--model", quant_dir, "--seconds", 1, "--backend", "mlx", "--quantize", "int8")
     assert r.returncode == 0, r.stderr
-    assert "[voxlive] cpu bfloat16, int8 weights, mlx backend" in r.stdout and "ms per step" in r.stdout
+    assert "[voxlive] cpu bfloat16, int8 weights, mlx backend" in r.stdout and "ms per pass" in r.stdout
 
 
 def test_auto_backend(monkeypatch, varied_dir):

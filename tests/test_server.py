@@ -135,6 +135,24 @@ def test_health_models_and_api_key(server):
     assert httpx.get(f"http://{host}/v1/models?token={KEY}").status_code == 200
 
 
+def test_metrics_are_prometheus_text_of_the_engine_load(server, speech):
+    host, engine = server
+    asyncio.run(asr_transcribe(host, speech))
+    response = httpx.get(f"http://{host}/metrics")  # no key needed, like /health
+    assert response.status_code == 200 and response.headers["content-type"].startswith("text/plain; version=0.0.4")
+    values = {}
+    for line in response.text.splitlines():
+        if not line.startswith("#"):
+            name, value = line.split(" ")
+            values[name] = float(value)
+    assert values["voxlive_max_sessions"] == 12 and values["voxlive_sessions"] == engine.active
+    assert values["voxlive_decode_steps_total"] >= 1 and values["voxlive_step_seconds_total"] > 0
+    assert 1 <= values["voxlive_decode_batch_size_max"] <= 12
+    assert values["process_resident_memory_bytes"] > 50 * 1024 * 1024  # the model and torch are in it
+    assert "# TYPE voxlive_decode_steps_total counter" in response.text
+    assert "replica" not in response.text and "replica" not in httpx.get(f"http://{host}/health").json()
+
+
 # -- vLLM realtime protocol ----------------------------------------------------------------------
 
 

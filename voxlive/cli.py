@@ -219,10 +219,50 @@ def cmd_serve(a) -> int:
         if value < least:
             raise UsageError(f"{flag} must be at least {least}, got {value}")
     _check_model_args(a)
+    if a.ray:
+        return _serve_on_ray(a)
+    for flag in ("replicas", "min_replicas", "max_replicas", "target_sessions", "gpus_per_replica", "cpus_per_replica",
+                 "address"):
+        if getattr(a, flag) is not None:
+            raise UsageError(f"--{flag.replace('_', '-')} needs --ray")
     sock = _listening_socket(a.host, a.port)
     model = _load(a)
     serve(model, model_id=a.model or DEFAULT_MODEL, sock=sock, max_sessions=a.max_sessions, api_key=a.api_key,
           delay_ms=a.delay_ms, max_message_bytes=a.max_message_kb * 1024, max_upload_mb=a.max_upload_mb)
+    return 0
+
+
+def _serve_on_ray(a) -> int:
+    """``serve --ray``: the same app as a Ray Serve deployment; each replica loads its own model."""
+    from .checkpoint import DEFAULT_MODEL
+
+    if a.replicas is not None and (a.min_replicas is not None or a.max_replicas is not None):
+        raise UsageError("--replicas N, or --min-replicas A --max-replicas B to autoscale, not both")
+    for flag, value, least in (("--replicas", a.replicas, 1), ("--min-replicas", a.min_replicas, 0),
+                               ("--max-replicas", a.max_replicas, 1), ("--target-sessions", a.target_sessions, 1),
+                               ("--gpus-per-replica", a.gpus_per_replica, 0),
+                               ("--cpus-per-replica", a.cpus_per_replica, 0.01)):
+        if value is not None and value < least:
+            raise UsageError(f"{flag} must be at least {least}, got {value}")
+    if a.min_replicas is not None and a.max_replicas is not None and a.min_replicas > a.max_replicas:
+        raise UsageError(f"--min-replicas {a.min_replicas} is more than --max-replicas {a.max_replicas}")
+    if a.target_sessions is not None and a.min_replicas is None and a.max_replicas is None:
+        raise UsageError("--target-sessions is the autoscaling target: it needs --min-replicas/--max-replicas")
+    if a.port == 0:
+        raise UsageError("--ray needs a --port (Ray's proxy does not pick a free one)")
+    if a.address is None:
+        _listening_socket(a.host, a.port).close()  # a busy port is said now, not after Ray's start
+    try:
+        from .server.replicas import serve_on_ray
+    except ImportError as e:
+        raise UsageError(f"--ray needs Ray Serve: pip install 'voxlive[ray]' ({e})") from None
+    load_options = {"backend": a.backend, "device": a.device, "dtype": a.dtype, "quantize": a.quantize,
+                    "compile": a.compile, "drafts": not a.no_drafts}
+    serve_on_ray(a.model, address=a.address, host=a.host, port=a.port, model_id=a.model or DEFAULT_MODEL,
+                 load_options=load_options, max_sessions=a.max_sessions, replicas=a.replicas,
+                 min_replicas=a.min_replicas, max_replicas=a.max_replicas, target_sessions=a.target_sessions,
+                 gpus_per_replica=a.gpus_per_replica or 0, cpus_per_replica=a.cpus_per_replica or 1,
+                 api_key=a.api_key, delay_ms=a.delay_ms, max_upload_mb=a.max_upload_mb)
     return 0
 
 
@@ -362,6 +402,17 @@ def build_parser() -> argparse.ArgumentParser:
                                      "page and /health")
     v.add_argument("--max-message-kb", type=int, default=4096, help="largest WebSocket message accepted")
     v.add_argument("--max-upload-mb", type=float, default=200.0, help="largest file accepted by the upload route")
+    r = v.add_argument_group("Ray Serve", "replicas of the server, each with its own engine, behind one endpoint")
+    r.add_argument("--ray", action="store_true", help="serve on Ray Serve (pip install 'voxlive[ray]')")
+    r.add_argument("--address", help="join this Ray cluster (auto, or ray://head:10001; default: start a local one)")
+    r.add_argument("--replicas", type=int, help="a fixed number of replicas (default 1)")
+    r.add_argument("--min-replicas", type=int, help="autoscale from this many replicas...")
+    r.add_argument("--max-replicas", type=int, help="...to this many, on live sessions and lag")
+    r.add_argument("--target-sessions", type=float,
+                   help="autoscaling: sessions per replica to aim for (default 3/4 of --max-sessions)")
+    r.add_argument("--gpus-per-replica", type=float, help="GPUs each replica holds (default 0: CPU replicas)")
+    r.add_argument("--cpus-per-replica", type=float,
+                   help="CPUs each replica holds, and its torch threads (default 1)")
     v.set_defaults(run=cmd_serve)
 
     b = sub.add_parser("bench", help="measure speed: load, encoder, decoder step, RTF, peak RSS")

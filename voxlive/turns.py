@@ -165,6 +165,8 @@ class Turns:
     _index: list[int] = field(default_factory=list)  # main-stream index of each timeline token
     _pieces: list[_Piece] = field(default_factory=lambda: [_Piece(0, 0)])
     _drop_below: int = 0  # main tokens below this index were covered by a fork
+    _last_cut: int | None = None  # samples of received audio at the last forced final
+    _keep_below: int | None = None  # main tokens from this index on were covered by the last fork
     _sent: int = 0  # timeline tokens delivered as deltas
     _segment_from: int = 0  # timeline index where the current segment starts
     _segment_start: float = 0.0
@@ -226,7 +228,7 @@ class Turns:
         for token in tokens:
             index = self.main_seen
             self.main_seen += 1
-            if index >= self._drop_below:
+            if index >= self._drop_below and (self._keep_below is None or index < self._keep_below):
                 self.timeline.append(token)
                 self._index.append(index)
         self._check_eager()
@@ -236,6 +238,7 @@ class Turns:
         """The client forced a final at ``samples`` (16 kHz) of received audio; the fork's tokens
         come later through ``push_cut``."""
         self._queue.append(_Cut(samples))
+        self._last_cut = samples
 
     def push_cut(self, samples: int, tokens: list[int], forked_at: int) -> list:
         """The fork's tokens for the cut at ``samples``; ``forked_at`` main tokens have been
@@ -252,13 +255,17 @@ class Turns:
         self.timeline += tokens[start:]
         self._index += range(start, len(tokens))
         resume = math.ceil(samples / self.samples_per_token)
-        self._pieces.append(_Piece(resume, at + len(tokens) - forked_at))
+        self._pieces.append(_Piece(resume, at + len(tokens) - start))
         self._drop_below = resume
         return self.take()
 
     def end_of_audio(self, samples: int) -> None:
         """No more audio: a turn still open ends where the audio ends (its text comes with the
-        stream's last tokens)."""
+        stream's last tokens). If none came after the last forced final, that final's fork padded
+        the same audio as the stream's end now does: its tokens past the cut are the stream's last
+        ones, already in that final, so the stream's own are not repeated."""
+        if samples == self._last_cut:
+            self._keep_below = math.ceil(samples / self.samples_per_token)
         if self.speaking:
             t = samples / self.sample_rate
             self._end(self._silent if self._silent is not None else t, t, "end")

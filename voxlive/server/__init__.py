@@ -7,13 +7,15 @@ import sys
 
 from .app import create_app
 from .engine import Engine
+from .http import HttpProtocol
 from .logs import redact_keys_in_uvicorn_logs
 
 DEFAULT_MAX_MESSAGE_BYTES = 4 * 1024 * 1024  # one WebSocket message; 2 minutes of PCM16
 # uvicorn pings every 20 s and answers the client's pings, but never drops a late pong: liveness
 # is the connection's idle and send timeouts (see connection.py), which know when the server is
-# deliberately not reading.
-WEBSOCKET_OPTIONS = {"ws_ping_interval": 20.0, "ws_ping_timeout": None}
+# deliberately not reading. The HTTP protocol accepts an upgrade whose Connection header comes in
+# several fields (see http.py).
+WEBSOCKET_OPTIONS = {"ws_ping_interval": 20.0, "ws_ping_timeout": None, "http": HttpProtocol}
 
 
 def serve(model, *, model_id: str | None = None, host: str = "127.0.0.1", port: int = 8000,

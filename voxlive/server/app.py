@@ -15,6 +15,7 @@ from starlette.formparsers import MultiPartParser
 
 from ..audio import AudioError, load_audio
 from ..transcript import Word, cues, subtitles
+from . import metrics
 from .engine import Engine, EngineBusy
 from .deepgram import deepgram_endpoint
 from .mistral import mistral_endpoint
@@ -39,8 +40,12 @@ class ApiError(Exception):
 
 def create_app(engine: Engine, *, model_id: str, api_key: str | None = None, delay_ms: int | None = None,
                max_upload_mb: float = 200.0, max_upload_seconds: float | None = 4 * 3600.0,
-               idle_timeout: float | None = 7200.0, send_timeout: float | None = 60.0) -> FastAPI:
-    """The app around a (not yet started) engine; the app's lifespan starts and stops it."""
+               idle_timeout: float | None = 7200.0, send_timeout: float | None = 60.0,
+               replica: str | None = None) -> FastAPI:
+    """The app around a (not yet started) engine; the app's lifespan starts and stops it.
+
+    ``replica``: this server's name among several behind one endpoint (Ray Serve): /health and
+    /metrics carry it, and so does every WebSocket handshake (``x-voxlive-replica``)."""
 
     @asynccontextmanager
     async def lifespan(app):
@@ -51,7 +56,7 @@ def create_app(engine: Engine, *, model_id: str, api_key: str | None = None, del
     app = FastAPI(title="voxlive", lifespan=lifespan)
     app.state.voxlive = ServerState(engine, model_id, api_key, delay_ms, int(max_upload_mb * 1024 * 1024),
                                     max_upload_seconds=max_upload_seconds, idle_timeout=idle_timeout,
-                                    send_timeout=send_timeout)
+                                    send_timeout=send_timeout, replica=replica)
 
     @app.exception_handler(ApiError)
     async def api_error(request: Request, err: ApiError):
@@ -65,7 +70,15 @@ def create_app(engine: Engine, *, model_id: str, api_key: str | None = None, del
 
     @app.get("/health")
     async def health():
-        return {"status": "ok", "model": model_id, "sessions": engine.active, "max_sessions": engine.max_sessions}
+        load = engine.load()
+        body = {"status": "ok", "model": model_id, "sessions": load.sessions, "max_sessions": load.max_sessions,
+                "lag": load.lag}
+        return body if replica is None else {**body, "replica": replica}
+
+    @app.get("/metrics")
+    async def metrics_route():
+        """Prometheus text, without the key (like /health): load figures, no data."""
+        return Response(metrics.render(engine.load(), replica=replica), media_type=metrics.CONTENT_TYPE)
 
     @app.get("/v1/models")
     async def models(request: Request):

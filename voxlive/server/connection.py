@@ -56,7 +56,8 @@ class Connection:
 
     async def serve(self) -> None:
         self.main = asyncio.current_task()
-        await self.ws.accept()
+        replica = self.state.replica
+        await self.ws.accept(headers=None if replica is None else [(b"x-voxlive-replica", replica.encode())])
         try:
             if not authorized(self.ws, self.state.api_key):
                 await self.close_with_error("invalid or missing API key", "unauthorized", CLOSE_POLICY)

@@ -24,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
+import time
 from collections import deque
 from dataclasses import dataclass, field
 
@@ -42,6 +43,23 @@ class EngineBusy(RuntimeError):
 
 class SessionOver(RuntimeError):
     """Audio for a session that has ended, failed or been closed."""
+
+
+@dataclass(frozen=True)
+class Load:
+    """How busy an engine is, as ``/health``, ``/metrics`` and a router of replicas see it."""
+
+    sessions: int  # live sessions (streams and uploads)
+    max_sessions: int
+    lag: float  # the worst session's seconds of received audio not yet transcribed
+    steps: int  # batched decode steps run
+    step_seconds: float  # model time of every engine step so far (a counter: rate / steps' rate = mean step)
+    batch: int  # streams in the last decode step
+    max_batch: int  # the largest decode batch seen
+
+    @property
+    def full(self) -> bool:
+        return self.sessions >= self.max_sessions
 
 
 @dataclass
@@ -185,6 +203,11 @@ class Session:
         """Samples accepted and not yet taken by the engine."""
         return self._inbox_samples
 
+    @property
+    def lag(self) -> float:
+        """Seconds of received audio not yet transcribed, as last published."""
+        return self._pending.lag
+
     # -- engine side ------------------------------------------------------------------------------
 
     def view(self) -> SessionView:
@@ -283,6 +306,8 @@ class Engine:
         self.work = threading.Condition(self.lock)
         self.sessions: list[Session] = []
         self.steps = 0  # batched decode steps run (for metrics and tests)
+        self.step_seconds = 0.0  # model time of all engine steps
+        self.batch = 0  # streams in the last decode step
         self.max_batch = 0  # the largest decode batch seen
         self._stop = False
         self._thread = threading.Thread(target=self._run, name="voxlive-engine", daemon=True)
@@ -312,6 +337,16 @@ class Engine:
         with self.lock:
             return len(self.sessions)
 
+    @property
+    def running(self) -> bool:
+        return self._thread.is_alive()
+
+    def load(self) -> Load:
+        with self.lock:
+            lag = max((s.lag for s in self.sessions), default=0.0)
+            return Load(len(self.sessions), self.max_sessions, lag, self.steps, self.step_seconds, self.batch,
+                        self.max_batch)
+
     # -- the engine thread ------------------------------------------------------------------------
 
     def _run(self) -> None:
@@ -335,7 +370,9 @@ class Engine:
                 cuts = {s: s._cuts.popleft() for s in plan.fork}
                 sessions = list(self.sessions)
             try:
+                started = time.perf_counter()
                 self._execute(plan, audio, cuts)
+                self.step_seconds += time.perf_counter() - started
                 updates = [(s, s.progress(complete=s in plan.complete)) for s in sessions if s.stream is not None]
             except Exception as err:  # noqa: BLE001 - one bad step must not stop the server
                 log.exception("engine step failed")
@@ -367,4 +404,5 @@ class Engine:
         advanced = decode_step([s.stream for s in plan.decode] + forks)
         if advanced:
             self.steps += 1
-            self.max_batch = max(self.max_batch, len(advanced))
+            self.batch = len(advanced)
+            self.max_batch = max(self.max_batch, self.batch)

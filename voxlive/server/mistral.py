@@ -4,11 +4,21 @@ the ``mistralai`` SDK speaks it (``mistralai/extra/realtime``; shapes in ``mistr
 Server first: ``session.created {session}``. Client: ``session.update {session: {audio_format
 {encoding, sample_rate}, target_streaming_delay_ms, turn_detection, language, context_bias, ...}}``
 (before audio only, as Mistral's server rules) -> ``session.updated``; ``input_audio.append
-{audio}``, ``input_audio.flush`` (a forced final: the text so far as a segment, the session goes
-on), ``input_audio.end`` (the rest, ``transcription.done``, then the server closes). Server:
-``transcription.text.delta {text}``, ``transcription.segment {text, start, end}`` (one per turn or
-flush), ``turn.start / eager_end / resume / end {time_s[, end_reason]}``, ``transcription.done
-{model, text, usage, language, segments}``, ``error {error: {message, code}}``.
+{audio}``, ``input_audio.flush`` (a forced final: the text so far as a segment and a
+``transcription.done``; the session goes on), ``input_audio.end`` (the rest, the last
+``transcription.done``, then the server closes). Server: ``transcription.text.delta {text}``,
+``transcription.segment {text, start, end}`` (one per turn or flush), ``turn.start / eager_end /
+resume / end {time_s[, end_reason]}``, ``transcription.done {model, text, usage, language,
+segments}``, ``error {error: {message, code}}``.
+
+Each ``transcription.done`` covers the stretch since the one before (its text, segments and usage),
+so the dones of a session add up to its transcript, as its deltas do. Mistral's server answers a
+flush with a ``done`` and keeps the session open, and the voice-agent clients (LiveKit's
+``mistralai`` plugin, Pipecat's ``MistralSTTService``) wait for exactly that to emit a turn's final
+transcript; a flush with no new text still gets its (empty) ``done``, so no client waits forever.
+The model does not identify the language it hears: no ``transcription.language`` is sent, and
+``language`` is null in ``transcription.done`` (a requested ``language`` is a hint the open weights
+cannot take, reported under ``not_applied``).
 
 Audio before any ``session.update`` is taken in the session's announced default format (PCM s16le
 16 kHz). ``target_streaming_delay_ms`` is rounded to the nearest delay the model allows and sent
@@ -45,7 +55,9 @@ class MistralConnection(LiveConnection):
         self.request_id = uuid.uuid4().hex
         self.turn_detection: dict | None = None
         self.not_applied: dict = {}
-        self.segments: list[dict] = []
+        self.segments: list[dict] = []  # since the last transcription.done
+        self.done_mark = (0, 0.0, 0)  # where the last done left off: len(self.text), seconds, tokens
+        self.segment_tokens = 0  # tokens of every segment closed so far
 
     def session_object(self) -> dict:
         delay = self.delay_ms if self.delay_ms is not None else self.model.config.audio.delay_ms
@@ -182,12 +194,15 @@ class MistralConnection(LiveConnection):
 
     async def on_event(self, event) -> None:
         if isinstance(event, Segment):
+            end = min(event.end, self.samples / 16000)
+            self.segment_tokens += len(event.tokens)
             text = self.segment_text(event.tokens)
-            if not text:
-                return
-            segment = {"text": text, "start": event.start, "end": min(event.end, self.samples / 16000)}
-            self.segments.append(segment)
-            await self.send({"type": "transcription.segment", **segment})
+            if text:
+                segment = {"text": text, "start": event.start, "end": end}
+                self.segments.append(segment)
+                await self.send({"type": "transcription.segment", **segment})
+            if event.forced:
+                await self.send_done(end)
             return
         if self.turn_detection is None:
             return
@@ -202,12 +217,22 @@ class MistralConnection(LiveConnection):
             await self.send({"type": "turn.end", "time_s": event.time, "end_reason": reason})
 
     async def done(self, transcript) -> None:
+        await self.send_done(transcript.duration, prompt_tokens=self.usage()["prompt_tokens"])
+
+    async def send_done(self, end: float, prompt_tokens: int = 0) -> None:
+        """The ``transcription.done`` of the stretch since the last one, up to ``end`` seconds; the
+        session's prompt is counted once, in its last done."""
+        chars, since, tokens = self.done_mark
+        completion = self.segment_tokens - tokens
         await self.send({
-            "type": "transcription.done", "model": self.model_name, "text": self.text,
-            "usage": {**self.usage(), "prompt_audio_seconds": round(transcript.duration)},
+            "type": "transcription.done", "model": self.model_name, "text": self.text[chars:],
+            "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion,
+                      "total_tokens": prompt_tokens + completion, "prompt_audio_seconds": round(end - since)},
             "language": None,
             "segments": [{"type": "transcription_segment", **s} for s in self.segments],
         })
+        self.segments = []
+        self.done_mark = (len(self.text), end, self.segment_tokens)
 
     async def error(self, message: str, code) -> None:
         codes = {"unauthorized": 401, "invalid_parameter": 400, "server_busy": 503, "processing_error": 500}

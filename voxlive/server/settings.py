@@ -18,6 +18,7 @@ class ServerState:
     max_upload_seconds: float | None = 4 * 3600.0  # uploads longer than this are refused (None: no limit)
     idle_timeout: float | None = 7200.0  # seconds without a client message (None: never)
     send_timeout: float | None = 60.0  # seconds one message may wait for a client that does not read
+    replica: str | None = None  # this server's name among replicas (Ray Serve), told in handshakes
     vad: object = None  # the shared SileroVad, loaded by the first session that detects turns
 
     def delay_from(self, raw: str | None) -> int | None:

@@ -1,0 +1,139 @@
+"""How Ray Serve spreads voxlive sessions over replicas, scales them, and tells clients of a lost one.
+
+Three pieces, each run by Ray in its own process (so this module imports Ray, and nothing of the
+engine):
+
+- ``LeastLoadedRouter`` (in every Ray proxy): a new connection or upload goes to the least loaded
+  replica. Its live sessions are the router's own count of the connections and uploads in flight
+  there (Ray's, kept by the router as it sends them and as replicas report theirs: fresh within
+  a burst of new sessions); its capacity and lag are what its engine reports every second
+  (``record_routing_stats``), and the session count falls back on that report when the router
+  has no fresh count. Replicas are tried in order: not full and keeping up, then not full but
+  behind (their worst lag past ``BEHIND_SECONDS``), then full ones, fewest sessions first in each. A
+  WebSocket stays on the replica that accepted it for its life (Ray proxies the connection to
+  that one replica).
+- ``SessionsPolicy`` (in the Serve controller): replicas for the sessions there are, from the
+  same engine figures (``record_autoscaling_stats``).
+- ``ReplicaLostMiddleware`` (in every Ray proxy): when a replica dies, Ray ends the proxied
+  request without a word; the middleware closes the client's WebSocket with 1011 and a reason
+  (or answers an upload with a 503), so that clients know at once, instead of a dropped TCP
+  connection. Ray loads it from ``RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH`` (see ``PROXY_CALLBACK``).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+
+from ray.serve.request_router import RequestRouter
+
+PROXY_CALLBACK = "voxlive.server.routing:proxy_middlewares"
+PROXY_CALLBACK_ENV = "RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH"
+BEHIND_SECONDS = 2.0  # a replica whose worst session lags more than this is behind
+CLOSE_INTERNAL = 1011
+LOST_REASON = "replica lost: reconnect"
+
+
+def routing_key(stats: dict, in_flight: int | None) -> tuple:
+    """The order replicas are tried in (smallest first), from a replica's reported engine load
+    (``stats``: sessions, max_sessions, lag; empty before its first report) and the requests the
+    router has in flight to it (None: no fresh count). The report's sessions may be a second old:
+    a burst of sessions ending and others starting must not see the replicas full."""
+    sessions = in_flight if in_flight is not None else int(stats.get("sessions", 0))
+    limit = stats.get("max_sessions")
+    lag = float(stats.get("lag", 0.0))
+    return (limit is not None and sessions >= limit, lag > BEHIND_SECONDS, sessions, lag)
+
+
+def desired_replicas(sessions: list[float], lags: list[float], current: int, *, target_sessions: float) -> float:
+    """Replicas for ``sessions`` live sessions (each replica's mean over the look-back window) at
+    ``target_sessions`` each; one more than now while the replicas are behind on average."""
+    wanted = sum(sessions) / target_sessions
+    if lags and sum(lags) / len(lags) > BEHIND_SECONDS:
+        wanted = max(wanted, current + 1)
+    return wanted
+
+
+class SessionsPolicy:
+    """A Ray Serve autoscaling policy (``AutoscalingPolicy(policy_function=SessionsPolicy,
+    policy_kwargs=...)``): Ray applies min/max replicas, the delays and the scaling factors."""
+
+    def __init__(self, target_sessions: float):
+        self.target_sessions = target_sessions
+
+    def __call__(self, ctx) -> tuple[float, dict]:
+        metrics = ctx.aggregated_metrics or {}
+        sessions = list(metrics.get("sessions", {}).values())
+        lags = list(metrics.get("lag", {}).values())
+        if not sessions:  # no report yet: keep what there is
+            return ctx.target_num_replicas, ctx.policy_state
+        wanted = desired_replicas(sessions, lags, ctx.current_num_replicas, target_sessions=self.target_sessions)
+        return math.ceil(wanted), ctx.policy_state
+
+
+class LeastLoadedRouter(RequestRouter):
+    """Ray Serve's request router for voxlive replicas (``RequestRouterConfig(request_router_class=...)``)."""
+
+    async def choose_replicas(self, candidate_replicas, pending_request=None):
+        # Each rank is one replica: Ray tries them in this order, skipping any it sees at its
+        # max_ongoing_requests, and backs off only once every one has refused.
+        cache = self.replica_queue_len_cache
+        shuffled = random.sample(candidate_replicas, len(candidate_replicas))  # ties go anywhere
+        ranked = sorted(shuffled, key=lambda r: routing_key(r.routing_stats or {}, cache.get(r.replica_id)))
+        return [[r] for r in ranked]
+
+
+class ReplicaLostMiddleware:
+    """ASGI middleware for a Ray proxy: a request whose replica died ends with a clear error."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] not in ("websocket", "http"):
+            return await self.app(scope, receive, send)
+        state = {"accepted": False, "over": False}
+
+        async def watched_send(message):
+            kind = message["type"]
+            if kind in ("websocket.accept", "http.response.start"):
+                state["accepted"] = True
+            elif kind in ("websocket.close", "websocket.http.response.start"):
+                state["over"] = True
+            elif kind == "http.response.body" and not message.get("more_body", False):
+                state["over"] = True
+            await send(message)
+
+        async def watched_receive():
+            message = await receive()
+            if message["type"] in ("websocket.disconnect", "http.disconnect"):
+                state["over"] = True  # the client left: nobody to tell
+            return message
+
+        try:
+            await self.app(scope, watched_receive, watched_send)
+        finally:
+            if not state["over"]:
+                await self._tell(scope, send, state["accepted"])
+
+    @staticmethod
+    async def _tell(scope, send, accepted: bool) -> None:
+        try:
+            if scope["type"] == "websocket":  # before the handshake, this close refuses it (HTTP 403)
+                await send({"type": "websocket.close", "code": CLOSE_INTERNAL, "reason": LOST_REASON})
+            elif not accepted:
+                body = json.dumps({"error": {"message": "the replica serving this request was lost: retry it",
+                                             "type": "server_error", "param": None, "code": "replica_lost"}})
+                await send({"type": "http.response.start", "status": 503,
+                            "headers": [(b"content-type", b"application/json"), (b"retry-after", b"1")]})
+                await send({"type": "http.response.body", "body": body.encode()})
+        except Exception:  # noqa: BLE001 - the client's connection is gone as well
+            pass
+
+
+def proxy_middlewares() -> list:
+    """What Ray's proxy calls (``RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH``) for its middlewares."""
+    from starlette.middleware import Middleware
+
+    return [Middleware(ReplicaLostMiddleware)]
