@@ -12,6 +12,8 @@ Attention is batched matmuls over (slot, block, KV head), the query heads of a K
 (``[KEY_BLOCK, d] x [d, group * n]``, then ``[group * n, KEY_BLOCK] x [KEY_BLOCK, d]`` summed over
 blocks in float32) and a softmax in float32 over all blocks: it reads the keys and values once,
 in place, where ``scaled_dot_product_attention`` with one query ran at ~1 GB/s in bf16 on CPU.
+Where voxlive's CPU attention kernel runs (``kernel_attends``), one kernel call per layer does the
+batch instead, int8 pools included.
 """
 
 from __future__ import annotations
@@ -172,7 +174,8 @@ class KVPool(SlotPool):
         ``cpu_kernels.batch_invariant()``, bf16 or float32 queries on a CPU (bf16, float32 or int8 keys).
         It computes each query on its own, where the batched matmuls and softmax above block their sums
         by the pass's sizes, so a stream's numbers do not depend on how its positions were chunked or
-        batched; and it reads the keys and values at the memory's speed (README, "Speed")."""
+        batched; and it reads each slot's keys and values once for all of a KV head's query heads, in one
+        call for the batch (README, "Speed")."""
         return (cpu_kernels.batch_invariant() and q.device.type == "cpu" and q.dtype in (torch.bfloat16, torch.float32)
                 and q.shape[2] % 8 == 0 and q.shape[2] <= cpu_kernels.ATTENTION_MAX_HEAD_DIM)
 
