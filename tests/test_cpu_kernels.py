@@ -303,13 +303,125 @@ def test_attention_kernel_against_float64_and_in_any_chunking(dtype, batch_invar
         assert torch.equal(attend_in_chunks(q, k, v, window, chunks), whole)
 
 
+def windowed_attention_float64(q, k, v, positions, window):
+    """Reference: queries q [n, heads, d] at ``positions`` over keys/values [T, kv_heads, d] at 0 .. T."""
+    heads, kv_heads, d = q.shape[1], k.shape[1], q.shape[2]
+    delta = torch.as_tensor(positions)[:, None] - torch.arange(k.shape[0])[None, :]
+    allowed = (delta >= 0) & (delta < window)
+    kk, vv = (t.double().transpose(0, 1).repeat_interleave(heads // kv_heads, 0) for t in (k, v))
+    scores = (q.double().transpose(0, 1) @ kk.transpose(1, 2)) / d ** 0.5
+    out = torch.softmax(scores.masked_fill(~allowed, float("-inf")), -1) @ vv  # [heads, n, d]
+    return out.transpose(0, 1).reshape(len(positions), -1), vv.abs().max()
+
+
+def dequantized_kv(x):
+    from voxlive.backends.torch.pool import _quantize
+
+    q, scale = _quantize(x)
+    return q.double() * scale.double()[..., None]
+
+
+@needs_kernels
+@pytest.mark.parametrize("kv", ["bf16", "float32", "int8"])
+def test_attention_kernel_one_call_for_a_batch_of_streams_of_mixed_lengths(kv, batch_invariant):
+    """One call for streams at different lengths (fresh, partly filled, past the ring's wrap), each feeding
+    a different number of positions: every query over exactly its window, within rounding of float64
+    (int8: of the keys and values as the pool holds them), and each stream's rows bit for bit what the
+    kernel gives for that stream alone."""
+    from voxlive.backends.torch.pool import KVPool, _quantize
+
+    dtype = torch.float32 if kv == "float32" else torch.bfloat16
+    heads, kv_heads, d, window, extra = 8, 2, 40, 20, 3
+    pool = KVPool(1, kv_heads, window, d, extra=extra, dtype=dtype, device=torch.device("cpu"), kv_int8=kv == "int8")
+    g = torch.Generator().manual_seed(2)
+    history, feed = [57, 5, 23, 0, 40], [1, 3, 4, 5, 2]  # 57 and 40 wrap the ring (capacity 23)
+    total = [h + f for h, f in zip(history, feed)]
+    q, k, v = ([3 * torch.randn(t, h, d, generator=g).to(dtype) for t in total] for h in (heads, kv_heads, kv_heads))
+    slots = [pool.acquire() for _ in history]
+    for s, h in zip(slots, history):  # each stream's history, in chunks of up to 7 positions
+        for p in range(0, h, 7):
+            n = min(7, h - p)
+            step = pool.begin([s], [n])
+            pool.attend(0, step, q[s][p:p + n], k[s][p:p + n], v[s][p:p + n])
+            pool.commit(step.plan)
+    new = [torch.cat([t[s][h:] for s, h in zip(slots, history)]) for t in (q, k, v)]
+    step = pool.begin(slots, feed)
+    assert pool.kernel_attends(new[0])
+    if kv == "int8":  # the kernel's own inputs: the new rows quantized, as the pool stores them
+        (kq, ks), (vq, vs) = _quantize(new[1]), _quantize(new[2])
+        rows, scales = (kq.flatten(1), vq.flatten(1)), (ks, vs, pool.k_scale[0], pool.v_scale[0])
+    else:
+        rows, scales = (new[1].flatten(1), new[2].flatten(1)), None
+    starts = [int(pool.lengths[s]) for s in slots]
+
+    def kernel(streams):
+        at = [sum(feed[:b]) for b in streams]
+        pick = torch.cat([torch.arange(a, a + feed[b]) for a, b in zip(at, streams)])
+        return cpu_kernels.attention(new[0].flatten(1)[pick], *(r[pick] for r in rows), pool.k[0], pool.v[0],
+                                     [slots[b] for b in streams], [starts[b] for b in streams],
+                                     [feed[b] for b in streams], window, d, pool.capacity,
+                                     scales=None if scales is None else (scales[0][pick], scales[1][pick], *scales[2:]))
+
+    alone = [kernel([b]) for b in range(len(slots))]
+    got = pool.attend(0, step, *new)
+    assert torch.equal(got, torch.cat(alone))
+    tolerance = 2 ** -8 if dtype == torch.bfloat16 else 1e-5
+    row = 0
+    for s, h, f in zip(slots, history, feed):
+        kk, vv = (dequantized_kv(t[s]) if kv == "int8" else t[s] for t in (k, v))
+        expected, vmax = windowed_attention_float64(q[s][h:], kk, vv, range(h, h + f), window)
+        assert ((got[row:row + f].double() - expected).abs() <= tolerance * (expected.abs() + vmax)).all()
+        row += f
+
+
+@needs_kernels
+@pytest.mark.parametrize("kv", ["bf16", "float32", "int8"])
+def test_attention_kernel_is_the_same_in_any_chunking_when_many_keys_count(kv, batch_invariant):
+    """Small scores (a flat softmax: every key's weight counts in the sums), a window of 40 over 150
+    positions (across the ring's wrap), bf16, float32 and int8 keys: each chunking gives bit for bit the
+    same outputs."""
+    from voxlive.backends.torch.pool import KVPool
+
+    dtype = torch.float32 if kv == "float32" else torch.bfloat16
+    g = torch.Generator().manual_seed(3)
+    q, k, v = ((s * torch.randn(150, h, 32, generator=g)).to(dtype) for s, h in ((0.2, 4), (1, 1), (1, 1)))
+
+    def chunked(chunks):
+        pool = KVPool(1, 1, 40, 32, extra=2, dtype=dtype, device=torch.device("cpu"), kv_int8=kv == "int8")
+        slot, outs, p = pool.acquire(), [], 0
+        for n in chunks:
+            step = pool.begin([slot], [n])
+            assert pool.kernel_attends(q)
+            outs.append(pool.attend(0, step, q[p:p + n], k[p:p + n], v[p:p + n]))
+            pool.commit(step.plan)
+            p += n
+        return torch.cat(outs)
+
+    whole = chunked([150])
+    for chunks in ([1] * 150, [2, 3] * 30, [7, 1, 50, 3, 89]):
+        assert torch.equal(chunked(chunks), whole)
+
+
 @needs_kernels
 def test_attention_kernel_rejects_bad_shapes():
-    q = torch.zeros(3, 32)
-    with pytest.raises(RuntimeError, match="divide 16"):
-        cpu_kernels.attention(torch.zeros(3, 36), torch.zeros(3, 12), torch.zeros(3, 12), torch.zeros(1, 4, 12),
-                              torch.zeros(1, 4, 12), 0, 4, 12)
-    with pytest.raises(RuntimeError, match="fewer slots than the window"):
-        cpu_kernels.attention(q, q, q, torch.zeros(1, 4, 32), torch.zeros(1, 4, 32), 5, 8, 32)
+    q, kv = torch.zeros(3, 64), torch.zeros(3, 32)
+    pool = torch.zeros(2, 1, 1, 8, 32)
+
+    def call(q=q, k=kv, v=kv, pool_k=pool, slots=(0,), starts=(0,), counts=(3,), window=8, capacity=8):
+        d = pool_k.shape[-1]
+        return cpu_kernels.attention(q, k, v, pool_k, pool_k, list(slots), list(starts), list(counts), window, d,
+                                     capacity)
+
+    call()  # the calls below differ from this one in one thing each
+    with pytest.raises(RuntimeError, match="multiple of 8"):
+        call(q=torch.zeros(3, 24), k=torch.zeros(3, 12), v=torch.zeros(3, 12), pool_k=torch.zeros(2, 1, 1, 8, 12))
+    with pytest.raises(RuntimeError, match="fewer indices than the window"):
+        call(starts=(5,), window=9)
     with pytest.raises(RuntimeError, match="one dtype"):
-        cpu_kernels.attention(q, q.bfloat16(), q, torch.zeros(1, 8, 32), torch.zeros(1, 8, 32), 0, 8, 32)
+        call(k=kv.bfloat16())
+    with pytest.raises(RuntimeError, match="add up to"):
+        call(counts=(2,))
+    with pytest.raises(RuntimeError, match="not in the pool"):
+        call(slots=(2,))
+    with pytest.raises(RuntimeError, match="need float32 scales"):
+        call(k=kv.to(torch.int8), v=kv.to(torch.int8), pool_k=pool.to(torch.int8))

@@ -22,6 +22,7 @@
 
 #include <cmath>
 #include <cstring>
+#include <type_traits>
 #include <vector>
 
 #include <sys/syscall.h>
@@ -542,48 +543,81 @@ at::Tensor linear_int4(const at::Tensor& x_in, const at::Tensor& q, const at::Te
 }
 
 
-// ---- attention whose every query is computed on its own ---------------------------------------------
-// Causal sliding-window attention of n new positions of one sequence over its ring cache and themselves.
-// PyTorch's flash attention blocks queries and keys by the call's sizes, so a query's output depends on
-// how many others the call holds. Here each of 16 lanes is one (query, head) of a kv head's group, and a
-// lane's arithmetic is its own: scores summed over the head's dims in order, one exponential per key, the
-// softmax sum and the weighted values accumulated over keys oldest first (keys outside a lane's window add
-// exact zeros). So a stream's numbers are the same in any chunking, and a decode step (one query) computes
-// a position exactly as a prompt chunk would. The lanes are GCC vectors of 16 floats (one AVX-512
-// register, two AVX2 ones): one code path for every lane and every call.
+// ---- attention, every query computed on its own ----------------------------------------------------
+// Causal sliding-window attention of a batch of streams, each feeding n >= 1 new positions, over its
+// slot of a KV pool (the keys and values before the pass) and its new rows. One call per layer for the
+// whole batch; the work is split into jobs of (stream, kv head, up to kJobRows query rows), each reading
+// its slot's keys and values once for all the query heads and positions it holds (GQA heads together).
+//
+// Vector lanes run along the head dimension, so they are full for any number of queries: a key row is
+// loaded once (dequantized to float32 for int8 pools) and dotted with every query row of the job, 16 keys
+// at a time; the 16 partial-sum vectors are reduced by one 16x16 transpose-add to 16 scores. Every number
+// is computed in a fixed order that depends on the query and its keys alone, never on the call's sizes:
+// a score is its row's dims summed in one tree; the softmax's max is exact and its sum runs over keys in
+// groups aligned to the stream's positions (lane = position mod 16), keys outside the window adding exact
+// zeros; the output sums the weighted values key by key, oldest first. So a stream's numbers are the same
+// in any chunking and any batch, and a decode step computes a position exactly as a prompt chunk would.
+// The lanes are GCC vectors of 16 floats (one AVX-512 register, two AVX2 ones): one code path for both.
 
 constexpr int kLanes = 16;
+constexpr int64_t kJobRows = 64;   // query rows (positions x heads of a kv head) per job, at most
+constexpr int64_t kValueChunk = 64;  // value rows converted to float32 at a time (32 KB at head dim 128)
+constexpr int kMaxSlabs = 4;         // 32 head dims a slab: head_dim up to 128
 typedef float f16v __attribute__((vector_size(64)));
 typedef int32_t i16v __attribute__((vector_size(64)));
 typedef uint32_t u16v __attribute__((vector_size(64)));
 typedef uint16_t h16v __attribute__((vector_size(32)));
 
-// 16 values from p as float32.
 inline f16v load16(const float* p) {
   f16v v;
   std::memcpy(&v, p, sizeof v);
   return v;
 }
-inline f16v load16(const uint16_t* p) {
-  h16v h;
-  std::memcpy(&h, p, sizeof h);
-  u16v bits = __builtin_convertvector(h, u16v) << 16;
-  f16v v;
-  std::memcpy(&v, &bits, sizeof v);
-  return v;
-}
+inline void store16(float* p, f16v v) { std::memcpy(p, &v, sizeof v); }
 
 inline float to_float(uint16_t v) { return bf16_to_float(v); }
 inline float to_float(float v) { return v; }
-// a row of D values as float32 (exact), 16 at a time
+inline float to_float(int8_t v) { return float(v); }
+
+// A row's values as float32, 32 at a time (a slab, two vectors) in an order of the stored type's
+// choosing: bfloat16 as the even elements, then the odd ones (a shift and a mask, no conversion);
+// float32 and int8 in order. Queries are laid out in the keys' order; outputs are put back in place.
 template <typename T>
-inline void to_floats(const T* p, int64_t D, float* out) {
+struct Slab {
+  static int at(int j) { return j; }  // where element j of a slab goes
+};
+template <>
+struct Slab<uint16_t> {
+  static int at(int j) { return (j & 1) * kLanes + j / 2; }
+};
+inline void load_slab(const uint16_t* p, float* out) {
+  u16v x;
+  std::memcpy(&x, p, sizeof x);
+  const u16v even = x << 16, odd = x & 0xFFFF0000u;
+  std::memcpy(out, &even, sizeof even);
+  std::memcpy(out + kLanes, &odd, sizeof odd);
+}
+inline void load_slab(const float* p, float* out) { std::memcpy(out, p, 2 * kLanes * sizeof(float)); }
+inline void load_slab(const int8_t* p, float* out) {  // GCC's generic widening of int8 vectors is scalar code
+#if defined(__AVX512F__)
+  for (int h = 0; h < 2; h++)
+    _mm512_storeu_ps(out + h * kLanes, _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)(p + h * kLanes)))));
+#else
+  for (int h = 0; h < 4; h++)
+    _mm256_storeu_ps(out + h * 8, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i*)(p + h * 8)))));
+#endif
+}
+
+// D values of a stored row as S slabs (zeros past D)
+template <int S, typename T>
+inline void load_row(const T* p, int64_t D, float* out) {
   int64_t d = 0;
-  for (; d + kLanes <= D; d += kLanes) {
-    f16v r = load16(p + d);
-    std::memcpy(out + d, &r, sizeof r);
+  for (; d + 2 * kLanes <= D; d += 2 * kLanes) load_slab(p + d, out + d);
+  if (d < S * 2 * kLanes) {  // a last part slab (head dims not a multiple of 32)
+    T part[2 * kLanes] = {};
+    std::memcpy(part, p + d, (D - d) * sizeof(T));
+    load_slab(part, out + d);
   }
-  for (; d < D; d++) out[d] = to_float(p[d]);
 }
 
 inline void store_value(float f, float* out) { *out = f; }
@@ -611,106 +645,320 @@ inline f16v exp_nonpositive(f16v x) {
   return p * scale;
 }
 
+// out[l] = the sum of v[l]'s 16 lanes, for 16 vectors given in bit-reversed order (v[bitrev(l)] is key
+// l's): four rounds, each adding lanes i and i + half of every vector's partial sums (pairs of vectors
+// share a register), the same tree for every key.
+template <int N>
+inline void add_halves(f16v v[], i16v lo, i16v hi) {
+  for (int i = 0; i < N; i++) v[i] = __builtin_shuffle(v[2 * i], v[2 * i + 1], lo) + __builtin_shuffle(v[2 * i], v[2 * i + 1], hi);
+}
+inline f16v transpose_add(f16v v[16]) {
+  add_halves<8>(v, i16v{0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23},
+                i16v{8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31});
+  add_halves<4>(v, i16v{0, 1, 2, 3, 16, 17, 18, 19, 8, 9, 10, 11, 24, 25, 26, 27},
+                i16v{4, 5, 6, 7, 20, 21, 22, 23, 12, 13, 14, 15, 28, 29, 30, 31});
+  add_halves<2>(v, i16v{0, 1, 16, 17, 4, 5, 20, 21, 8, 9, 24, 25, 12, 13, 28, 29},
+                i16v{2, 3, 18, 19, 6, 7, 22, 23, 10, 11, 26, 27, 14, 15, 30, 31});
+  add_halves<1>(v, i16v{0, 16, 2, 18, 4, 20, 6, 22, 8, 24, 10, 26, 12, 28, 14, 30},
+                i16v{1, 17, 3, 19, 5, 21, 7, 23, 9, 25, 11, 27, 13, 29, 15, 31});
+  return v[0];
+}
+constexpr int kBitReversed[16] = {0, 8, 4, 12, 2, 10, 6, 14, 1, 9, 5, 13, 3, 11, 7, 15};
+
+inline float sum_lanes(f16v v) {  // a fixed tree
+  float s[kLanes];
+  std::memcpy(s, &v, sizeof s);
+  for (int n = kLanes / 2; n >= 1; n /= 2)
+    for (int l = 0; l < n; l++) s[l] += s[l + n];
+  return s[0];
+}
+inline float max_lanes(f16v v) {
+  float m = v[0];
+  for (int l = 1; l < kLanes; l++) m = v[l] > m ? v[l] : m;
+  return m;
+}
+
+// Where a stream's keys and values are: position p (relative to the stream's first) below `start` at
+// index p % capacity of its pool slot [blocks, kv_heads, block, D] (scales [blocks, kv_heads, block]),
+// from `start` on in the new rows (scales [rows, kv_heads]). A job looks rows up by `index` (Rows).
 template <typename T>
-void attention_impl(const at::Tensor& q, const at::Tensor& k_new, const at::Tensor& v_new, const at::Tensor& k_ring,
-                    const at::Tensor& v_ring, int64_t start, int64_t window, int64_t W, int64_t D, at::Tensor& out) {
-  // the ring is [blocks, kv_heads, KB, D]: index i of head g at ((i / KB) * KVH + g) * KB + i % KB
-  const int64_t n = q.size(0), H = q.size(1) / D, KVH = k_new.size(1) / D, KB = k_ring.size(2), G = H / KVH;
-  const int64_t per_tile = kLanes / G, tiles = (n + per_tile - 1) / per_tile;  // queries per tile of 16 lanes
-  const T* qp = (const T*)q.data_ptr();
-  const T* knp = (const T*)k_new.data_ptr();
-  const T* vnp = (const T*)v_new.data_ptr();
-  const T* krp = (const T*)k_ring.data_ptr();
-  const T* vrp = (const T*)v_ring.data_ptr();
-  T* op = (T*)out.data_ptr();
-  const int64_t qs = q.stride(0), ks = k_new.stride(0), vs = v_new.stride(0);
-  const float scale = 1.0f / std::sqrt(float(D));
-  at::parallel_for(0, KVH * tiles, 1, [&](int64_t begin, int64_t end) {
-    // 64-byte aligned scratch: q per dim [D] and the output [D] as lanes, the row [D], scores per key
-    at::Tensor scratch = at::empty({(2 * D + window + per_tile) * kLanes + 2 * D + kLanes}, at::kFloat);
-    f16v* qt = (f16v*)scratch.data_ptr<float>();
-    f16v* o = qt + D;
-    f16v* e = o + D;
-    float* row = (float*)(e + window + per_tile);
-    for (int64_t job = begin; job < end; job++) {
-      const int64_t g = job / tiles, i0 = job % tiles * per_tile, nq = std::min(per_tile, n - i0);
-      const int64_t pos0 = start + i0, lo = std::max<int64_t>(0, pos0 - window + 1), count = pos0 + nq - lo;
-      auto at = [&](int64_t p) { return ((p % W / KB * KVH + g) * KB + p % W % KB) * D; };
-      auto key = [&](int64_t p) { return p < start ? krp + at(p) : knp + (p - start) * ks + g * D; };
-      auto value = [&](int64_t p) { return p < start ? vrp + at(p) : vnp + (p - start) * vs + g * D; };
-      // lane l: query i0 + l / G, head g * G + l % G; zeros in lanes past the last query
-      i16v qpos;
-      for (int l = 0; l < kLanes; l++) {
-        const int64_t i = l / G, h = g * G + l % G;
-        qpos[l] = i < nq ? int32_t(pos0 - lo + i) : -int32_t(window);  // relative to lo; a lane without a query sees no key
-        for (int64_t d = 0; d < D; d++) qt[d][l] = i < nq ? to_float(qp[(i0 + i) * qs + h * D + d]) : 0.0f;
-      }
-      f16v top = f16v{} - INFINITY;
-      for (int64_t j = 0; j < count; j++) {
-        const T* kp = key(lo + j);
-        to_floats(kp, D, row);
-        f16v s0 = {}, s1 = {}, s2 = {}, s3 = {};  // four chains of dims (D is a multiple of 8)
-        for (int64_t d = 0; d < D; d += 4) {
-          s0 += row[d] * qt[d];
-          s1 += row[d + 1] * qt[d + 1];
-          s2 += row[d + 2] * qt[d + 2];
-          s3 += row[d + 3] * qt[d + 3];
-        }
-        const f16v s = (s0 + s1) + (s2 + s3);
-        const i16v age = qpos - int32_t(j);
-        e[j] = (age >= 0) & (age < int32_t(window)) ? s * scale : f16v{} - INFINITY;
-        top = e[j] > top ? e[j] : top;
-      }
-      f16v sum = {};
-      for (int64_t j = 0; j < count; j++) {
-        e[j] = e[j] == -INFINITY ? f16v{} : exp_nonpositive(e[j] - top);
-        sum += e[j];
-      }
-      for (int64_t d = 0; d < D; d++) o[d] = f16v{};
-      int64_t j = 0;
-      for (; j + 2 <= count; j += 2) {  // two keys per pass over the output (the same sums, in order)
-        to_floats(value(lo + j), D, row);
-        to_floats(value(lo + j + 1), D, row + D);
-        for (int64_t d = 0; d < D; d++) o[d] = (o[d] + row[d] * e[j]) + row[D + d] * e[j + 1];
-      }
-      for (; j < count; j++) {
-        to_floats(value(lo + j), D, row);
-        for (int64_t d = 0; d < D; d++) o[d] += row[d] * e[j];
-      }
-      const f16v inv = 1.0f / sum;
-      for (int l = 0; l < kLanes; l++) {
-        const int64_t i = l / G, h = g * G + l % G;
-        if (i >= nq) continue;
-        for (int64_t d = 0; d < D; d++) store_value(o[d][l] * inv[l], op + (i0 + i) * H * D + h * D + d);
-      }
+struct Source {
+  const T* pool;
+  const float* pool_scale;
+  const T* fresh;
+  const float* fresh_scale;
+  int64_t fresh_stride;
+};
+
+// The rows of kv head g at positions lo .. hi: pool rows by their index in the slot (>= 0), new rows
+// as -1 - their row. Computed once per job, so the key loops do no division.
+struct Rows {
+  std::vector<int64_t> index;
+  int64_t lo, start, KVH, g, D;
+  void fill(int64_t lo_, int64_t hi, int64_t start_, int64_t capacity, int64_t KVH_, int64_t KB, int64_t g_, int64_t D_) {
+    lo = lo_, start = start_, KVH = KVH_, g = g_, D = D_;
+    index.resize(hi - lo);
+    int64_t i = lo % capacity;
+    for (int64_t p = lo; p < hi; p++) {
+      index[p - lo] = p >= start ? -1 - (p - start) : (i / KB * KVH + g) * KB + i % KB;
+      if (++i == capacity) i = 0;
     }
+  }
+  template <typename T>
+  const T* row(const Source<T>& s, int64_t p) const {
+    const int64_t i = index[p - lo];
+    return i >= 0 ? s.pool + i * D : s.fresh + (-1 - i) * s.fresh_stride + g * D;
+  }
+  template <typename T>
+  float scale(const Source<T>& s, int64_t p) const {
+    if (!s.pool_scale) return 1.0f;
+    const int64_t i = index[p - lo];
+    return i >= 0 ? s.pool_scale[i] : s.fresh_scale[(-1 - i) * KVH + g];
+  }
+};
+
+struct Job {
+  int64_t b, g, i0, i1;  // stream, kv head, its queries i0 .. i1 (positions start + i)
+};
+
+struct Scratch {  // one job's float32 buffers, and where its rows are
+  std::vector<float> buf;
+  Rows rows;
+  float *q, *keys, *scores, *values, *out, *weights;
+  void size(int64_t rows, int64_t span, int64_t Dp) {
+    const int64_t need = rows * Dp + 16 * Dp + rows * span + kValueChunk * Dp + rows * Dp + rows * kValueChunk + kLanes;
+    if (int64_t(buf.size()) < need) buf.resize(need);
+    float* p = (float*)(((uintptr_t)buf.data() + 63) & ~uintptr_t(63));
+    q = p, keys = q + rows * Dp, scores = keys + 16 * Dp, values = scores + rows * span, out = values + kValueChunk * Dp;
+    weights = out + rows * Dp;
+  }
+};
+
+// out[i] += the sum over keys p = c0 .. c1 of w[i][p - c0] * value p (rows of Dp floats from c0), for RT rows
+template <int RT, int NV>
+inline void weigh_values(const float* values, int64_t keys, const float* w, int64_t span, float* out) {
+  constexpr int64_t Dp = NV * kLanes;
+  f16v acc[RT][NV];
+  for (int i = 0; i < RT; i++)
+    for (int v = 0; v < NV; v++) acc[i][v] = load16(out + i * Dp + v * kLanes);
+  for (int64_t p = 0; p < keys; p++) {
+    const float* val = values + p * Dp;
+    for (int i = 0; i < RT; i++) {
+      const float wi = w[i * span + p];
+      for (int v = 0; v < NV; v++) acc[i][v] += wi * load16(val + v * kLanes);
+    }
+  }
+  for (int i = 0; i < RT; i++)
+    for (int v = 0; v < NV; v++) store16(out + i * Dp + v * kLanes, acc[i][v]);
+}
+
+inline void prefetch_row(const void* p, int64_t bytes) {
+  for (int64_t c = 0; c < bytes; c += 64) __builtin_prefetch((const char*)p + c, 0, 2);
+}
+constexpr int64_t kPrefetchRows = 128;  // rows ahead, into L2 (32 KB at head dim 128 in bf16): of 16, 32, 64 and
+                                        // 128 rows, and L1 or L2, the fastest here (a loaded machine); none: half the speed
+
+template <typename Q, typename T, int S>
+void attend_job(const Job& job, const Q* qp, int64_t qs, const Source<T>& keys, const Source<T>& values, int64_t G,
+                int64_t window, int64_t start, int64_t capacity, int64_t KVH, int64_t KB, int64_t D, Q* op, int64_t H,
+                Scratch& s) {
+  constexpr int NV = 2 * S;
+  constexpr int64_t Dp = NV * kLanes;
+  constexpr bool scaled = std::is_same_v<T, int8_t>;
+  const int64_t n = job.i1 - job.i0, R = n * G, row_bytes = D * sizeof(T);
+  const int64_t lo = std::max<int64_t>(0, start + job.i0 - window + 1), hi = start + job.i1, a0 = lo & ~int64_t(15);
+  const int64_t span = (hi - a0 + 15) & ~int64_t(15);
+  s.size(R, span, Dp);
+  s.rows.fill(lo, hi, start, capacity, KVH, KB, job.g, D);
+  const Rows& where = s.rows;
+  const float scale = 1.0f / std::sqrt(float(D));
+  // row r: query i0 + r / G, head g * G + r % G, in the keys' slab order
+  for (int64_t r = 0; r < R; r++) {
+    const Q* src = qp + (job.i0 + r / G) * qs + (job.g * G + r % G) * D;
+    float* dst = s.q + r * Dp;
+    std::memset(dst, 0, Dp * sizeof(float));
+    for (int64_t d = 0; d < D; d++) dst[d / 32 * 32 + Slab<T>::at(d % 32)] = to_float(src[d]);
+  }
+  std::vector<f16v> top(R, f16v{} - INFINITY);
+  const i16v lane = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
+  // scores, 16 keys at a time
+  for (int64_t a = a0; a < hi; a += 16) {
+    alignas(64) float key_scale[16];
+    for (int t = 0; t < 16; t++) {
+      const int64_t p = a + t;
+      float* dst = s.keys + kBitReversed[t] * Dp;
+      key_scale[t] = 0.0f;
+      if (p < lo || p >= hi) {
+        std::memset(dst, 0, Dp * sizeof(float));
+        continue;
+      }
+      if (p + kPrefetchRows < hi) prefetch_row(where.row(keys, p + kPrefetchRows), row_bytes);
+      load_row<S>(where.row(keys, p), D, dst);
+      if (scaled) key_scale[t] = where.scale(keys, p);
+    }
+    for (int64_t r = 0; r < R; r++) {
+      f16v qv[NV], part[16];
+      for (int v = 0; v < NV; v++) qv[v] = load16(s.q + r * Dp + v * kLanes);
+      for (int t = 0; t < 16; t++) {
+        const float* k = s.keys + t * Dp;
+        f16v acc = qv[0] * load16(k);
+        for (int v = 1; v < NV; v++) acc += qv[v] * load16(k + v * kLanes);
+        part[t] = acc;
+      }
+      f16v sc = transpose_add(part);
+      if (scaled) sc *= load16(key_scale);
+      sc *= scale;
+      const i16v age = int32_t(start + job.i0 + r / G - a) - lane;  // query position - key position
+      const f16v masked = (age >= 0) & (age < int32_t(window)) ? sc : f16v{} - INFINITY;
+      store16(s.scores + r * span + (a - a0), masked);
+      top[r] = masked > top[r] ? masked : top[r];
+    }
+  }
+  // weights exp(score - max), and their sums
+  std::vector<float> inv(R);
+  for (int64_t r = 0; r < R; r++) {
+    const float m = max_lanes(top[r]);
+    f16v sum = {};
+    for (int64_t a = 0; a < span; a += 16) {
+      const f16v sc = load16(s.scores + r * span + a);
+      // below e^-87 (next to the row's largest weight, 1) a weight is 0: no denormals in the sums
+      const f16v x = sc - m, e = x < -87.0f ? f16v{} : exp_nonpositive(x);
+      store16(s.scores + r * span + a, e);
+      sum += e;
+    }
+    inv[r] = 1.0f / sum_lanes(sum);
+  }
+  // the weighted values, key by key, oldest first; rows RT at a time over chunks of loaded values
+  constexpr int RT = NV >= 8 ? 2 : NV >= 4 ? 4 : 8;
+  std::memset(s.out, 0, R * Dp * sizeof(float));
+  for (int64_t c0 = lo; c0 < hi; c0 += kValueChunk) {
+    const int64_t c1 = std::min(hi, c0 + kValueChunk), count = c1 - c0;
+    for (int64_t p = c0; p < c1; p++) {
+      if (p + kPrefetchRows < hi) prefetch_row(where.row(values, p + kPrefetchRows), row_bytes);
+      load_row<S>(where.row(values, p), D, s.values + (p - c0) * Dp);
+    }
+    const float* w = s.scores + (c0 - a0);
+    if (scaled) {  // int8: the weights times the values' scales, for this chunk
+      for (int64_t r = 0; r < R; r++)
+        for (int64_t p = c0; p < c1; p++) s.weights[r * kValueChunk + (p - c0)] = w[r * span + (p - c0)] * where.scale(values, p);
+    }
+    const float* wc = scaled ? s.weights : w;
+    const int64_t ws = scaled ? kValueChunk : span;
+    int64_t r0 = 0;
+    for (; r0 + RT <= R; r0 += RT) weigh_values<RT, NV>(s.values, count, wc + r0 * ws, ws, s.out + r0 * Dp);
+    for (; r0 < R; r0++) weigh_values<1, NV>(s.values, count, wc + r0 * ws, ws, s.out + r0 * Dp);
+  }
+  for (int64_t r = 0; r < R; r++) {
+    Q* o = op + (job.i0 + r / G) * H * D + (job.g * G + r % G) * D;
+    const float* res = s.out + r * Dp;
+    for (int64_t d = 0; d < D; d++) store_value(res[d / 32 * 32 + Slab<T>::at(d % 32)] * inv[r], o + d);
+  }
+}
+
+template <typename Q, typename T, int S>
+void attention_impl(const at::Tensor& q, const at::Tensor& k_new, const at::Tensor& v_new, const float* kns,
+                    const float* vns, const at::Tensor& k_pool, const at::Tensor& v_pool, const float* kps,
+                    const float* vps, at::IntArrayRef slots, at::IntArrayRef starts, at::IntArrayRef counts,
+                    int64_t window, int64_t capacity, int64_t D, at::Tensor& out) {
+  const int64_t H = q.size(1) / D, KVH = k_new.size(1) / D, G = H / KVH, KB = k_pool.size(3);
+  const int64_t slot_size = k_pool.stride(0), scale_size = slot_size / D;
+  const int64_t per_job = std::max<int64_t>(1, kJobRows / G);
+  std::vector<Job> jobs;
+  std::vector<int64_t> row0(counts.size());
+  for (int64_t b = 0, row = 0; b < int64_t(counts.size()); row += counts[b], b++) {
+    row0[b] = row;
+    for (int64_t g = 0; g < KVH; g++)
+      for (int64_t i = 0; i < counts[b]; i += per_job) jobs.push_back({b, g, i, std::min(counts[b], i + per_job)});
+  }
+  auto qp = (const Q*)q.data_ptr();
+  auto op = (Q*)out.data_ptr();
+  at::parallel_for(0, jobs.size(), 1, [&](int64_t begin, int64_t end) {
+    // denormals flushed to zero (products of tiny weights and int8 scales would take microcode assists)
+    const unsigned int csr = _mm_getcsr();
+    _mm_setcsr(csr | 0x8040);
+    Scratch s;
+    for (int64_t j = begin; j < end; j++) {
+      const int64_t b = jobs[j].b, r = row0[b], slot = slots[b];
+      const Source<T> ks{(const T*)k_pool.data_ptr() + slot * slot_size, kps ? kps + slot * scale_size : nullptr,
+                         (const T*)k_new.data_ptr() + r * k_new.stride(0), kns ? kns + r * KVH : nullptr, k_new.stride(0)};
+      const Source<T> vs{(const T*)v_pool.data_ptr() + slot * slot_size, vps ? vps + slot * scale_size : nullptr,
+                         (const T*)v_new.data_ptr() + r * v_new.stride(0), vns ? vns + r * KVH : nullptr, v_new.stride(0)};
+      attend_job<Q, T, S>(jobs[j], qp + r * q.stride(0), q.stride(0), ks, vs, G, window, starts[b], capacity, KVH, KB, D,
+                           op + r * H * D, H, s);
+    }
+    _mm_setcsr(csr);
   });
 }
 
-at::Tensor attention(const at::Tensor& q, const at::Tensor& k_new, const at::Tensor& v_new, const at::Tensor& k_ring,
-                     const at::Tensor& v_ring, int64_t start, int64_t window, int64_t head_dim, int64_t capacity) {
-  for (const at::Tensor* t : {&q, &k_new, &v_new})
-    TORCH_CHECK(t->dim() == 2 && t->stride(1) == 1 && t->size(1) % head_dim == 0, "attention: q, k and v are [n, heads * head_dim] rows");
-  for (const at::Tensor* t : {&k_ring, &v_ring})
-    TORCH_CHECK(t->dim() == 4 && t->is_contiguous() && t->size(3) == head_dim,
-                "attention: the ring is [blocks, kv_heads, block, head_dim]");
-  const int64_t n = q.size(0), H = q.size(1) / head_dim, KVH = k_new.size(1) / head_dim;
-  TORCH_CHECK(k_new.size(0) == n && v_new.size(0) == n && v_new.size(1) == k_new.size(1) && H % KVH == 0 &&
-              k_ring.size(1) == KVH && v_ring.sizes() == k_ring.sizes(), "attention: shapes do not match");
-  TORCH_CHECK(capacity > 0 && capacity <= k_ring.size(0) * k_ring.size(2), "attention: the ring holds fewer than capacity slots");
-  TORCH_CHECK(start == 0 || capacity >= window, "attention: the ring holds fewer slots than the window");
-  TORCH_CHECK(kLanes % (H / KVH) == 0, "attention: the heads per kv head must divide ", kLanes);
-  TORCH_CHECK(head_dim % 8 == 0, "attention: head_dim must be a multiple of 8");
-  const auto type = q.scalar_type();
-  for (const at::Tensor* t : {&k_new, &v_new, &k_ring, &v_ring})
-    TORCH_CHECK(t->scalar_type() == type && t->device().is_cpu(), "attention: CPU tensors of one dtype");
-  at::Tensor out = at::empty({n, H * head_dim}, q.options());
-  if (type == at::kBFloat16) attention_impl<uint16_t>(q, k_new, v_new, k_ring, v_ring, start, window, capacity, head_dim, out);
-  else if (type == at::kFloat) attention_impl<float>(q, k_new, v_new, k_ring, v_ring, start, window, capacity, head_dim, out);
-  else TORCH_CHECK(false, "attention: bfloat16 or float32");
-  return out;
+template <typename Q, typename T>
+void attention_typed(const at::Tensor& q, const at::Tensor& k_new, const at::Tensor& v_new, const float* kns,
+                     const float* vns, const at::Tensor& k_pool, const at::Tensor& v_pool, const float* kps,
+                     const float* vps, at::IntArrayRef slots, at::IntArrayRef starts, at::IntArrayRef counts,
+                     int64_t window, int64_t capacity, int64_t D, at::Tensor& out) {
+  switch ((D + 31) / 32) {
+#define VOXLIVE_SLABS(n) \
+    case n: return attention_impl<Q, T, n>(q, k_new, v_new, kns, vns, k_pool, v_pool, kps, vps, slots, starts, counts, window, capacity, D, out);
+    VOXLIVE_SLABS(1) VOXLIVE_SLABS(2) VOXLIVE_SLABS(3) VOXLIVE_SLABS(4)
+#undef VOXLIVE_SLABS
+  }
 }
 
+const float* scale_data(const c10::optional<at::Tensor>& s, int64_t numel, const char* what) {
+  TORCH_CHECK(s && s->scalar_type() == at::kFloat && s->is_contiguous() && s->numel() == numel,
+              "attention: int8 keys and values need float32 scales: ", what, " of ", numel, " values");
+  return s->data_ptr<float>();
+}
+
+at::Tensor attention(const at::Tensor& q, const at::Tensor& k_new, const at::Tensor& v_new,
+                     const c10::optional<at::Tensor>& k_new_scale, const c10::optional<at::Tensor>& v_new_scale,
+                     const at::Tensor& k_pool, const at::Tensor& v_pool, const c10::optional<at::Tensor>& k_pool_scale,
+                     const c10::optional<at::Tensor>& v_pool_scale, at::IntArrayRef slots, at::IntArrayRef starts,
+                     at::IntArrayRef counts, int64_t window, int64_t head_dim, int64_t capacity) {
+  const int64_t D = head_dim;
+  for (const at::Tensor* t : {&q, &k_new, &v_new})
+    TORCH_CHECK(t->dim() == 2 && t->stride(1) == 1 && D > 0 && t->size(1) % D == 0,
+                "attention: q, k and v are [rows, heads * head_dim] rows");
+  for (const at::Tensor* t : {&k_pool, &v_pool})
+    TORCH_CHECK(t->dim() == 5 && t->is_contiguous() && t->size(4) == D,
+                "attention: the pool is [slots, blocks, kv_heads, block, head_dim]");
+  const int64_t rows = q.size(0), H = q.size(1) / D, KVH = k_new.size(1) / D, B = slots.size();
+  TORCH_CHECK(k_new.size(0) == rows && v_new.size(0) == rows && v_new.size(1) == k_new.size(1) && H % KVH == 0 &&
+              k_pool.size(2) == KVH && v_pool.sizes() == k_pool.sizes(), "attention: shapes do not match");
+  TORCH_CHECK(D % 8 == 0 && D <= kMaxSlabs * 32, "attention: head_dim must be a multiple of 8, at most ", kMaxSlabs * 32);
+  TORCH_CHECK(int64_t(starts.size()) == B && int64_t(counts.size()) == B, "attention: one slot, start and count per stream");
+  TORCH_CHECK(capacity > 0 && capacity <= k_pool.size(1) * k_pool.size(3), "attention: the slots hold fewer than capacity indices");
+  int64_t total = 0;
+  for (int64_t b = 0; b < B; b++) {
+    TORCH_CHECK(slots[b] >= 0 && slots[b] < k_pool.size(0), "attention: slot ", slots[b], " is not in the pool");
+    TORCH_CHECK(starts[b] >= 0 && counts[b] > 0, "attention: a stream's start is >= 0 and its count > 0");
+    TORCH_CHECK(starts[b] == 0 || capacity >= window, "attention: the slots hold fewer indices than the window");
+    total += counts[b];
+  }
+  TORCH_CHECK(total == rows, "attention: the counts add up to ", total, ", not the ", rows, " rows");
+  const auto type = q.scalar_type(), stored = k_new.scalar_type();
+  TORCH_CHECK(type == at::kBFloat16 || type == at::kFloat, "attention: bfloat16 or float32 queries");
+  for (const at::Tensor* t : {&q, &k_new, &v_new, &k_pool, &v_pool}) TORCH_CHECK(t->device().is_cpu(), "attention: CPU tensors");
+  for (const at::Tensor* t : {&v_new, &k_pool, &v_pool})
+    TORCH_CHECK(t->scalar_type() == stored && (stored == type || stored == at::kChar),
+                "attention: keys and values of one dtype, the queries' or int8");
+  at::Tensor out = at::empty({rows, H * D}, q.options());
+  if (stored == at::kChar) {
+    TORCH_CHECK(k_new.is_contiguous() && v_new.is_contiguous(), "attention: contiguous int8 rows");
+    const float* kns = scale_data(k_new_scale, rows * KVH, "k_new_scale");
+    const float* vns = scale_data(v_new_scale, rows * KVH, "v_new_scale");
+    const float* kps = scale_data(k_pool_scale, k_pool.numel() / D, "k_pool_scale");
+    const float* vps = scale_data(v_pool_scale, k_pool.numel() / D, "v_pool_scale");
+    if (type == at::kBFloat16)
+      attention_typed<uint16_t, int8_t>(q, k_new, v_new, kns, vns, k_pool, v_pool, kps, vps, slots, starts, counts, window, capacity, D, out);
+    else
+      attention_typed<float, int8_t>(q, k_new, v_new, kns, vns, k_pool, v_pool, kps, vps, slots, starts, counts, window, capacity, D, out);
+  } else if (type == at::kBFloat16) {
+    attention_typed<uint16_t, uint16_t>(q, k_new, v_new, nullptr, nullptr, k_pool, v_pool, nullptr, nullptr, slots, starts, counts, window, capacity, D, out);
+  } else {
+    attention_typed<float, float>(q, k_new, v_new, nullptr, nullptr, k_pool, v_pool, nullptr, nullptr, slots, starts, counts, window, capacity, D, out);
+  }
+  return out;
+}
 }  // namespace
 
 TORCH_LIBRARY(voxlive, m) {
@@ -720,7 +968,9 @@ TORCH_LIBRARY(voxlive, m) {
   m.def("linear_bf16_amx(Tensor x, Tensor w, Tensor? bias) -> Tensor");
   m.def("bf16_tiles(Tensor w) -> Tensor");
   m.def("amx_ready() -> bool", [] { return amx_permitted(); });
-  m.def("attention(Tensor q, Tensor k_new, Tensor v_new, Tensor k_ring, Tensor v_ring, int start, int window, int head_dim, int capacity) -> Tensor");
+  m.def("attention(Tensor q, Tensor k_new, Tensor v_new, Tensor? k_new_scale, Tensor? v_new_scale, Tensor k_pool, "
+        "Tensor v_pool, Tensor? k_pool_scale, Tensor? v_pool_scale, int[] slots, int[] starts, int[] counts, int window, "
+        "int head_dim, int capacity) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(voxlive, CPU, m) {

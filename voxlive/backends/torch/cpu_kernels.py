@@ -26,6 +26,7 @@ import torch
 SOURCE = Path(__file__).with_name("cpu_kernels.cpp")
 INT4_GROUP = 64  # the int4 kernel's group size
 K_MULTIPLE = 32  # the bf16 and int8 kernels' input sizes are multiples of this
+ATTENTION_MAX_HEAD_DIM = 128  # the attention kernel's largest head dim
 BASE_FLAGS = ["-O3", "-std=c++20", "-fopenmp"]
 # Builds of the same source, best first: the CPU flags each needs, and the compiler's.
 VARIANTS = {
@@ -221,16 +222,18 @@ def linear_bf16_amx(x: torch.Tensor, tiles: torch.Tensor, bias: torch.Tensor | N
     return torch.ops.voxlive.linear_bf16_amx(x, tiles, bias)
 
 
-def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ring_k: torch.Tensor, ring_v: torch.Tensor,
-              start: int, window: int, head_dim: int, capacity: int | None = None) -> torch.Tensor:
-    """Causal sliding-window attention of the n positions start.. of one sequence, each query on its own.
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pool_k: torch.Tensor, pool_v: torch.Tensor,
+              slots: list[int], starts: list[int], counts: list[int], window: int, head_dim: int, capacity: int,
+              scales: tuple[torch.Tensor, ...] | None = None) -> torch.Tensor:
+    """Causal sliding-window attention of a batch of streams over their KV pool slots, each query on its own.
 
-    q [n, heads * head_dim], k/v [n, kv_heads * head_dim] (rows may be strided); the ring holds
-    position p < start at index p % capacity: [kv_heads, capacity >= window, head_dim], or a KV
-    pool's slot [blocks, kv_heads, block, head_dim] (index i in block i // block) with ``capacity``
-    given. Returns [n, heads * head_dim].
+    Stream b feeds ``counts[b]`` consecutive rows (its positions ``starts[b]`` on, relative to its first)
+    of q [rows, heads * head_dim] and k/v [rows, kv_heads * head_dim] (rows may be strided); its slot
+    ``slots[b]`` of the pool [slots, blocks, kv_heads, block, head_dim] holds each position p before
+    ``starts[b]`` at index p % capacity (index i in block i // block). int8 keys and values (new rows
+    and pool) come with ``scales``: float32 (k, v [rows, kv_heads]; pool k, v [slots, blocks, kv_heads,
+    block]). Returns [rows, heads * head_dim] in q's dtype.
     """
-    if ring_k.dim() == 3:  # one block holding the whole ring
-        capacity = ring_k.shape[1]
-        ring_k, ring_v = ring_k[None], ring_v[None]
-    return torch.ops.voxlive.attention(q, k, v, ring_k, ring_v, start, window, head_dim, capacity)
+    k_scale, v_scale, pool_k_scale, pool_v_scale = scales or (None,) * 4
+    return torch.ops.voxlive.attention(q, k, v, k_scale, v_scale, pool_k, pool_v, pool_k_scale, pool_v_scale,
+                                       slots, starts, counts, window, head_dim, capacity)

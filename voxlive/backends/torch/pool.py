@@ -12,6 +12,8 @@ Attention is batched matmuls over (slot, block, KV head), the query heads of a K
 (``[KEY_BLOCK, d] x [d, group * n]``, then ``[group * n, KEY_BLOCK] x [KEY_BLOCK, d]`` summed over
 blocks in float32) and a softmax in float32 over all blocks: it reads the keys and values once,
 in place, where ``scaled_dot_product_attention`` with one query ran at ~1 GB/s in bf16 on CPU.
+Where voxlive's CPU attention kernel runs (``kernel_attends``), one kernel call per layer does the
+batch instead, int8 pools included.
 """
 
 from __future__ import annotations
@@ -92,14 +94,18 @@ class KVPool(SlotPool):
                     t(np.array(p.slots)), t(p.write_rows), t(p.write_slots), t(p.write_at))
 
     def _store(self, layer: int, step: Step, k: torch.Tensor, v: torch.Tensor) -> None:
-        k, v = k[step.write_rows], v[step.write_rows]
-        block, at = step.write_at // KEY_BLOCK, step.write_at % KEY_BLOCK
         if self.int8:
-            (k, ks), (v, vs) = _quantize(k), _quantize(v)
-            self.k_scale[layer][step.write_slots, block, :, at] = ks
-            self.v_scale[layer][step.write_slots, block, :, at] = vs
-        self.k[layer][step.write_slots, block, :, at] = k
-        self.v[layer][step.write_slots, block, :, at] = v
+            self._put(layer, step, _quantize(k), _quantize(v))
+        else:
+            self._put(layer, step, (k, None), (v, None))
+
+    def _put(self, layer: int, step: Step, k: tuple, v: tuple) -> None:
+        """Stores the fed rows' keys and values (each as stored, and its scales for int8)."""
+        block, at = step.write_at // KEY_BLOCK, step.write_at % KEY_BLOCK
+        for buf, scales, (x, s) in ((self.k, self.k_scale, k), (self.v, self.v_scale, v)):
+            buf[layer][step.write_slots, block, :, at] = x[step.write_rows]
+            if s is not None:
+                scales[layer][step.write_slots, block, :, at] = s[step.write_rows]
 
     def _read(self, name: str, layer: int, step: Step) -> torch.Tensor:
         """Blocks 0 .. keys / KEY_BLOCK of the step's slots [B, blocks, kv_heads, KEY_BLOCK, ...].
@@ -128,7 +134,7 @@ class KVPool(SlotPool):
         heads, d = q.shape[1], q.shape[2]
         kvh = self.n_kv_heads
         if self.kernel_attends(q):
-            return self._attend_each(layer, step, q, k, v)
+            return self._attend_kernel(layer, step, q, k, v)
         gn = heads // kvh * n  # the query rows of one KV head: its group of heads x the fed positions
         if p.in_place:
             self._store(layer, step, k, v)
@@ -165,27 +171,33 @@ class KVPool(SlotPool):
 
     def kernel_attends(self, q: torch.Tensor) -> bool:
         """Whether voxlive's attention kernel takes these queries [rows, heads, d]: with
-        ``cpu_kernels.batch_invariant()``, bf16 or float32 keys on a CPU. It computes each query on its
-        own, where the batched matmuls and softmax above block their sums by the pass's sizes, so a
-        stream's numbers do not depend on how its positions were chunked or batched (and it measured
-        1.2-2.8x faster here; README, "Same tokens however the audio arrives")."""
-        return (cpu_kernels.batch_invariant() and not self.int8 and q.device.type == "cpu"
-                and q.dtype in (torch.bfloat16, torch.float32) and 16 % (q.shape[1] // self.n_kv_heads) == 0
-                and q.shape[2] % 8 == 0)
+        ``cpu_kernels.batch_invariant()``, bf16 or float32 queries on a CPU (bf16, float32 or int8 keys).
+        It computes each query on its own, where the batched matmuls and softmax above block their sums
+        by the pass's sizes, so a stream's numbers do not depend on how its positions were chunked or
+        batched; and it reads each slot's keys and values once for all of a KV head's query heads, in one
+        call for the batch (README, "Speed")."""
+        return (cpu_kernels.batch_invariant() and q.device.type == "cpu" and q.dtype in (torch.bfloat16, torch.float32)
+                and q.shape[2] % 8 == 0 and q.shape[2] <= cpu_kernels.ATTENTION_MAX_HEAD_DIM)
 
-    def _attend_each(self, layer: int, step: Step, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        """``attend`` by ``cpu_kernels.attention``, stream by stream (their rows are consecutive), over
-        each slot's ring as it was before the pass; then stores k, v."""
+    def _attend_kernel(self, layer: int, step: Step, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """``attend`` by ``cpu_kernels.attention``: one call for the batch (each stream's rows are
+        consecutive), over each slot as it was before the pass and the fed rows; then stores k, v."""
         p = step.plan
-        outs, row = [], 0
-        for slot, count in zip(p.slots, p.counts):
-            rel = int(self._length[slot] - self._start[slot])  # positions relative to the slot's start
-            rows = [t[row:row + count].reshape(count, t.shape[1] * t.shape[2]) for t in (q, k, v)]
-            outs.append(cpu_kernels.attention(*rows, self.k[layer, slot], self.v[layer, slot], rel, self.window,
-                                              q.shape[2], self.capacity))
-            row += count
-        self._store(layer, step, k, v)
-        return outs[0] if len(outs) == 1 else torch.cat(outs)
+        # positions relative to each stream's first (Python ints: torch.compile traces numpy indexing as tensors)
+        starts = [int(self._length[s] - self._start[s]) for s in p.slots]
+        rows = q.shape[0]
+        q2 = q.reshape(rows, -1)
+        if self.int8:  # the new rows quantized as the pool will hold them, so chunking changes no number
+            (kq, ks), (vq, vs) = _quantize(k), _quantize(v)
+            out = cpu_kernels.attention(q2, kq.view(rows, -1), vq.view(rows, -1), self.k[layer], self.v[layer],
+                                        p.slots, starts, p.counts, self.window, q.shape[2], self.capacity,
+                                        scales=(ks, vs, self.k_scale[layer], self.v_scale[layer]))
+            self._put(layer, step, (kq, ks), (vq, vs))
+        else:
+            out = cpu_kernels.attention(q2, k.reshape(rows, -1), v.reshape(rows, -1), self.k[layer], self.v[layer],
+                                        p.slots, starts, p.counts, self.window, q.shape[2], self.capacity)
+            self._store(layer, step, k, v)
+        return out
 
     @staticmethod
     def _pad(x: torch.Tensor, step: Step) -> torch.Tensor:
