@@ -180,7 +180,8 @@ def test_sessions_spread_over_both_replicas_and_every_protocol_equals_offline(cl
     for last in (asr1, asr2):
         assert snapshot_words(last) == words_of(expected)
     done = [e for e in events if e.type == "transcription.done"]
-    assert done and done[0].text == varied_model.tokenizer.decode(expected.tokens)
+    # the last events say why, should a session end without its done
+    assert done and done[0].text == varied_model.tokenizer.decode(expected.tokens), [str(e)[:200] for e in events[-4:]]
     assert uploaded.text == expected.text.strip()
 
 
