@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import socket
 import threading
 import time
 from contextlib import contextmanager
 
 import uvicorn
+import websockets
 
 
 def free_port() -> int:
@@ -33,3 +35,14 @@ def running(app, **config):
     finally:
         server.should_exit = True
         thread.join(timeout=30)
+
+
+async def refused(url: str, **connect) -> tuple[dict, int]:
+    """The one message a server sends before closing a connection it refuses, and the close code."""
+    async with websockets.connect(url, **connect) as ws:
+        first = json.loads(await ws.recv())
+        try:
+            await ws.recv()
+        except websockets.ConnectionClosed as closed:
+            return first, closed.rcvd.code
+        raise AssertionError(f"a second message after {first}: the connection was not closed")

@@ -262,12 +262,12 @@ def test_avx2_build_passes_the_same_tests():
     assert " passed" in run.stdout and " failed" not in run.stdout
 
 
-def attend_in_chunks(q, k, v, window, chunks):
+def attend_in_chunks(q, k, v, window, chunks, **pool_options):
     """Causal windowed attention of q [T, heads, d], k/v [T, kv_heads, d] through a KV pool's slot, the
     positions fed in the given chunk sizes."""
     from voxlive.backends.torch.pool import KVPool
 
-    pool = KVPool(1, k.shape[1], window, k.shape[2], dtype=k.dtype, device=torch.device("cpu"))
+    pool = KVPool(1, k.shape[1], window, k.shape[2], dtype=k.dtype, device=torch.device("cpu"), **pool_options)
     slot = pool.acquire()
     outs, p = [], 0
     for n in chunks:
@@ -380,22 +380,12 @@ def test_attention_kernel_is_the_same_in_any_chunking_when_many_keys_count(kv, b
     """Small scores (a flat softmax: every key's weight counts in the sums), a window of 40 over 150
     positions (across the ring's wrap), bf16, float32 and int8 keys: each chunking gives bit for bit the
     same outputs."""
-    from voxlive.backends.torch.pool import KVPool
-
     dtype = torch.float32 if kv == "float32" else torch.bfloat16
     g = torch.Generator().manual_seed(3)
     q, k, v = ((s * torch.randn(150, h, 32, generator=g)).to(dtype) for s, h in ((0.2, 4), (1, 1), (1, 1)))
 
     def chunked(chunks):
-        pool = KVPool(1, 1, 40, 32, extra=2, dtype=dtype, device=torch.device("cpu"), kv_int8=kv == "int8")
-        slot, outs, p = pool.acquire(), [], 0
-        for n in chunks:
-            step = pool.begin([slot], [n])
-            assert pool.kernel_attends(q)
-            outs.append(pool.attend(0, step, q[p:p + n], k[p:p + n], v[p:p + n]))
-            pool.commit(step.plan)
-            p += n
-        return torch.cat(outs)
+        return attend_in_chunks(q, k, v, 40, chunks, extra=2, kv_int8=kv == "int8")
 
     whole = chunked([150])
     for chunks in ([1] * 150, [2, 3] * 30, [7, 1, 50, 3, 89]):

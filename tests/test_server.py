@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 import soundfile
 import websockets
-from serving import running
+from serving import refused, running
 
 import voxlive
 from voxlive.audio import load_audio
@@ -224,16 +224,9 @@ def test_message_larger_than_the_limit_is_refused_with_1009(server, offline, spe
 def test_wrong_api_key_is_told_and_closed(server):
     host, _ = server
 
-    async def run(url, **kw):
-        async with websockets.connect(url, **kw) as ws:
-            first = json.loads(await ws.recv())
-            with pytest.raises(websockets.ConnectionClosed) as closed:
-                await ws.recv()
-            return first, closed.value.rcvd.code
-
-    event, code = asyncio.run(run(f"ws://{host}/v1/realtime", additional_headers={"Authorization": "Bearer nope"}))
+    event, code = asyncio.run(refused(f"ws://{host}/v1/realtime", additional_headers={"Authorization": "Bearer nope"}))
     assert event["type"] == "error" and event["code"] == "unauthorized" and code == 1008
-    snapshot, code = asyncio.run(run(f"ws://{host}/asr?token=nope"))
+    snapshot, code = asyncio.run(refused(f"ws://{host}/asr?token=nope"))
     assert "API key" in snapshot["error"] and code == 1008
     assert httpx.post(f"http://{host}/v1/audio/transcriptions", files={"file": b"x"}).status_code == 401
 
@@ -282,14 +275,7 @@ def test_asr_diff_mode_applied_by_a_client_gives_the_full_transcript(server, off
 def test_asr_unknown_mode_is_refused_with_1008(server):
     host, _ = server
 
-    async def run():
-        async with websockets.connect(f"ws://{host}/asr?token={KEY}&mode=delta") as ws:
-            first = json.loads(await ws.recv())
-            with pytest.raises(websockets.ConnectionClosed) as closed:
-                await ws.recv()
-            return first, closed.value.rcvd.code
-
-    first, code = asyncio.run(run())
+    first, code = asyncio.run(refused(f"ws://{host}/asr?token={KEY}&mode=delta"))
     assert "mode must be one of full, diff" in first["error"] and code == 1008
 
 

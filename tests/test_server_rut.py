@@ -12,7 +12,7 @@ import httpx
 import numpy as np
 import pytest
 import websockets
-from serving import running
+from serving import refused, running
 
 import voxlive
 from voxlive.rut import RutPolicy
@@ -89,14 +89,7 @@ def test_a_connection_sets_its_policy_or_turns_it_off_in_its_query(server, force
 def test_a_bad_rut_parameter_closes_with_1008_and_a_clear_error(server):
     host, _ = server
 
-    async def go():
-        async with websockets.connect(f"ws://{host}/asr?rut_cap=lots") as ws:
-            first = json.loads(await ws.recv())
-            with pytest.raises(websockets.ConnectionClosed) as closed:
-                await ws.recv()
-            return first, closed.value.rcvd.code
-
-    message, code = asyncio.run(go())
+    message, code = asyncio.run(refused(f"ws://{host}/asr?rut_cap=lots"))
     assert "rut_cap must be a number" in message["error"] and code == 1008
 
 
