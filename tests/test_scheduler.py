@@ -15,7 +15,7 @@ import pytest
 
 import voxlive
 from voxlive.server import Engine
-from voxlive.server.engine import EngineBusy, SessionOver
+from voxlive.server.engine import Cut, EngineBusy, SessionOver, Update
 from voxlive.server.scheduler import Policy, SessionView, schedule
 
 POLICY = Policy(samples_per_token=1280, max_backlog_tokens=50, refill_below_tokens=12)
@@ -241,3 +241,17 @@ def test_a_failing_step_fails_its_sessions_and_the_engine_goes_on(model, varied_
     failure, transcript = run_engine(model, body)
     assert "boom" in failure.error
     assert transcript.tokens == varied_model.transcribe(speech).tokens
+
+
+def test_merged_updates_give_tokens_published_before_a_cut_before_it():
+    """A reader that fell behind gets one merged update holding tokens published before a cut, the
+    cut, and tokens published after it: ``in_order`` gives them back in that order, from what the
+    reader has taken so far."""
+    cut = Cut(samples=16000, forked_at=5, tokens=[1, 2, 3, 4, 5, 6, 7])
+    merged = Update(tokens=[1, 2, 3])
+    merged.merge(Update(cuts=[cut]))
+    merged.merge(Update(tokens=[8, 9]))
+    assert merged.tokens == [1, 2, 3, 8, 9]
+    assert merged.in_order(seen=2) == [[1, 2, 3], cut, [8, 9]]  # tokens 3 to 5 came before the cut
+    assert Update(cuts=[cut], tokens=[8, 9]).in_order(seen=5) == [cut, [8, 9]]
+    assert Update(cuts=[cut]).in_order(seen=5) == [cut]

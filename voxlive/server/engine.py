@@ -76,11 +76,24 @@ class Update:
     words: list[Word] = field(default_factory=list)  # newly completed words
     partial: str = ""  # the word in progress
     lag: float = 0.0  # seconds of received audio not yet transcribed
-    cuts: list[Cut] = field(default_factory=list)  # forced finals, to apply before ``tokens``
+    cuts: list[Cut] = field(default_factory=list)  # forced finals: see ``in_order``
     transcript: Transcript | None = None  # set once, on the last update of a finished session
     positions: int = 0  # with the transcript: decoder positions run (prompt included)
     error: str | None = None  # set once, when the engine failed this session
     ruts: list[Rut] = field(default_factory=list)  # blank ruts broken since the last update
+
+    def in_order(self, seen: int) -> list[Cut | list[int]]:
+        """The cuts and the runs of main tokens between them, in the order the engine published them,
+        for a reader that has taken ``seen`` main tokens. Updates merged while the reader was busy
+        can hold tokens published before a cut (each cut counts those before it: ``forked_at``)."""
+        out, tokens = [], self.tokens
+        for cut in self.cuts:
+            before = cut.forked_at - seen
+            if before > 0:
+                out.append(tokens[:before])
+                tokens, seen = tokens[before:], cut.forked_at
+            out.append(cut)
+        return out + [tokens] if tokens else out
 
     def merge(self, news: Update) -> None:
         self.cuts += news.cuts

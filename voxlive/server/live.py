@@ -19,7 +19,7 @@ from ..vad import VadUnavailable
 from starlette.websockets import WebSocketDisconnect
 
 from .connection import Closed, Connection, log
-from .engine import Session
+from .engine import Cut, Session
 
 CLOSE_INTERNAL = 1011
 
@@ -103,9 +103,11 @@ class LiveConnection(Connection):
                 return
             self.completion_tokens += len(update.tokens)
             async with self._events:
-                for cut in update.cuts:
-                    await self.emit_all(self.turns.push_cut(cut.samples, cut.tokens, cut.forked_at))
-                await self.emit_all(self.turns.push_tokens(update.tokens))
+                for item in update.in_order(self.turns.main_seen):
+                    if isinstance(item, Cut):
+                        await self.emit_all(self.turns.push_cut(item.samples, item.tokens, item.forked_at))
+                    else:
+                        await self.emit_all(self.turns.push_tokens(item))
                 if update.transcript is not None:
                     self.positions = update.positions
                     await self.emit_all(self.turns.finish())
