@@ -3,11 +3,19 @@ and trailing silence cut off) separated by silences of known lengths (test helpe
 
 from __future__ import annotations
 
+import math
 from contextlib import contextmanager
 
 import numpy as np
 
 RATE = 16000
+TOKEN = 0.08  # seconds of audio per decoder position
+
+
+def positions_until(seconds: float) -> int:
+    """Decoder positions whose audio lies within the first ``seconds`` (a boundary on a token's
+    edge counts exactly, whatever the float rounding of the time)."""
+    return math.ceil(seconds / TOKEN - 1e-9)
 PHRASES = ["hello world", "good morning", "open the door", "thank you very much"]
 PAUSES = [0.3, 0.8, 2.0]  # after phrases 0, 1, 2: only 0.8 and 2.0 exceed a 500 ms min_silence
 LEAD, TAIL = 0.5, 1.6

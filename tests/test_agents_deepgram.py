@@ -9,7 +9,7 @@ import math
 
 import pytest
 import websockets
-from dialogue import RATE, agent_server, as_float
+from dialogue import RATE, agent_server, as_float, positions_until
 
 from voxlive.pcm import PcmDecoder
 from voxlive.server.deepgram import DeepgramConnection
@@ -21,7 +21,6 @@ from deepgram import AsyncDeepgramClient  # noqa: E402
 from deepgram.environment import DeepgramClientEnvironment  # noqa: E402
 
 KEY = "deepgram-key"
-TOKEN = 0.08
 
 
 @pytest.fixture(scope="module")
@@ -86,7 +85,7 @@ def test_endpointing_utterances_on_linear16(server, dialogue, varied_model):
     assert "".join(texts) == tok.decode(offline.tokens)
     previous = 0
     for m in speech_final:
-        boundary = math.ceil((m.start + m.duration) / TOKEN - 1e-9)
+        boundary = positions_until(m.start + m.duration)
         assert m.channel.alternatives[0].transcript == tok.decode(offline.tokens[previous:boundary])
         previous = boundary
         words = m.channel.alternatives[0].words

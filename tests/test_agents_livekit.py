@@ -17,7 +17,7 @@ import math
 import numpy as np
 import pytest
 import soxr
-from dialogue import RATE, agent_server, as_float
+from dialogue import RATE, TOKEN, agent_server, as_float
 
 from voxlive.pcm import PcmDecoder
 
@@ -29,7 +29,6 @@ from livekit.agents import stt, utils  # noqa: E402
 from livekit.plugins import deepgram, openai  # noqa: E402
 
 KEY = "livekit-key"
-TOKEN = 0.08
 SILENCE = 0.5
 
 

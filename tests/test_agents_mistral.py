@@ -16,7 +16,7 @@ import math
 import numpy as np
 import pytest
 import websockets
-from dialogue import RATE, agent_server, as_float
+from dialogue import RATE, agent_server, as_float, positions_until
 
 from voxlive.pcm import MULAW, PcmDecoder
 
@@ -27,7 +27,6 @@ from mistralai.client import Mistral  # noqa: E402
 from mistralai.extra.realtime import AudioFormat  # noqa: E402
 
 KEY = "mistral-key"
-TOKEN = 0.08
 
 
 @pytest.fixture(scope="module")
@@ -100,7 +99,7 @@ def test_turns_from_vad_on_real_speech(server, dialogue, varied_model):
     assert len(segments) >= len(turns)
     previous = 0
     for segment in segments[:len(turns)]:
-        boundary = math.ceil(segment.end / TOKEN - 1e-9)
+        boundary = positions_until(segment.end)
         assert segment.text == tok.decode(offline.tokens[previous:boundary])
         previous = boundary
     # each turn's segment closes where its silence reached min_silence_ms, before its turn.end

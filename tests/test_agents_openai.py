@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import soxr
 import websockets
-from dialogue import RATE, agent_server, as_float
+from dialogue import RATE, agent_server, as_float, positions_until
 
 from voxlive.pcm import MULAW, PcmDecoder
 
@@ -25,7 +25,6 @@ pytest.importorskip("onnxruntime")
 pytest.importorskip("silero_vad")
 
 KEY = "openai-key"
-TOKEN = 0.08
 
 
 @pytest.fixture(scope="module")
@@ -115,7 +114,7 @@ def test_server_vad_items_on_24k_pcm16(server, dialogue, varied_model):
     tok = varied_model.tokenizer
     previous = 0
     for stop_event, done in zip(stopped, completed):
-        boundary = math.ceil(stop_event.audio_end_ms / 1000 / TOKEN - 1e-9)
+        boundary = positions_until(stop_event.audio_end_ms / 1000)
         assert done.transcript == tok.decode(offline.tokens[previous:boundary])
         deltas = [d.delta for d in of(events, "conversation.item.input_audio_transcription.delta")
                   if d.item_id == done.item_id]
@@ -287,5 +286,5 @@ def test_audio_before_any_session_update_uses_the_announced_defaults(server, dia
     stopped = [m for m in received if m["type"] == "input_audio_buffer.speech_stopped"]
     assert len(completed) == len(stopped) == len(turns)
     offline = varied_model.transcribe(PcmDecoder("pcm_s16le", 24000).decode(raw, last=True))
-    boundary = math.ceil(stopped[0]["audio_end_ms"] / 1000 / TOKEN - 1e-9)
+    boundary = positions_until(stopped[0]["audio_end_ms"] / 1000)
     assert completed[0]["transcript"] == varied_model.tokenizer.decode(offline.tokens[:boundary])
