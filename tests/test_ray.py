@@ -150,8 +150,8 @@ def test_health_and_metrics_through_the_proxy_name_their_replica(cluster):
 def test_sessions_spread_over_both_replicas_and_every_protocol_equals_offline(cluster, varied_model, speech,
                                                                              tmp_path):
     """Four live sessions opened one after the other land two on each replica (the least loaded
-    takes the next); vLLM realtime and WLK streams, a Mistral SDK session and an OpenAI SDK upload,
-    all at once, each give offline ``transcribe``'s transcript."""
+    takes the next); vLLM realtime and WLK streams and a Mistral SDK session, all at once, and then an
+    OpenAI SDK upload, each give offline ``transcribe``'s transcript."""
     import openai
 
     expected = varied_model.transcribe(as_sent(speech))
@@ -166,12 +166,14 @@ def test_sessions_spread_over_both_replicas_and_every_protocol_equals_offline(cl
                    asr_stream(ws, [data[j:j + 3200] for j in range(0, len(data), 3200)], config_read=True)
                    for i, (ws, _) in enumerate(opened)]
         mistral = mistral_session(cluster, chunks(data))
-        with open(path, "rb") as f:
-            uploaded = asyncio.to_thread(upload.audio.transcriptions.create, model="tiny", file=f)
-            results = await asyncio.gather(*streams, mistral, uploaded)
+        results = await asyncio.gather(*streams, mistral)
         for ws, _ in opened:
             await ws.close()
-        return [name for _, name in opened], results
+        # After the streams: with all six slots taken at once, a session racing another one's
+        # placement can land on a full replica (which refuses it; the next is not tried yet).
+        with open(path, "rb") as f:
+            uploaded = await asyncio.to_thread(upload.audio.transcriptions.create, model="tiny", file=f)
+        return [name for _, name in opened], [*results, uploaded]
 
     names, (rt1, asr1, rt2, asr2, events, uploaded) = asyncio.run(run())
     assert len(set(names)) == 2 and all(names.count(n) == 2 for n in names), names
