@@ -79,10 +79,19 @@ def pcm16(pcm: np.ndarray) -> bytes:
 # -- the server process ---------------------------------------------------------------------------
 
 
-def serve_main(model_dir: str, port: int) -> None:
+def use_threads(threads: int | None) -> None:
+    """torch's intra-op threads in this process (None: torch's default, one per core)."""
+    if threads is not None:
+        import torch
+
+        torch.set_num_threads(threads)
+
+
+def serve_main(model_dir: str, port: int, threads: int | None = None) -> None:
     import voxlive
     from voxlive.server import serve
 
+    use_threads(threads)
     serve(voxlive.load(model_dir, dtype="float32", device="cpu"), model_id="soak", port=port, log_level="warning")
 
 
@@ -104,8 +113,8 @@ def wait_healthy(proc: subprocess.Popen, port: int, seconds: float) -> None:
 
 
 class ServerProcess:
-    def __init__(self, model_dir: str, port: int):
-        code = f"from voxlive_bench.soak import serve_main; serve_main({model_dir!r}, {port})"
+    def __init__(self, model_dir: str, port: int, threads: int | None = None):
+        code = f"from voxlive_bench.soak import serve_main; serve_main({model_dir!r}, {port}, {threads!r})"
         self.proc = subprocess.Popen([sys.executable, "-c", code], stderr=subprocess.DEVNULL)
         self.port = port
         self.ticks = os.sysconf("SC_CLK_TCK")
@@ -277,7 +286,11 @@ def main(argv=None) -> int:
     p.add_argument("--model", help="checkpoint directory (default: a tiny random one)")
     p.add_argument("--port", type=int, default=8765)
     p.add_argument("--check", action="store_true", help="compare with offline transcription of the same audio")
+    p.add_argument("--threads", type=int,
+                   help="torch threads of the server and of the check (default: 1 on the tiny model, whose tensors "
+                        "are too small to split across threads, torch's default with --model)")
     a = p.parse_args(argv)
+    threads = a.threads if a.threads is not None or a.model else 1
     if a.hours * 60 < 1:
         p.error(f"--hours {a.hours} is under one audio minute, the sampling period")
     tmp = tempfile.mkdtemp(prefix="voxlive-soak-")
@@ -291,7 +304,7 @@ def main(argv=None) -> int:
     seconds = a.hours * 3600
     clients = {"asr": soak_asr, "realtime": soak_realtime}
     for protocol in a.protocols:
-        server = ServerProcess(model_dir, a.port)
+        server = ServerProcess(model_dir, a.port, threads)
         try:
             server.wait_ready()
             sampler = Sampler(server)
@@ -301,16 +314,17 @@ def main(argv=None) -> int:
             print(report(protocol, sampler.minutes, wall), flush=True)
             print(f"- words received: {len(result['words'])}", flush=True)
             if a.check:
-                print(f"- equal to offline: {check(model_dir, speech, seconds, result)}", flush=True)
+                print(f"- equal to offline: {check(model_dir, speech, seconds, result, threads)}", flush=True)
         finally:
             server.stop()
     shutil.rmtree(tmp, ignore_errors=True)
     return 0
 
 
-def check(model_dir: str, speech, seconds: float, result: dict) -> bool:
+def check(model_dir: str, speech, seconds: float, result: dict, threads: int | None = None) -> bool:
     import voxlive
 
+    use_threads(threads)
     model = voxlive.load(model_dir, dtype="float32", device="cpu")
     stream = model.stream()
     for chunk in audio_chunks(speech, seconds):

@@ -561,6 +561,7 @@ at::Tensor linear_int4(const at::Tensor& x_in, const at::Tensor& q, const at::Te
 
 constexpr int kLanes = 16;
 constexpr int64_t kJobRows = 64;   // query rows (positions x heads of a kv head) per job, at most
+constexpr int64_t kMinThreadWork = int64_t(1) << 18;  // multiply-adds a thread's share of a call, at least
 constexpr int64_t kValueChunk = 64;  // value rows converted to float32 at a time (32 KB at head dim 128)
 constexpr int kMaxSlabs = 4;         // 32 head dims a slab: head_dim up to 128
 typedef float f16v __attribute__((vector_size(64)));
@@ -870,9 +871,15 @@ void attention_impl(const at::Tensor& q, const at::Tensor& k_new, const at::Tens
     for (int64_t g = 0; g < KVH; g++)
       for (int64_t i = 0; i < counts[b]; i += per_job) jobs.push_back({b, g, i, std::min(counts[b], i + per_job)});
   }
+  // Threads only for work that pays for them: a parallel region costs more than a small call's
+  // maths (waking the pool, the join, and its threads spinning after it), so each thread gets at
+  // least kMinThreadWork multiply-adds (keys x query rows x head dim) on average.
+  int64_t work = 0;
+  for (const Job& job : jobs) work += (job.i1 - job.i0) * G * std::min(window, starts[job.b] + job.i1) * D;
+  const int64_t grain = std::max<int64_t>(1, int64_t(jobs.size()) * kMinThreadWork / std::max<int64_t>(1, work));
   auto qp = (const Q*)q.data_ptr();
   auto op = (Q*)out.data_ptr();
-  at::parallel_for(0, jobs.size(), 1, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, jobs.size(), grain, [&](int64_t begin, int64_t end) {
     // denormals flushed to zero (products of tiny weights and int8 scales would take microcode assists)
     const unsigned int csr = _mm_getcsr();
     _mm_setcsr(csr | 0x8040);
