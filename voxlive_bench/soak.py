@@ -10,7 +10,9 @@ gives each minute and compares the first and last tenth of the session (the firs
 once a run is long enough): a session that gets slower or bigger with age shows there.
 
 ``--check`` also transcribes the same audio offline in this process (as long again) and says
-whether the server's final words, or text, equal it.
+whether the server's final words, or text, equal it. SIGINT or SIGTERM ends the audio early and
+the session as it would have ended (its final transcript, the check and the report then cover the
+audio sent); ``--log`` keeps each minute's row as it is sampled.
 """
 
 from __future__ import annotations
@@ -21,9 +23,11 @@ import base64
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from dataclasses import dataclass, field
 
@@ -60,7 +64,7 @@ def sentences(tmp: str) -> list[np.ndarray]:
 def audio_chunks(speech: list[np.ndarray], seconds: float, seed: int = 0):
     """``seconds`` of looped speech with varied order, gain and pauses, in CHUNK_SECONDS pieces."""
     rng = np.random.default_rng(seed)
-    step, total, buf = int(CHUNK_SECONDS * RATE), int(seconds * RATE), np.zeros(0, np.float32)
+    step, total, buf = int(CHUNK_SECONDS * RATE), round(seconds * RATE), np.zeros(0, np.float32)
     sent = 0
     while sent < total:
         while len(buf) < step:
@@ -156,8 +160,10 @@ class Sampler:
     sent), so a minute is the server's minute, not how far ahead of it the client is: audio waits
     in socket buffers that no lag figure counts."""
 
-    def __init__(self, server: ServerProcess):
+    def __init__(self, server: ServerProcess, log=None):
         self.server = server
+        self.log = log  # a text file: each minute's row as soon as it is sampled (and the wall time, load)
+        self._t0 = time.monotonic()
         self.minutes: list[Minute] = []
         self._cpu = server.cpu_seconds()
         self._sizes, self._gaps, self._last = [], [], None
@@ -175,18 +181,42 @@ class Sampler:
     def minute(self) -> None:
         cpu = self.server.cpu_seconds()
         self.minutes.append(Minute(len(self.minutes) + 1, self.server.rss_mb(), cpu - self._cpu, self._sizes, self._gaps))
+        if self.log is not None:
+            load = os.getloadavg()[0]
+            print(f"{row(self.minutes[-1])} wall {time.monotonic() - self._t0:.0f} s, load {load:.1f}", file=self.log,
+                  flush=True)
         self._cpu, self._sizes, self._gaps = cpu, [], []
 
 
 # -- the clients ----------------------------------------------------------------------------------
 
 
-async def feed(chunks, send, sampler: Sampler, pace: str) -> None:
-    t0 = time.monotonic()
+STOP = threading.Event()  # set by the first SIGINT or SIGTERM: no more audio (see stop_on_signals)
+
+
+def stop_on_signals() -> None:
+    """The first SIGINT or SIGTERM ends the audio early: each session then ends as it would at the
+    end of its audio (final transcript, check, report). A second one stops the bench at once."""
+    def handler(sig, frame):
+        STOP.set()
+        for s in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(s, signal.SIG_DFL)
+
+    for s in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(s, handler)
+
+
+async def feed(chunks, send, sampler: Sampler, pace: str) -> int:
+    """Send the chunks until they run out or STOP is set; returns the samples sent."""
+    t0, sent = time.monotonic(), 0
     for i, chunk in enumerate(chunks, 1):
+        if STOP.is_set():
+            break
         await send(chunk)
+        sent += len(chunk)
         if pace == "realtime":
             await asyncio.sleep(max(0.0, t0 + i * CHUNK_SECONDS - time.monotonic()))
+    return sent
 
 
 async def soak_asr(port: int, chunks, sampler: Sampler, pace: str) -> dict:
@@ -212,10 +242,10 @@ async def soak_asr(port: int, chunks, sampler: Sampler, pace: str) -> dict:
                     lines = lines[:m["n_lines"] - len(new)] + new
 
         receiving = asyncio.create_task(receive())
-        await feed(chunks, lambda c: ws.send(pcm16(c)), sampler, pace)
+        sent = await feed(chunks, lambda c: ws.send(pcm16(c)), sampler, pace)
         await ws.send(b"")
         await receiving
-    return {"words": [w for line in lines for w in line["words"]]}
+    return {"words": [w for line in lines for w in line["words"]], "samples": sent}
 
 
 async def soak_realtime(port: int, chunks, sampler: Sampler, pace: str) -> dict:
@@ -244,10 +274,10 @@ async def soak_realtime(port: int, chunks, sampler: Sampler, pace: str) -> dict:
                                       "audio": base64.b64encode(pcm16(chunk)).decode()}))
 
         receiving = asyncio.create_task(receive())
-        await feed(chunks, send, sampler, pace)
+        sent = await feed(chunks, send, sampler, pace)
         await ws.send(json.dumps({"type": "input_audio_buffer.commit", "final": True}))
         await receiving
-    return {"text": done["text"], "delta_text": "".join(text), "words": words}
+    return {"text": done["text"], "delta_text": "".join(text), "words": words, "samples": sent}
 
 
 # -- the report -----------------------------------------------------------------------------------
@@ -262,14 +292,17 @@ def summary(minutes: list[Minute]) -> dict:
             "max_interval_ms": 1000 * max(gaps or [0])}
 
 
+def row(m: Minute) -> str:
+    s = summary([m])
+    return (f"| {m.minute} | {m.rss_mb:.0f} | {m.cpu_s:.1f} | {len(m.sizes)} | {s['mean_update_bytes']:.0f} | "
+            f"{s['max_update_bytes']} | {s['mean_interval_ms']:.0f} | {s['max_interval_ms']:.0f} |")
+
+
 def report(protocol: str, minutes: list[Minute], wall: float) -> str:
     out = [f"## {protocol}: {len(minutes)} audio minutes in {wall / 60:.1f} wall minutes",
            "| audio min | RSS MB | server CPU s | updates | mean bytes | max bytes | mean interval ms | max interval ms |",
            "|---|---|---|---|---|---|---|---|"]
-    for m in minutes:
-        s = summary([m])
-        out.append(f"| {m.minute} | {m.rss_mb:.0f} | {m.cpu_s:.1f} | {len(m.sizes)} | {s['mean_update_bytes']:.0f} | "
-                   f"{s['max_update_bytes']} | {s['mean_interval_ms']:.0f} | {s['max_interval_ms']:.0f} |")
+    out += [row(m) for m in minutes]
     span = 60 if len(minutes) >= 120 else max(1, len(minutes) // 10)
     first, last = summary(minutes[:span]), summary(minutes[-span:])
     out.append(f"\nfirst {span} vs last {span} audio minutes:")
@@ -289,6 +322,7 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int,
                    help="torch threads of the server and of the check (default: 1 on the tiny model, whose tensors "
                         "are too small to split across threads, torch's default with --model)")
+    p.add_argument("--log", help="append each minute's row to this file as it is sampled (a run cut short keeps them)")
     a = p.parse_args(argv)
     threads = a.threads if a.threads is not None or a.model else 1
     if a.hours * 60 < 1:
@@ -303,18 +337,25 @@ def main(argv=None) -> int:
     speech = sentences(tmp)
     seconds = a.hours * 3600
     clients = {"asr": soak_asr, "realtime": soak_realtime}
+    log = open(a.log, "a") if a.log else None
+    stop_on_signals()
     for protocol in a.protocols:
         server = ServerProcess(model_dir, a.port, threads)
         try:
             server.wait_ready()
-            sampler = Sampler(server)
+            if log is not None:
+                print(f"## {protocol}, {a.hours} h, pace {a.pace}, torch threads {threads or 'default'}", file=log,
+                      flush=True)
+            sampler = Sampler(server, log)
             t = time.monotonic()
             result = asyncio.run(clients[protocol](a.port, audio_chunks(speech, seconds), sampler, a.pace))
             wall = time.monotonic() - t
             print(report(protocol, sampler.minutes, wall), flush=True)
-            print(f"- words received: {len(result['words'])}", flush=True)
+            print(f"- audio sent: {result['samples'] / RATE / 60:.1f} minutes; words received: {len(result['words'])}",
+                  flush=True)
             if a.check:
-                print(f"- equal to offline: {check(model_dir, speech, seconds, result, threads)}", flush=True)
+                equal = check(model_dir, speech, result["samples"] / RATE, result, threads)
+                print(f"- equal to offline: {equal}", flush=True)
         finally:
             server.stop()
     shutil.rmtree(tmp, ignore_errors=True)
