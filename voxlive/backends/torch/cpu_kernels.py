@@ -141,6 +141,8 @@ def _load() -> str | None:
     for name in ("linear_bf16", "linear_int8", "linear_int4"):
         torch.library.register_fake(f"voxlive::{name}")(_fake_linear)
     torch.library.register_fake("voxlive::linear_bf16_amx")(_fake_linear_tiles)
+    torch.library.register_fake("voxlive::linear_int8_amx")(_fake_linear_tiles)
+    torch.library.register_fake("voxlive::linear_int4_amx")(_fake_linear_tiles)
     torch.library.register_fake("voxlive::attention")(_fake_attention)
     return None
 
@@ -150,7 +152,7 @@ def _fake_linear(x: torch.Tensor, w: torch.Tensor, *rest: torch.Tensor) -> torch
     return x.new_empty(x.shape[0], w.shape[0])
 
 
-def _fake_linear_tiles(x: torch.Tensor, tiles: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+def _fake_linear_tiles(x: torch.Tensor, tiles: torch.Tensor, *rest: torch.Tensor | None) -> torch.Tensor:
     return x.new_empty(x.shape[0], tiles.shape[0] * 16)
 
 
@@ -237,3 +239,26 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pool_k: torch.T
     k_scale, v_scale, pool_k_scale, pool_v_scale = scales or (None,) * 4
     return torch.ops.voxlive.attention(q, k, v, k_scale, v_scale, pool_k, pool_v, pool_k_scale, pool_v_scale,
                                        slots, starts, counts, window, head_dim, capacity)
+
+
+def int8_tiles(q: torch.Tensor) -> torch.Tensor:
+    """An int8 matrix [N, K] (N a multiple of 16, K of 64) in the AMX int8 kernel's tile order."""
+    return torch.ops.voxlive.int8_tiles(q)
+
+
+def linear_int8_amx(x: torch.Tensor, tiles: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """x [M, K] times an int8 matrix in tile order (``int8_tiles``) with one scale per output: what
+    ``linear_int8`` computes, with exact integer sums. Each row's result depends on that row alone."""
+    return torch.ops.voxlive.linear_int8_amx(x, tiles, scale)
+
+
+def int4_tiles(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """A packed int4 matrix (``quant.quantize``'s q [N, K / 2], scale and zero [N, K / 64], N a multiple
+    of 16) in the AMX int4 kernel's tile order: the nibbles and the scales with zeros."""
+    return torch.ops.voxlive.int4_tiles(q), torch.ops.voxlive.int4_tile_scales(scale, zero)
+
+
+def linear_int4_amx(x: torch.Tensor, tiles: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """x [M, K] times an int4 matrix in tile order (``int4_tiles``): what ``linear_int4`` computes, each
+    group's integer sum exact. Each row's result depends on that row alone."""
+    return torch.ops.voxlive.linear_int4_amx(x, tiles, scales)
