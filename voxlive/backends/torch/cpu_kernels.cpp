@@ -555,6 +555,16 @@ at::Tensor int4_tile_scales(const at::Tensor& scale, const at::Tensor& zero) {
   return at::stack({scale.view({N / 16, 16, G}), zero.view({N / 16, 16, G})}, 1).permute({0, 3, 1, 2}).contiguous();
 }
 
+// Tiles of R rows for the C and A operands of the int4 kernel (C: tmm0-3, B: tmm4-5, A: tmm6-7), so that a
+// pass of few rows spends few cycles in the tile unit. Constants in memory, as kFullTiles.
+constexpr TileConfig int4_tiles_config(int R) {
+  TileConfig c;
+  for (int t = 0; t < 8; t++) c.colsb[t] = 64, c.rows[t] = t == 4 || t == 5 ? 16 : R;
+  return c;
+}
+constexpr TileConfig kInt4Tiles[5] = {int4_tiles_config(1), int4_tiles_config(2), int4_tiles_config(4),
+                                      int4_tiles_config(8), int4_tiles_config(16)};
+
 // One group: the nibbles unpacked into buf (a B tile), its products with the hi and lo halves of the
 // activations (x_hi, x_lo: the group's first input of the block's first row, rows `stride` bytes apart)
 // stored in c (hi, then lo). T picks the tile registers (0: C in tmm0-1, B in tmm4; 1: tmm2-3, tmm5) so
@@ -626,6 +636,8 @@ AMX_TARGET void int4_block(const uint8_t* w, const uint16_t* sz, const int8_t* x
   for (int64_t r = 0; r < rows; r++) _mm512_storeu_ps(y + r * N, _mm512_mul_ps(acc[r], _mm512_set1_ps(xs[r])));
 }
 
+AMX_TARGET void configure_int4_tiles(int index) { _tile_loadconfig(&kInt4Tiles[index]); }
+
 at::Tensor linear_int4_amx(const at::Tensor& x_in, const at::Tensor& w, const at::Tensor& sz) {
   TORCH_CHECK(x_in.dim() == 2 && w.dim() == 4 && w.size(2) == 8 && w.size(3) == 64 && w.is_contiguous() &&
               w.scalar_type() == at::kByte, "linear_int4_amx: x [M, K] and a weight in tile order (int4_tiles)");
@@ -652,22 +664,25 @@ at::Tensor linear_int4_amx(const at::Tensor& x_in, const at::Tensor& w, const at
   auto xs = x.scale.data_ptr<float>();
   float* yp = y.data_ptr<float>();
   at::parallel_for(0, Nb, 1, [&](int64_t begin, int64_t end) {
-    configure_tiles();
-    for (int64_t nb = begin; nb < end; nb++)
-      for (int64_t mb = 0; mb < Mb; mb++) {
-        const int64_t rows = std::min<int64_t>(16, M - mb * 16);
-        const int8_t* xh = hp + mb * 16 * K;
-        auto block = [&]<int R>() {
-          int4_block<R>(wp + nb * G * 512, szp + nb * G * 32, xh, xh + Mb * 16 * K, K, xsp + mb * 16 * G, xs + mb * 16, G,
-                        rows, yp + mb * 16 * N + nb * 16, N);
-        };
-        // the rows rounded up to a power of two (the others are zeros): one code path for each
-        if (rows == 1) block.template operator()<1>();
-        else if (rows == 2) block.template operator()<2>();
-        else if (rows <= 4) block.template operator()<4>();
-        else if (rows <= 8) block.template operator()<8>();
-        else block.template operator()<16>();
+    for (int64_t mb = 0; mb < Mb; mb++) {
+      // the rows rounded up to a power of two (the others are zeros): tiles and a code path for each
+      const int64_t rows = std::min<int64_t>(16, M - mb * 16);
+      const int index = rows == 1 ? 0 : rows == 2 ? 1 : rows <= 4 ? 2 : rows <= 8 ? 3 : 4;
+      configure_int4_tiles(index);
+      const int8_t* xh = hp + mb * 16 * K;
+      auto blocks = [&]<int R>() {
+        for (int64_t nb = begin; nb < end; nb++)
+          int4_block<R>(wp + nb * G * 512, szp + nb * G * 32, xh, xh + Mb * 16 * K, K, xsp + mb * 16 * G, xs + mb * 16,
+                        G, rows, yp + mb * 16 * N + nb * 16, N);
+      };
+      switch (index) {
+        case 0: blocks.template operator()<1>(); break;
+        case 1: blocks.template operator()<2>(); break;
+        case 2: blocks.template operator()<4>(); break;
+        case 3: blocks.template operator()<8>(); break;
+        default: blocks.template operator()<16>(); break;
       }
+    }
     release_tiles();
   });
   return y.to(x_in.scalar_type());
