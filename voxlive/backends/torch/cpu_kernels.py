@@ -4,7 +4,8 @@ PyTorch's stock paths stream weights at about 60 % of this machine's plain read 
 decode step (bf16 ``F.linear`` ~19 GB/s, ``aten._weight_int8pack_mm`` ~21 GB/s,
 ``aten._weight_int4pack_mm_for_cpu`` ~19 GB/s, against ~35 GB/s for a plain read): they spend too
 many instructions per weight byte. These kernels use AVX-512 BF16 and VNNI to get the step to the
-memory's speed (README, "Speed"). They need an x86-64 CPU with AVX-512 F/BW/VL/VNNI (and BF16 for
+memory's speed (README, "Speed"); on CPUs with AMX, tile kernels (``linear_bf16_amx``,
+``linear_int8_amx``, ``linear_int4_amx``) do a pass of up to 16 rows at about one row's cost. They need an x86-64 CPU with AVX-512 F/BW/VL/VNNI (and BF16 for
 the bf16 kernel), or else AVX2 and FMA (a 256-bit build), a C++ compiler and ninja; the first load
 builds them into PyTorch's extension cache (10-30 s), later loads reuse the build. Where any of
 that is missing, or with ``VOXLIVE_CPU_KERNELS=0``, the stock paths run instead and
@@ -36,7 +37,7 @@ VARIANTS = {
 }
 BUILD_NOTICE_SECONDS = 2.0  # a load from PyTorch's cache takes less
 BF16_FLAG = "avx512_bf16"  # the avx512 build's bf16 kernel also needs this (Sapphire Rapids, Zen 4 on)
-AMX_FLAGS = ("amx_tile", "amx_bf16")  # the avx512 build's AMX GEMM (Sapphire Rapids on)
+AMX_FLAGS = ("amx_tile", "amx_bf16", "amx_int8")  # the avx512 build's AMX kernels (Sapphire Rapids on)
 # The bf16 kernel's cost grows with the rows; above this many, the stock GEMM is faster. Measured
 # here (Zen 4), kernel against F.linear: avx512 on 4 decoder layers' matrices (931 MB), 35 / 33 /
 # 41 / 44 / 69 ms against 45 / 40 / 46 / 44 / 51 ms for 1 / 2 / 3 / 4 / 8 rows; avx2 on one
@@ -183,7 +184,8 @@ def bf16_available() -> bool:
 
 
 def amx_available() -> bool:
-    """Whether the AMX GEMM runs here (the avx512 build on a CPU with AMX-BF16, tiles granted by Linux)."""
+    """Whether the AMX kernels run here (the avx512 build on a CPU with AMX-BF16 and AMX-INT8, tiles
+    granted by Linux)."""
     return available() and _amx
 
 
