@@ -62,6 +62,7 @@ class Load:
     step_seconds: float  # model time of every engine step so far (a counter: rate / steps' rate = mean step)
     batch: int  # streams in the last decode step
     max_batch: int  # the largest decode batch seen
+    ruts: int = 0  # blank ruts broken, all sessions together (a counter)
 
     @property
     def full(self) -> bool:
@@ -372,14 +373,21 @@ class Engine:
             rut.check()
         session = Session(self, delay_ms, asyncio.get_running_loop(), rut=rut, vad=vad)
         with self.lock:
-            if len(self.sessions) >= self.max_sessions:
+            if self._live() >= self.max_sessions:
                 raise EngineBusy(f"server busy: {self.max_sessions} sessions already running")
             self.sessions.append(session)
             self.work.notify()
         return session
 
+    def _live(self) -> int:
+        """Sessions holding a slot (lock held). A closed session's slot is free at once, though the
+        engine thread drops its stream only before its next step (which runs it no more): a client
+        that reconnects, or a router that counted the connection's end, finds the slot free."""
+        return sum(not s._closed for s in self.sessions)
+
     @property
     def active(self) -> int:
+        """Sessions the engine still holds, closed ones not yet dropped included."""
         with self.lock:
             return len(self.sessions)
 
@@ -390,8 +398,8 @@ class Engine:
     def load(self) -> Load:
         with self.lock:
             lag = max((s.lag for s in self.sessions), default=0.0)
-            return Load(len(self.sessions), self.max_sessions, lag, self.steps, self.step_seconds, self.batch,
-                        self.max_batch)
+            return Load(self._live(), self.max_sessions, lag, self.steps, self.step_seconds, self.batch,
+                        self.max_batch, self.ruts)
 
     # -- the engine thread ------------------------------------------------------------------------
 

@@ -4,20 +4,38 @@ Three pieces, each run by Ray in its own process (so this module imports Ray, an
 engine):
 
 - ``LeastLoadedRouter`` (in every Ray proxy): a new connection or upload goes to the least loaded
-  replica. Its live sessions are the router's own count of the connections and uploads in flight
-  there (Ray's, kept by the router as it sends them and as replicas report theirs: fresh within
-  a burst of new sessions); its capacity and lag are what its engine reports every second
-  (``record_routing_stats``), and the session count falls back on that report when the router
-  has no fresh count. Replicas are tried in order: not full and keeping up, then not full but
-  behind (their worst lag past ``BEHIND_SECONDS``), then full ones, fewest sessions first in each. A
-  WebSocket stays on the replica that accepted it for its life (Ray proxies the connection to
-  that one replica).
+  replica. Replicas are tried in order: not full and keeping up, then not full but behind (their
+  worst lag past ``BEHIND_SECONDS``), then full ones, fewest sessions first in each; capacity and
+  lag are what each engine reports every second (``record_routing_stats``). A WebSocket stays on
+  the replica that accepted it for its life (Ray proxies the connection to that one replica).
+  When every replica is full, the first one takes the session and its engine refuses it with the
+  usual 1013 (an upload: 503), where Ray would otherwise hold it in its queue (``HEADROOM``).
 - ``SessionsPolicy`` (in the Serve controller): replicas for the sessions there are, from the
   same engine figures (``record_autoscaling_stats``).
 - ``ReplicaLostMiddleware`` (in every Ray proxy): when a replica dies, Ray ends the proxied
   request without a word; the middleware closes the client's WebSocket with 1011 and a reason
   (or answers an upload with a 503), so that clients know at once, instead of a dropped TCP
   connection. Ray loads it from ``RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH`` (see ``PROXY_CALLBACK``).
+
+How a session's slot is counted, and why there. Ray routes a request in two steps on the
+router's event loop: ``choose_replicas`` ranks the replicas, then Ray takes the first one under
+its ``max_ongoing_requests``, and only when the request's coroutine next runs does it send the
+request and count it in its queue-length cache. Sessions arriving together were all ranked on
+the counts from before any of them was sent: at full capacity, two took one replica's last slot,
+and its engine refused one while another replica had room. So the router reserves the slot when
+it ranks (``_placed``: this router's requests, from ranking to completion), and a replica's count
+is the larger of that and Ray's (the replica's own figure at each acceptance, all proxies' requests
+in it). Ranking has no await in it, so no other placement runs between a count and its
+reservation: one proxy's sessions fill every slot before any is refused.
+
+A retry after the engine's refusal could not do this. The engine opens a session after the
+WebSocket handshake, on the protocol's own message (a WLK connection at once, the others at the
+first audio, vLLM's once per utterance), so a refusal comes after the client has talked to that
+replica, and replaying it elsewhere would replay the protocol; an upload would have to be held in
+the proxy to be sent again. What the reservation leaves: with several proxies (one per node), each
+knows the others' placements only from the replicas' figures, so two sessions arriving through
+two proxies within one report can still meet on one last slot; the later is refused (1013, 503)
+and its client retries.
 """
 
 from __future__ import annotations
@@ -25,6 +43,7 @@ from __future__ import annotations
 import json
 import math
 import random
+import time
 
 from ray.serve.request_router import RequestRouter
 
@@ -33,14 +52,18 @@ PROXY_CALLBACK_ENV = "RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH"
 BEHIND_SECONDS = 2.0  # a replica whose worst session lags more than this is behind
 CLOSE_INTERNAL = 1011
 LOST_REASON = "replica lost: reconnect"
+# A slot reserved at ranking whose request Ray never sent (cancelled while it was placed) is given
+# back after this long; a sent one is held until the request ends.
+PLACING_SECONDS = 30.0
 
 
-def routing_key(stats: dict, in_flight: int | None) -> tuple:
+def routing_key(stats: dict, in_flight: int | None, placed: int = 0) -> tuple:
     """The order replicas are tried in (smallest first), from a replica's reported engine load
-    (``stats``: sessions, max_sessions, lag; empty before its first report) and the requests the
-    router has in flight to it (None: no fresh count). The report's sessions may be a second old:
-    a burst of sessions ending and others starting must not see the replicas full."""
-    sessions = in_flight if in_flight is not None else int(stats.get("sessions", 0))
+    (``stats``: sessions, max_sessions, lag; empty before its first report), Ray's count of the
+    requests in flight to it (None: no fresh count) and this router's own (``placed``: those it
+    chose the replica for, the ones not yet sent included). The report's sessions may be a second
+    old: a burst of sessions ending and others starting must not see the replicas full."""
+    sessions = max(placed, in_flight if in_flight is not None else int(stats.get("sessions", 0)))
     limit = stats.get("max_sessions")
     lag = float(stats.get("lag", 0.0))
     return (limit is not None and sessions >= limit, lag > BEHIND_SECONDS, sessions, lag)
@@ -73,15 +96,42 @@ class SessionsPolicy:
 
 
 class LeastLoadedRouter(RequestRouter):
-    """Ray Serve's request router for voxlive replicas (``RequestRouterConfig(request_router_class=...)``)."""
+    """Ray Serve's request router for voxlive replicas (``RequestRouterConfig(request_router_class=...)``);
+    the module's docstring says how it counts."""
+
+    def initialize_state(self, **kwargs):
+        # request id -> [its replica, when it was reserved (None once Ray sent it there)]
+        self._placed: dict[str, list] = {}
 
     async def choose_replicas(self, candidate_replicas, pending_request=None):
         # Each rank is one replica: Ray tries them in this order, skipping any it sees at its
-        # max_ongoing_requests, and backs off only once every one has refused.
+        # max_ongoing_requests (HEADROOM past the engine's limit: the first one, nearly always).
+        now = time.monotonic()
+        for key, (_, reserved) in list(self._placed.items()):
+            if reserved is not None and now - reserved > PLACING_SECONDS:
+                del self._placed[key]
+        if pending_request is not None:  # a retry of the same request is placed anew
+            self._placed.pop(pending_request.metadata.internal_request_id, None)
+        placed: dict = {}
+        for replica_id, _ in self._placed.values():
+            placed[replica_id] = placed.get(replica_id, 0) + 1
         cache = self.replica_queue_len_cache
         shuffled = random.sample(candidate_replicas, len(candidate_replicas))  # ties go anywhere
-        ranked = sorted(shuffled, key=lambda r: routing_key(r.routing_stats or {}, cache.get(r.replica_id)))
+        ranked = sorted(shuffled, key=lambda r: routing_key(r.routing_stats or {}, cache.get(r.replica_id),
+                                                            placed.get(r.replica_id, 0)))
+        if pending_request is not None and ranked:
+            self._placed[pending_request.metadata.internal_request_id] = [ranked[0].replica_id, now]
         return [[r] for r in ranked]
+
+    def on_request_routed(self, pending_request, replica_id, result) -> None:
+        # sent and accepted: the slot is held where Ray sent it (another rank, should Ray have
+        # passed over the first) until the request ends
+        self._placed[pending_request.metadata.internal_request_id] = [replica_id, None]
+
+    def on_request_completed(self, replica_id, internal_request_id) -> None:
+        placed = self._placed.get(internal_request_id)
+        if placed is not None and placed[0] == replica_id:
+            del self._placed[internal_request_id]
 
 
 class ReplicaLostMiddleware:
