@@ -108,16 +108,18 @@ def test_replicas_are_tried_keeping_up_first_then_behind_then_full_fewest_sessio
     # the router's own count of requests in flight wins over a report a second old, both ways
     assert routing_key(stats["c"], 1) < routing_key(stats["a"], None)
     assert routing_key(stats["a"], 4) > routing_key(stats["b"], None)
-    # ... and its placements not yet counted by Ray win over Ray's count, never adding to it
-    assert routing_key(stats["a"], 1, placed=4) > routing_key(stats["b"], None)
-    assert routing_key(stats["a"], 3, placed=2) == routing_key(stats["a"], 3)
+    # ... and so does its own count of the sessions it placed, Ray's not having them yet; never added
+    assert routing_key(stats["a"], 1, placed=3) == routing_key(stats["a"], 3) > routing_key(stats["d"], None)
+    assert routing_key(stats["a"], 2, placed=1) == routing_key(stats["a"], 2)
+    assert routing_key(stats["b"], None, placed=4)[0]  # full, though its report says nothing of them
 
 
 def test_sessions_ranked_before_any_is_sent_take_every_free_slot_first(monkeypatch):
     """Ray sends a request only after the router ranked it, and ranks the next ones meanwhile:
-    twelve sessions ranked at once on four replicas of three slots put three first on each; the
-    next goes first to a full one (to be refused there); a request that ends gives its slot back,
-    and so does, after a while, one Ray never sent."""
+    twelve sessions ranked at once on four replicas of three slots put three first on each, and the
+    next goes first to a full one (to be refused there). A session Ray sent and the replica
+    accepted is counted once, and its slot is free when it ends; a slot held for one Ray never
+    sends is given back after a while."""
     from types import SimpleNamespace
 
     from ray.serve._private.common import DeploymentHandleSource, DeploymentID, ReplicaID, RequestMetadata
@@ -126,6 +128,7 @@ def test_sessions_ranked_before_any_is_sent_take_every_free_slot_first(monkeypat
     clock = [1000.0]
     monkeypatch.setattr(routing, "time", SimpleNamespace(monotonic=lambda: clock[0]))
     deployment = DeploymentID("VoxliveReplica", replicas.APP_NAME)
+    requests = {}
 
     async def run():
         router = LeastLoadedRouter(deployment_id=deployment, handle_source=DeploymentHandleSource.PROXY,
@@ -136,21 +139,28 @@ def test_sessions_ranked_before_any_is_sent_take_every_free_slot_first(monkeypat
                       for name in "abcd"]
 
         async def first_choice(i: int) -> str:
-            request = PendingRequest(args=[], kwargs={}, metadata=RequestMetadata(str(i), str(i)))
-            return (await router.choose_replicas(candidates, request))[0][0].replica_id.unique_id
+            requests[i] = PendingRequest(args=[], kwargs={}, metadata=RequestMetadata(str(i), str(i)))
+            return (await router.choose_replicas(candidates, requests[i]))[0][0].replica_id.unique_id
 
         firsts = [await first_choice(i) for i in range(4 * MAX_SESSIONS)]
         over = await first_choice(99)  # every replica full: one is tried, to refuse it
-        router.on_request_completed(ReplicaID(firsts[0], deployment), "0")  # a session ended
-        freed = await first_choice(100)
-        clock[0] += routing.PLACING_SECONDS + 1  # none of them was ever sent
-        afterwards = [await first_choice(200 + i) for i in range(4)]
-        return firsts, over, freed, afterwards
+        name = next(n for n in "abcd" if n != over)
+        replica = ReplicaID(name, deployment)
+        mine = [i for i, n in enumerate(firsts) if n == name]
+        for i in mine:  # Ray sends that replica's three, which accepts them and says so
+            router.on_request_routed(requests[i], replica, None)
+        router.on_new_queue_len_info(replica, MAX_SESSIONS)
+        router.on_request_completed(replica, str(mine[0]))  # one of them ends
+        router.on_new_queue_len_info(replica, MAX_SESSIONS - 1)
+        freed = await first_choice(100)  # the others still hold their reservations
+        clock[0] += routing.PLACING_SECONDS + 1  # ... which Ray never sends
+        afterwards = [await first_choice(200 + i) for i in range(3)]
+        return firsts, over, name, freed, afterwards
 
-    firsts, over, freed, afterwards = asyncio.run(run())
-    assert sorted(firsts.count(name) for name in "abcd") == [MAX_SESSIONS] * 4, firsts
-    assert over in "abcd" and freed == firsts[0]
-    assert sorted(afterwards) == list("abcd")
+    firsts, over, name, freed, afterwards = asyncio.run(run())
+    assert sorted(firsts.count(n) for n in "abcd") == [MAX_SESSIONS] * 4, firsts
+    assert over in "abcd" and freed == name
+    assert sorted(afterwards) == sorted(set("abcd") - {name})
 
 
 def test_serve_ray_passes_the_plain_servers_session_options_to_every_replica(monkeypatch, varied_dir):
