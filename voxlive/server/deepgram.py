@@ -94,7 +94,7 @@ class DeepgramConnection(LiveConnection):
         self._decoded: asyncio.Future | None = None
         self._carry = b""  # the bytes of a sample split across frames
         self.segment_text_so_far = ""
-        self.open = Delta([], [], 0)  # the tokens of the segment so far (interim results' words)
+        self.open_segment = Delta([], [], 0)  # the tokens of the segment so far (interim results' words)
         self.last_word_end: float | None = None  # the end of the last word in a final
 
     def configure(self) -> None:
@@ -234,16 +234,16 @@ class DeepgramConnection(LiveConnection):
     async def on_tokens(self, delta: Delta) -> None:
         if not self.interim:
             return
-        if not self.open.tokens:
-            self.open.first = delta.first
-        self.open.tokens += delta.tokens
-        self.open.probabilities += delta.probabilities
+        if not self.open_segment.tokens:
+            self.open_segment.first = delta.first
+        self.open_segment.tokens += delta.tokens
+        self.open_segment.probabilities += delta.probabilities
 
     async def on_delta(self, text: str) -> None:
         self.segment_text_so_far += text
         if self.interim:
             now = self.samples / 16000
-            words = self.words(self.open.tokens, self.open.probabilities, self.open.first, now)
+            words = self.words(self.open_segment.tokens, self.open_segment.probabilities, self.open_segment.first, now)
             await self.send(self.results(self.segment_text_so_far, words, self._segment_start(), now, final=False))
 
     def _segment_start(self) -> float:
@@ -255,7 +255,7 @@ class DeepgramConnection(LiveConnection):
                 await self.send({"type": "SpeechStarted", "channel": [0, 1], "timestamp": event.time})
         elif isinstance(event, Segment):
             self.segment_text_so_far = ""
-            self.open = Delta([], [], 0)
+            self.open_segment = Delta([], [], 0)
             words = self.words(event.tokens, event.probabilities, event.first, event.end)
             speech_final = event.ends_turn and self.endpointing is not None
             await self.send(self.results(self.segment_text(event.tokens), words, event.start,
