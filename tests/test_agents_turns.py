@@ -152,7 +152,8 @@ def test_cuts_splice_forks_and_drop_the_main_tokens_they_cover():
     fork3 = main[:20] + [PAD] * 4
     out = cut(t, 25600, fork3, 20) + push(t, main[20:30])
     assert [s.tokens for s in out if isinstance(s, Segment)] == [main[10:20] + [PAD] * 4]
-    assert [s.probabilities for s in out if isinstance(s, Segment)] == [[0.5] * 10 + [0.25] * 4]  # main's, then the fork's
+    # the main stream's probabilities, then the fork's
+    assert [s.probabilities for s in out if isinstance(s, Segment)] == [[0.5] * 10 + [0.25] * 4]
     assert [tok for e in out if isinstance(e, Delta) for tok in e.tokens] == [PAD] * 4 + main[20:30]
 
 

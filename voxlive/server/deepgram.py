@@ -243,7 +243,8 @@ class DeepgramConnection(LiveConnection):
         self.segment_text_so_far += text
         if self.interim:
             now = self.samples / 16000
-            words = self.words(self.open_segment.tokens, self.open_segment.probabilities, self.open_segment.first, now)
+            so_far = self.open_segment
+            words = self.words(so_far.tokens, so_far.probabilities, so_far.first, now)
             await self.send(self.results(self.segment_text_so_far, words, self._segment_start(), now, final=False))
 
     def _segment_start(self) -> float:
