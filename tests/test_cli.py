@@ -245,13 +245,16 @@ def test_bench_quantized_modes(varied_dir):
 
 def test_bench_streams_reports_each_count(varied_dir):
     r = run("bench", "--model", varied_dir, "--seconds", 1, "--dtype", "float32", "--streams", 1, 3,
-            "--quantize", "int8")
+            "--quantize", "int8", "--no-drafts")
     assert r.returncode == 0, r.stderr
     assert r.stdout.startswith("[voxlive] torch backend, int8 weights")
+    assert "one position per step" in r.stdout.splitlines()[0]
     rows = [line.split() for line in r.stdout.splitlines()[3:]]
     assert [row[0] for row in rows] == ["1", "3"]
-    assert all(float(row[4]) > 0 for row in rows)  # aggregate RTF
-    assert rows[0][5] == "1.00x"  # one stream against itself
+    # without drafts a step runs one position per stream in it
+    assert float(rows[0][2]) == 1.0 and 1.0 <= float(rows[1][2]) <= 3.0
+    assert all(float(row[6]) > 0 for row in rows)  # aggregate RTF
+    assert rows[0][7] == "1.00x"  # one stream against itself
     assert run("bench", "--model", varied_dir, "--streams", 0).returncode == 2
 
 

@@ -345,10 +345,12 @@ def _bench_streams(a, modes: list[str | None]) -> int:
     source = str(random_checkpoint_dir("full")) if a.random_weights else a.model
     for mode in modes:  # one model in memory at a time
         model = load(source, backend=a.backend, device=a.device, dtype=a.dtype, quantize=mode, compile=a.compile,
-                     kv_dtype=a.kv_dtype)
+                     kv_dtype=a.kv_dtype, drafts=not a.no_drafts)
         weights = model.runtime.quantize or mode  # a converted checkpoint has its own
         age = f", streams {a.age_tokens} positions old" if a.age_tokens else ""
-        print(f"[voxlive] {model.backend} backend, {weights or 'unquantized'} weights, {model.runtime.kv_dtype} KV{age}")
+        drafts = "one position per step" if a.no_drafts else "drafts on"
+        print(f"[voxlive] {model.backend} backend, {weights or 'unquantized'} weights, {model.runtime.kv_dtype} KV{age}, "
+              f"{drafts}")
         print(report_streams(bench_streams(model, counts, seconds=a.seconds, delay_ms=a.delay_ms,
                                            age_tokens=a.age_tokens), a.seconds))
         del model
@@ -481,6 +483,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="with --streams: start each stream this many decoder positions old (its KV cache filled, "
                         "e.g. 8300: past the full window)")
     b.add_argument("--kv-dtype", choices=["int8"], help="with --streams: int8 KV caches")
+    b.add_argument("--no-drafts", action="store_true",
+                   help="with --streams: one position per stream per step (random weights make drafts accept "
+                        "whole runs, which real speech does not)")
     b.set_defaults(run=cmd_bench)
 
     c = sub.add_parser("convert", help="write a quantized checkpoint (torch), or the mlx-community layout (mlx)")

@@ -43,8 +43,6 @@ from dataclasses import dataclass, field
 
 from .vad import FRAME_SECONDS
 
-TOKEN_SECONDS = 0.08
-
 
 @dataclass(frozen=True)
 class TurnSettings:
@@ -178,6 +176,11 @@ class Turns:
     _queue: deque = field(default_factory=deque)
     _out: list = field(default_factory=list)
 
+    @property
+    def token_seconds(self) -> float:
+        """Audio per decoder position, from the checkpoint's audio config (0.08 s for Voxtral Realtime)."""
+        return self.samples_per_token / self.sample_rate
+
     # -- input ------------------------------------------------------------------------------------
 
     def push_probabilities(self, probs) -> list:
@@ -225,7 +228,7 @@ class Turns:
         self._ended_at = stopped
         self._eager_sent = False
         self._quiet = self._silent = None
-        boundary = math.ceil(decided / TOKEN_SECONDS - 1e-9)
+        boundary = math.ceil(decided / self.token_seconds - 1e-9)
         self._queue.append(_End(boundary, TurnEnded(round(stopped, 3), round(decided, 3), reason)))
 
     def push_tokens(self, tokens: list[int], probabilities: list[float]) -> list:
@@ -300,7 +303,7 @@ class Turns:
     def _check_eager(self) -> None:
         if not self.speaking or self._eager_sent or self._quiet is None:
             return
-        first = math.ceil(self._quiet / TOKEN_SECONDS - 1e-9)
+        first = math.ceil(self._quiet / self.token_seconds - 1e-9)
         if self.main_seen <= first or first < self._drop_below:
             return
         heard = self.timeline[self._at(first):]
@@ -344,4 +347,4 @@ class Turns:
         if not self._queue:
             self._deliver(len(self.timeline))
         if final and not self._queue and (len(self.timeline) > self._segment_from):
-            self._close(len(self.timeline), self.main_seen * TOKEN_SECONDS, forced=False)
+            self._close(len(self.timeline), self.main_seen * self.token_seconds, forced=False)

@@ -2,8 +2,10 @@
 
 For each count N, N sessions go through the server's own engine (the scheduler thread, batched
 encoder passes and decode steps), each fed the same-length synthetic audio in 80 ms chunks as
-fast as the engine takes it. Reported per N: decode ms per batched step, encoder ms per audio
-second (all streams), wall time, aggregate real-time factor (wall / audio seconds of all streams:
+fast as the engine takes it. Reported per N: decode ms per batched step, the positions a step
+runs (all streams: with drafts a stream verifies several positions in one pass, so a step of 16
+streams can be a pass of 144 rows, compute-bound, not 16), decode ms per position, encoder ms per
+audio second (all streams), wall time, aggregate real-time factor (wall / audio seconds of all streams:
 below 1 means N live streams keep up), and the gain over serving the N streams one after another
 (N x the wall time of one stream / the wall time of N).
 """
@@ -24,6 +26,7 @@ class _StepTimer:
     def __init__(self, runtime):
         self.seconds = {"decode": 0.0, "encode": 0.0}
         self.steps = 0
+        self.positions = 0  # decoder positions the decode steps ran, all streams
         for name, key in (("decode", "decode"), ("encode_batch", "encode")):
             real = getattr(runtime, name)
             setattr(runtime, name, self._timed(real, key))
@@ -35,7 +38,9 @@ class _StepTimer:
             # decode calls with output counts run prompt positions, not decode steps
             step = key if key == "encode" or "outputs" not in kwargs else "prefill"
             self.seconds[step] = self.seconds.get(step, 0.0) + time.perf_counter() - t
-            self.steps += step == "decode"
+            if step == "decode":
+                self.steps += 1
+                self.positions += sum(len(feed) for feed in args[1])
             return out
 
         return timed
@@ -43,6 +48,7 @@ class _StepTimer:
     def reset(self):
         self.seconds = {"decode": 0.0, "encode": 0.0}
         self.steps = 0
+        self.positions = 0
 
 
 async def _serve(engine, pcm, n: int, delay_ms) -> float:
@@ -91,6 +97,8 @@ def bench_streams(model, counts: list[int], *, seconds: float, delay_ms=None, ag
             audio = n * len(pcm) / 16000
             rows.append({"streams": n, "wall_s": wall, "rtf": wall / audio,
                          "decode_ms_per_step": 1000 * timer.seconds["decode"] / max(1, timer.steps),
+                         "positions_per_step": timer.positions / max(1, timer.steps),
+                         "decode_ms_per_position": 1000 * timer.seconds["decode"] / max(1, timer.positions),
                          "encoder_ms_per_audio_s": 1000 * timer.seconds["encode"] / audio, "steps": timer.steps})
     finally:
         engine.stop()
@@ -102,9 +110,11 @@ def bench_streams(model, counts: list[int], *, seconds: float, delay_ms=None, ag
 
 def report_streams(rows: list[dict], seconds: float) -> str:
     lines = [f"{seconds:.0f} s of audio per stream, fed in 80 ms chunks through the server's engine",
-             "streams  decode ms/step  encoder ms/audio-s  wall s  aggregate RTF  gain vs one-by-one"]
+             "streams  decode ms/step  positions/step  ms/position  encoder ms/audio-s  wall s  aggregate RTF"
+             "  gain vs one-by-one"]
     for r in rows:
         gain = f"{r['gain_vs_sequential']:.2f}x" if r["gain_vs_sequential"] else "-"
-        lines.append(f"{r['streams']:7d}  {r['decode_ms_per_step']:14.1f}  {r['encoder_ms_per_audio_s']:18.1f}"
+        lines.append(f"{r['streams']:7d}  {r['decode_ms_per_step']:14.1f}  {r['positions_per_step']:14.1f}"
+                     f"  {r['decode_ms_per_position']:11.1f}  {r['encoder_ms_per_audio_s']:18.1f}"
                      f"  {r['wall_s']:6.1f}  {r['rtf']:13.3f}  {gain:>18}")
     return "\n".join(lines)
