@@ -201,6 +201,25 @@ def test_a_token_the_penalty_chose_has_the_models_own_probability_not_the_penali
     assert (np.abs(ours - _log_softmax(penalised)[rows, tokens])[broken] > 0.1).all()  # the test tells them apart
 
 
+@pytest.mark.parametrize("margin", [5.0, -2.0])
+def test_forced_pad_log_probabilities_are_those_of_the_biased_logits(demo, margin):
+    from voxlive.testing import ForcedPad
+
+    rt, pad = demo.runtime, demo.tokenizer.streaming_pad
+    rng = np.random.default_rng(0)
+    embeds = (30 * rng.standard_normal((12, demo.config.decoder.dim))).astype(np.float32)
+    tokens = [int(t) for t in rng.integers(1000, demo.config.decoder.vocab_size, 12)]
+    a, b = rt.new_state(6), rt.new_state(6)
+    rt.add_embeddings(a, embeds)
+    rt.add_embeddings(b, embeds)
+    logits = rt.logits(a, tokens).astype(np.float64)
+    others = np.delete(logits, pad, axis=1).max(-1)
+    logits[:, pad] = others + margin  # the bias that gives the pad exactly this margin
+    d = ForcedPad(rt, range(0, 10**6), margin).decode([b], [tokens])[0]
+    assert d.tokens == logits.argmax(-1).tolist()
+    np.testing.assert_allclose(d.logprobs, _log_softmax(logits)[np.arange(12), d.tokens], atol=1e-4)
+
+
 def test_the_speech_track_keeps_only_the_frames_still_to_be_asked_about():
     from voxlive.rut import SpeechTrack
 
