@@ -7,9 +7,10 @@ import asyncio
 import json
 import math
 
+import numpy as np
 import pytest
 import websockets
-from dialogue import RATE, agent_server, as_float, positions_until
+from dialogue import RATE, TOKEN, agent_server, as_float, positions_until
 
 from voxlive.pcm import PcmDecoder
 from voxlive.server.deepgram import DeepgramConnection
@@ -61,6 +62,34 @@ def finals(messages):
     return [m for m in of(messages, "Results") if m.is_final]
 
 
+def offline_stream(model, pcm):
+    """The offline transcription of ``pcm`` as a finished stream: its tokens and their probabilities."""
+    s = model.stream()
+    s.feed(pcm)
+    s.finish()
+    return s
+
+
+def assert_confidences(results, stream, tokenizer, duration: float) -> int:
+    """Every word's confidence is in (0, 1] and is the mean of the offline probabilities of the text
+    tokens it spans (token j is the audio's [0.08 j, 0.08 j + 0.08)); the alternative's is the mean
+    of its words'. Returns how many words were checked (those not clipped at the audio's end)."""
+    checked = 0
+    for m in results:
+        alternative = m.channel.alternatives[0]
+        for w in alternative.words:
+            assert 0 < w.confidence <= 1
+            if w.end > duration - TOKEN:
+                continue
+            span = range(round(w.start / TOKEN), round(w.end / TOKEN))
+            expected = np.mean([stream.probabilities[j] for j in span if tokenizer.is_text(stream.tokens[j])])
+            assert w.confidence == pytest.approx(expected, rel=1e-4), (w, m.is_final)
+            checked += 1
+        expected = np.mean([w.confidence for w in alternative.words]) if alternative.words else 0.0
+        assert alternative.confidence == pytest.approx(expected)
+    return checked
+
+
 def test_endpointing_utterances_on_linear16(server, dialogue, varied_model):
     """endpointing=500: one speech_final result per turn, SpeechStarted within 100 ms of the speech,
     UtteranceEnd after each, finals equal to the offline tokens of their stretch and adding up (with
@@ -92,6 +121,16 @@ def test_endpointing_utterances_on_linear16(server, dialogue, varied_model):
         assert all(m.start - 1e-6 <= w.start <= w.end <= m.start + m.duration + 1e-6 for w in words)
     interim = [m for m in of(messages, "Results") if not m.is_final]
     assert interim and all(m.channel.alternatives[0].transcript for m in interim), [m.channel.alternatives[0].transcript for m in interim]
+    # word confidences: the offline words' probabilities, and the offline tokens' means in interim results too
+    stream = offline_stream(varied_model, as_float(pcm16))
+    duration = len(pcm16) / RATE
+    assert assert_confidences(finals(messages), stream, tok, duration) >= 10
+    assert assert_confidences(interim, stream, tok, duration) >= 10
+    offline_words = {(w.text, w.start, w.end): w.probability for w in offline.words}
+    same = [(w.confidence, offline_words[w.word, w.start, w.end]) for m in finals(messages)
+            for w in m.channel.alternatives[0].words if (w.word, w.start, w.end) in offline_words]
+    assert len(same) >= len(offline.words) // 2
+    assert [c for c, _ in same] == pytest.approx([p for _, p in same], rel=1e-4)
     # UtteranceEnd only after a second (utterance_end_ms) without speech: the 2 s pause and the tail
     assert len(of(messages, "UtteranceEnd")) == 2
     assert of(messages, "Metadata")[-1].request_id == speech_final[0].metadata.request_id
@@ -116,6 +155,9 @@ def test_finalize_in_a_word_on_mulaw_and_the_stream_goes_on(server, dialogue, va
     assert results[0].channel.alternatives[0].transcript == tok.decode(varied_model.transcribe(streamed[:n]).tokens)
     rest = "".join(m.channel.alternatives[0].transcript for m in results[1:])
     assert rest == tok.decode(varied_model.transcribe(streamed).tokens[math.ceil(n / 1280):])
+    # the forced final's words have the fork's probabilities: the offline ones of the audio up to the cut
+    assert assert_confidences(results[:1], offline_stream(varied_model, streamed[:n]), tok, n / RATE) >= 2
+    assert assert_confidences(results[1:], offline_stream(varied_model, streamed), tok, len(streamed) / RATE) >= 5
 
 
 def test_wrong_key_and_bad_parameters_are_refused_at_the_handshake(server):

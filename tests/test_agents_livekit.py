@@ -136,10 +136,16 @@ def test_deepgram_plugin_turns_and_finals(server, dialogue, varied_model):
     finals = [text(e) for e in events if e.type is stt.SpeechEventType.FINAL_TRANSCRIPT]
     assert "".join(finals) == tok.decode(offline.tokens)  # CloseStream brings the rest
     assert sum(e.type is stt.SpeechEventType.INTERIM_TRANSCRIPT for e in events) >= len(turns)
-    for e in events:  # word times inside the turn that carries them, in order
+    seen = set()
+    for e in events:  # word times inside the turn that carries them, in order; a final's confidence its words'
         if e.type is stt.SpeechEventType.FINAL_TRANSCRIPT and e.alternatives[0].words:
             times = [(w.start_time, w.end_time) for w in e.alternatives[0].words]
             assert all(a <= b <= c for (a, b), (c, _) in zip(times, times[1:]))
+            confidences = [w.confidence for w in e.alternatives[0].words]
+            assert all(0 < c <= 1 for c in confidences)
+            assert e.alternatives[0].confidence == pytest.approx(sum(confidences) / len(confidences))
+            seen.update(confidences)
+    assert len(seen) >= 5  # the words' own, not one figure for all
 
 
 def test_openai_plugin_realtime_turns_and_finals(server, dialogue, varied_model):

@@ -70,6 +70,16 @@ def turns(**settings) -> Turns:
     return Turns(TurnSettings(**settings), is_text=is_text)
 
 
+def push(t: Turns, tokens: list[int], probability: float = 0.5) -> list:
+    """Main-stream tokens, each of the model's ``probability``."""
+    return t.push_tokens(tokens, [probability] * len(tokens))
+
+
+def cut(t: Turns, samples: int, tokens: list[int], forked_at: int, probability: float = 0.25) -> list:
+    """A fork's tokens, each of ``probability`` (by default not the main stream's)."""
+    return t.push_cut(samples, tokens, [probability] * len(tokens), forked_at)
+
+
 def kinds(events) -> list[str]:
     return [type(e).__name__ for e in events if not isinstance(e, Delta)]
 
@@ -80,17 +90,17 @@ def test_eager_end_needs_the_model_pad_run_and_speech_resumes_the_turn():
     out = t.push_probabilities([0.05] * 5)  # 0.16 s quiet from 0.64 s
     assert kinds(out) == []
     # the model's tokens up to 0.64 s are text, then text again in the quiet: no eager end
-    assert kinds(t.push_tokens([100] * 8 + [101])) == []
+    assert kinds(push(t, [100] * 8 + [101])) == []
     t2 = turns(min_silence_ms=500)
     t2.push_probabilities([0.9] * 20 + [0.05] * 5)
-    out = t2.push_tokens([100] * 8 + [PAD, PAD])  # pads for the audio since the quiet began
+    out = push(t2, [100] * 8 + [PAD, PAD])  # pads for the audio since the quiet began
     eager = [e for e in out if not isinstance(e, Delta)]
     assert kinds(out) == ["EagerEnd"] and eager[0].time == pytest.approx(0.64)
     out = t2.push_probabilities([0.9] * 3)
     assert kinds(out) == ["TurnResumed"] and isinstance(out[0], TurnResumed) and out[0].time == pytest.approx(0.8)
     out = t2.push_probabilities([0.05] * 16)  # 0.512 s of silence: the turn ends
     assert kinds(out) == []  # ... once the tokens up to its end are in
-    out = t2.push_tokens([100] * 20)
+    out = push(t2, [100] * 20)
     assert kinds(out) == ["Segment", "TurnEnded"]
     segment, ended = [e for e in out if not isinstance(e, Delta)]
     assert ended.reason == "threshold" and ended.time == pytest.approx(0.896)
@@ -100,7 +110,7 @@ def test_eager_end_needs_the_model_pad_run_and_speech_resumes_the_turn():
 def test_end_timeout_ends_a_turn_whose_frames_hover_between_thresholds():
     t = turns(min_silence_ms=500, end_timeout_ms=1000)
     t.push_probabilities([0.9] * 10)
-    out = t.push_probabilities([0.4] * 40) + t.push_tokens([100] * 40)
+    out = t.push_probabilities([0.4] * 40) + push(t, [100] * 40)
     ended = [e for e in out if isinstance(e, TurnEnded)]
     assert len(ended) == 1 and ended[0].reason == "timeout" and ended[0].time == pytest.approx(0.32)
 
@@ -116,7 +126,7 @@ def test_the_next_turn_start_waits_for_the_previous_turn_end():
     t = turns(min_silence_ms=320)
     out = t.push_probabilities([0.9] * 10 + [0.05] * 10 + [0.9] * 10)
     assert kinds(out) == ["TurnStarted"]  # the end (and the start after it) wait for the tokens
-    out = t.push_tokens([100] * 20)
+    out = push(t, [100] * 20)
     assert kinds(out) == ["Segment", "TurnEnded", "TurnStarted"]
 
 
@@ -129,9 +139,10 @@ def test_cuts_splice_forks_and_drop_the_main_tokens_they_cover():
     t.request_cut(12800)  # 0.8 s: resume at index 10
     fork1 = main[:5] + [PAD] * 4  # the fork's tokens past the cut speak about padding
     fork2 = main[:10] + [PAD] * 4
-    out = t.push_cut(6400, fork1, 0) + t.push_cut(12800, fork2, 0) + t.push_tokens(main[:20])
+    out = cut(t, 6400, fork1, 0) + cut(t, 12800, fork2, 0) + push(t, main[:20])
     segments = [e for e in out if isinstance(e, Segment)]
     assert [s.tokens for s in segments] == [fork1, fork2[5:]]
+    assert [s.probabilities for s in segments] == [[0.25] * len(fork1), [0.25] * len(fork2[5:])]
     assert [(s.start, s.end) for s in segments] == [(0.0, 0.4), (0.4, 0.8)]
     assert all(s.forced for s in segments)
     delivered = [tok for e in out if isinstance(e, Delta) for tok in e.tokens]
@@ -139,8 +150,10 @@ def test_cuts_splice_forks_and_drop_the_main_tokens_they_cover():
     # a third, its fork sharing the 20 main tokens: spliced after them, the main stream going on after it
     t.request_cut(25600)  # 1.6 s: resume at index 20
     fork3 = main[:20] + [PAD] * 4
-    out = t.push_cut(25600, fork3, 20) + t.push_tokens(main[20:30])
+    out = cut(t, 25600, fork3, 20) + push(t, main[20:30])
     assert [s.tokens for s in out if isinstance(s, Segment)] == [main[10:20] + [PAD] * 4]
+    # the main stream's probabilities, then the fork's
+    assert [s.probabilities for s in out if isinstance(s, Segment)] == [[0.5] * 10 + [0.25] * 4]
     assert [tok for e in out if isinstance(e, Delta) for tok in e.tokens] == [PAD] * 4 + main[20:30]
 
 
@@ -152,9 +165,9 @@ def test_a_cut_at_the_end_of_the_audio_is_its_last_final():
     for after, rest in ((0, []), (1280, main[10:])):
         t = turns()
         t.request_cut(12800)
-        out = t.push_cut(12800, main, 0)
+        out = cut(t, 12800, main, 0)
         t.end_of_audio(12800 + after)
-        out += t.push_tokens(main) + t.finish()
+        out += push(t, main) + t.finish()
         assert [s.tokens for s in out if isinstance(s, Segment)] == [main] + ([rest] if rest else [])
 
 

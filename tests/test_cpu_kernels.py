@@ -163,6 +163,122 @@ def test_amx_gemm_rejects_bad_shapes(batch_invariant):
     assert Bf16Weight.wrap(odd, many_rows=True) is odd
 
 
+def amx_weight(scheme: str, n: int, k: int, dtype=torch.float32, seed: int = 0):
+    """A random matrix's stored form and the weight the dispatch makes of it, which must be the AMX kernel's."""
+    g = torch.Generator().manual_seed(seed)
+    parts = quantize(torch.randn(n, k, generator=g) * 0.05, scheme)
+    weight = QUANTIZED[scheme].from_stored(parts, dtype, torch.device("cpu"))
+    assert weight.path == "amx"
+    return parts, weight
+
+
+def exact_int8_product(x: torch.Tensor, parts: dict[str, torch.Tensor]) -> torch.Tensor:
+    """What the int8 kernels compute, written out: x quantized per row to int16 (as ``quantize_rows``),
+    the integer dot products with the weight (exact in float64), rounded once to float32, then times the
+    weight's scale and the row's scale."""
+    xf = x.float()
+    scale = xf.abs().amax(1).clamp_min(1e-30) / 16383
+    xq = (xf / scale[:, None]).round()
+    dots = (xq.double() @ parts["q"].double().T).float()
+    return (dots * parts["scale"].float() * scale[:, None]).to(x.dtype)
+
+
+@needs_amx
+@pytest.mark.parametrize("n,k", [(16, 64), (48, 192), (272, 3072), (32, 9216)])
+@pytest.mark.parametrize("scheme", ["int8", "int4"])
+def test_amx_int_kernels_against_float64_at_every_row_count(scheme, n, k):
+    """The AMX int8 and int4 kernels at 1..16 rows and at 37 (three blocks of rows): within the int16
+    activations' error bound of a float64 product (int8: exactly the integer products, rounded once);
+    every row bit for bit what it gives in any other call, alone or among others."""
+    parts, weight = amx_weight(scheme, n, k, seed=k + n)
+    x = activations(37, k, seed=n) * torch.logspace(-3, 3, 37)[:, None]  # rows of their own scales
+    whole = linear(x, weight)
+    check_quantized(x, dequantized(parts, scheme), whole)
+    if scheme == "int8":
+        assert torch.equal(whole, exact_int8_product(x, parts))
+    assert (whole[2] == 0).all()
+    for m in range(1, 17):
+        assert torch.equal(linear(x[:m], weight), whole[:m])
+    for start, stop in [(5, 9), (14, 31), (20, 37), (36, 37)]:
+        assert torch.equal(linear(x[start:stop], weight), whole[start:stop])
+
+
+@needs_amx
+@pytest.mark.parametrize("scheme", ["int8", "int4"])
+def test_amx_int_kernels_agree_with_the_row_kernels(scheme):
+    """The AMX kernels compute what the VNNI row kernels (CPUs without AMX) compute: int8 the same
+    integer sums (equal wherever the row kernel's float32 sum of its lanes is exact), int4 the same groups'
+    integer sums scaled in another order (within float32 rounding of the outputs' magnitudes)."""
+    parts, weight = amx_weight(scheme, 48, 3072)
+    # rows quantized to themselves (scale 1), whose integer sums stay below 2^24: the row kernel's float32
+    # sums of its int32 lanes are exact too
+    x = torch.randint(-3, 4, (9, 3072), generator=torch.Generator().manual_seed(4)).float()
+    x[:, 0] = 16383
+    if scheme == "int8":
+        assert (x.abs() @ parts["q"].float().abs().T).max() < 2**24
+        rows = cpu_kernels.linear_int8(x, parts["q"], parts["scale"])
+        assert torch.equal(linear(x, weight), rows)
+    else:
+        rows = cpu_kernels.linear_int4(x, parts["q"], parts["scale"], parts["zero"])
+        # both sum w = q * scale + (zero - 8 scale) over the groups, two float32 roundings a group at most
+        q = parts["q"]
+        values = torch.stack((q >> 4, q & 15), dim=-1).reshape(q.shape[0], -1).double()
+        scale, zero = (parts[p].double().repeat_interleave(64, dim=1) for p in ("scale", "zero"))
+        magnitude = x.double().abs() @ (values * scale + (zero - 8 * scale).abs()).T
+        groups = 3072 // 64
+        assert ((linear(x, weight).double() - rows.double()).abs() <= 2 * 2 * groups * 2**-24 * magnitude).all()
+
+
+@needs_amx
+@pytest.mark.parametrize("scheme", ["int8", "int4"])
+def test_amx_int_kernels_in_bfloat16_and_float16_models(scheme):
+    """The float32 result of the same values, rounded once, as for the row kernels."""
+    parts, weight = amx_weight(scheme, 48, 192)
+    x = activations(5, 192, seed=5)
+    for dtype in (torch.bfloat16, torch.float16):
+        _, weight16 = amx_weight(scheme, 48, 192, dtype=dtype)
+        x16 = x.to(dtype)
+        assert torch.equal(linear(x16, weight16), linear(x16.float(), weight).to(dtype))
+
+
+@needs_amx
+def test_amx_dispatch_and_int8_lookups_from_the_tile_order():
+    """Matrices the AMX kernels take (outputs a multiple of 16, inputs of 64) go to them; others to the row
+    kernels. The int8 embedding's rows are looked up from the tile order."""
+    g = torch.Generator().manual_seed(6)
+    for scheme in ("int8", "int4"):
+        for n, k, path in [(48, 192, "amx"), (50, 192, "voxlive"), (48, 128, "amx")]:
+            weight = QUANTIZED[scheme].from_stored(quantize(torch.randn(n, k, generator=g), scheme), torch.float32,
+                                                   torch.device("cpu"))
+            assert weight.path == path, (scheme, n, k)
+    weight = QUANTIZED["int8"].from_stored(quantize(torch.randn(32, 96, generator=g), "int8"), torch.float32,
+                                           torch.device("cpu"))
+    assert weight.path == "voxlive"  # 96 inputs: a multiple of 32, not of 64
+    parts, weight = amx_weight("int8", 48, 192)
+    ids = torch.tensor([[3, 0], [47, 16]])
+    assert torch.equal(weight.rows(ids), dequantized(parts, "int8")[ids])
+
+
+@needs_amx
+def test_amx_int_kernels_reject_bad_shapes():
+    with pytest.raises(RuntimeError, match="multiple of 16"):
+        cpu_kernels.int8_tiles(torch.zeros(24, 64, dtype=torch.int8))
+    with pytest.raises(RuntimeError, match="multiple of 16"):
+        cpu_kernels.int4_tiles(torch.zeros(24, 32, dtype=torch.uint8), torch.ones(24, 1, dtype=torch.bfloat16),
+                               torch.ones(24, 1, dtype=torch.bfloat16))
+    tiles = cpu_kernels.int8_tiles(torch.zeros(16, 128, dtype=torch.int8))
+    with pytest.raises(RuntimeError, match="inputs"):
+        cpu_kernels.linear_int8_amx(torch.zeros(1, 64), tiles, torch.ones(16))
+    with pytest.raises(RuntimeError, match="one scale per output"):
+        cpu_kernels.linear_int8_amx(torch.zeros(1, 128), tiles, torch.ones(15))
+    t4, sz = cpu_kernels.int4_tiles(torch.zeros(16, 64, dtype=torch.uint8), torch.ones(16, 2, dtype=torch.bfloat16),
+                                    torch.ones(16, 2, dtype=torch.bfloat16))
+    with pytest.raises(RuntimeError, match="inputs"):
+        cpu_kernels.linear_int4_amx(torch.zeros(1, 64), t4, sz)
+    with pytest.raises(RuntimeError, match="scales in tile order"):
+        cpu_kernels.linear_int4_amx(torch.zeros(1, 128), t4, sz.float())
+
+
 @needs_kernels
 def test_kernels_reject_bad_shapes_and_types():
     q = torch.zeros(8, 64, dtype=torch.int8)
@@ -228,7 +344,8 @@ def test_model_logits_with_and_without_kernels(varied_dir, speech, monkeypatch, 
     model, with_kernels = run()
     decoder = model.runtime.decoder
     expected = {None: "Bf16Weight", "int8": "Int8Weight", "int4": "Int4Weight"}[mode]
-    assert type(decoder.layers[0].w2).__name__ == expected and getattr(decoder.layers[0].w2, "path", "voxlive") == "voxlive"
+    kernel_path = "amx" if cpu_kernels.amx_available() else "voxlive"
+    assert type(decoder.layers[0].w2).__name__ == expected and getattr(decoder.layers[0].w2, "path", kernel_path) == kernel_path
     switch_kernels_off(monkeypatch)
     _, without = run()
     assert with_kernels.shape == without.shape

@@ -39,9 +39,28 @@ def audio(speech):
 
 
 @pytest.fixture(scope="module")
-def stepwise(model, audio):
+def stepwise_streams(model, audio):
+    """One-step-at-a-time streams, finished, per delay."""
+    streams = {d: model.stream(delay_ms=d, drafts=False) for d in DELAYS}
+    for s in streams.values():
+        s.feed(audio)
+        s.finish()
+    return streams
+
+
+@pytest.fixture(scope="module")
+def stepwise(stepwise_streams):
     """One-step-at-a-time tokens, per delay."""
-    return {d: model.transcribe(audio, delay_ms=d, drafts=False).tokens for d in DELAYS}
+    return {d: s.tokens for d, s in stepwise_streams.items()}
+
+
+def assert_stepwise_probabilities(stream, stepwise_stream):
+    """A token verified in a pass of several rows has the probability stepwise decoding gave it (to
+    float32 rounding: the passes' matrix products have other shapes), and so has every word."""
+    np.testing.assert_allclose(stream.probabilities, stepwise_stream.probabilities, rtol=2e-5, atol=1e-6)
+    words, expected = stream.transcript().words, stepwise_stream.transcript().words
+    assert words == expected
+    np.testing.assert_allclose([w.probability for w in words], [w.probability for w in expected], rtol=2e-5)
 
 
 def _stream(model, delay_ms, drafting):
@@ -72,7 +91,8 @@ def _oracle(model, tokens, accuracy, length, seed=0):
 
 
 @pytest.mark.parametrize("seed", range(3))
-def test_default_drafts_give_the_stepwise_tokens_offline_and_for_random_chunkings(model, audio, stepwise, seed):
+def test_default_drafts_give_the_stepwise_tokens_and_probabilities_offline_and_for_random_chunkings(
+        model, audio, stepwise, stepwise_streams, seed):
     delay = DELAYS[seed]
     offline = model.transcribe(audio, delay_ms=delay)  # drafts on: the load default
     assert offline.tokens == stepwise[delay]
@@ -80,14 +100,17 @@ def test_default_drafts_give_the_stepwise_tokens_offline_and_for_random_chunking
     streamed = _feed(s, audio, _random_chunks(np.random.default_rng(seed), len(audio)))
     assert streamed.tokens == stepwise[delay]
     assert 0 < s.drafts_accepted <= s.drafts_fed  # drafts were really verified, not skipped
+    assert_stepwise_probabilities(s, stepwise_streams[delay])
 
 
 @pytest.mark.parametrize("accuracy,delay", [(1.0, 480), (0.0, 160), (0.6, 960)])
-def test_oracle_drafts_right_wrong_or_mixed_give_the_stepwise_tokens(model, audio, stepwise, accuracy, delay):
+def test_oracle_drafts_right_wrong_or_mixed_give_the_stepwise_tokens_and_probabilities(
+        model, audio, stepwise, stepwise_streams, accuracy, delay):
     truth = stepwise[delay]
     s = _stream(model, delay, _oracle(model, truth, accuracy, Fixed(model.runtime.max_draft), seed=delay))
     got = _feed(s, audio, _random_chunks(np.random.default_rng(delay), len(audio)))
     assert got.tokens == truth
+    assert_stepwise_probabilities(s, stepwise_streams[delay])
     assert s.drafts_fed >= len(truth) // 4
     if accuracy == 1.0:
         assert s.drafts_accepted == s.drafts_fed

@@ -72,6 +72,22 @@ def test_teacher_forced_logits_and_greedy_tokens_match_reference(varied_model, r
     assert np.abs(our_logits - ref_logits).max() <= 1e-4 * scale
 
 
+def test_token_probabilities_are_the_references_softmax_at_each_token(varied_model, reference, speech):
+    delay_ms = 480
+    delay = varied_model.config.delay_tokens(delay_ms)
+    mel = voxlive.log_mel(_padded(varied_model, speech, delay_ms))
+    prompt = offline_prompt_ids(varied_model.source + "/tekken.json", delay)
+    stream = varied_model.stream(delay_ms=delay_ms)
+    stream.feed(speech)
+    tokens = stream.finish().tokens
+    ids = prompt + tokens[:-1]  # position len(prompt) - 1 + i predicts tokens[i]
+    ref_logits = torch.from_numpy(reference_logits(reference, ids, mel, delay)[len(prompt) - 1:])
+    ref = torch.log_softmax(ref_logits.double(), -1)[torch.arange(len(tokens)), torch.tensor(tokens)].numpy()
+    ours = np.log(np.asarray(stream.probabilities, dtype=np.float64))
+    assert len(ours) == len(tokens) and ref.min() < np.log(0.9)  # not all certain: the values say something
+    np.testing.assert_allclose(ours, ref, atol=1e-4)
+
+
 def test_delay_changes_the_logits(varied_model, speech):
     # The delay conditions every FFN: a model that ignored it would pass the tests above only by luck.
     mel = voxlive.log_mel(_padded(varied_model, speech, 480))

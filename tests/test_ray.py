@@ -23,23 +23,33 @@ import websockets
 
 ray = pytest.importorskip("ray")
 from ray import serve  # noqa: E402
-from serving import free_port, running  # noqa: E402
+from serving import free_port, refused, running  # noqa: E402
 from test_agents_mistral import chunks, mistral_session  # noqa: E402
 from test_server import as_sent, asr_stream, pcm16, realtime_utterance, snapshot_words, words_of  # noqa: E402
 
-from voxlive.server import replicas  # noqa: E402
+from voxlive import cli  # noqa: E402
+from voxlive.rut import RutPolicy  # noqa: E402
+from voxlive.server import replicas, routing  # noqa: E402
 from voxlive.server.routing import (  # noqa: E402
-    CLOSE_INTERNAL, LOST_REASON, ReplicaLostMiddleware, desired_replicas, routing_key)
+    CLOSE_INTERNAL, LOST_REASON, LeastLoadedRouter, ReplicaLostMiddleware, desired_replicas, routing_key)
 
 MAX_SESSIONS = 3
 PUSH_INTERVAL = "RAY_SERVE_REPLICA_AUTOSCALING_METRIC_PUSH_INTERVAL_S"
 READY_SECONDS = 300  # generous: Ray on two shared cores is slow to start and restart
 
 
+# Every replica's server options, none of them the default: the cluster is deployed through the
+# Serve config's builder (``build``), and /health shows what each replica got.
+SERVER_OPTIONS = {"idle_timeout": 900.0, "send_timeout": 30.0,
+                  "rut": {"after": 120, "speech_after": None, "slope": 0.75, "cap": 6.0}}
+RUT = RutPolicy(**SERVER_OPTIONS["rut"])
+
+
 def deploy(model_dir, **scaling) -> None:
     # half a CPU each: a third replica fits in the two CPUs when the autoscaler asks for one
-    serve.run(replicas.application(str(model_dir), model_id="tiny", max_sessions=MAX_SESSIONS, cpus_per_replica=0.5,
-                                   load_options={"dtype": "float32", "device": "cpu"}, **scaling),
+    serve.run(replicas.build({"model": str(model_dir), "model_id": "tiny", "max_sessions": MAX_SESSIONS,
+                              "cpus_per_replica": 0.5, "dtype": "float32", "device": "cpu", **SERVER_OPTIONS,
+                              **scaling}),
               name=replicas.APP_NAME, route_prefix="/", blocking=False)
 
 
@@ -62,7 +72,8 @@ def cluster(varied_dir):
 async def open_asr(host: str):
     """A WLK connection (its engine session opens with it), its config read; and its replica."""
     ws = await websockets.connect(f"ws://{host}/asr")
-    assert json.loads(await ws.recv())["type"] == "config"
+    first = json.loads(await ws.recv())
+    assert first.get("type") == "config", first
     return ws, ws.response.headers["x-voxlive-replica"]
 
 
@@ -97,6 +108,70 @@ def test_replicas_are_tried_keeping_up_first_then_behind_then_full_fewest_sessio
     # the router's own count of requests in flight wins over a report a second old, both ways
     assert routing_key(stats["c"], 1) < routing_key(stats["a"], None)
     assert routing_key(stats["a"], 4) > routing_key(stats["b"], None)
+    # ... and so does its own count of the sessions it placed, Ray's not having them yet; never added
+    assert routing_key(stats["a"], 1, placed=3) == routing_key(stats["a"], 3) > routing_key(stats["d"], None)
+    assert routing_key(stats["a"], 2, placed=1) == routing_key(stats["a"], 2)
+    assert routing_key(stats["b"], None, placed=4)[0]  # full, though its report says nothing of them
+
+
+def test_sessions_ranked_before_any_is_sent_take_every_free_slot_first(monkeypatch):
+    """Ray sends a request only after the router ranked it, and ranks the next ones meanwhile:
+    twelve sessions ranked at once on four replicas of three slots put three first on each, and the
+    next goes first to a full one (to be refused there). A session Ray sent and the replica
+    accepted is counted once, and its slot is free when it ends; a slot held for one Ray never
+    sends is given back after a while."""
+    from types import SimpleNamespace
+
+    from ray.serve._private.common import DeploymentHandleSource, DeploymentID, ReplicaID, RequestMetadata
+    from ray.serve._private.request_router.common import PendingRequest
+
+    clock = [1000.0]
+    monkeypatch.setattr(routing, "time", SimpleNamespace(monotonic=lambda: clock[0]))
+    deployment = DeploymentID("VoxliveReplica", replicas.APP_NAME)
+    requests = {}
+
+    async def run():
+        router = LeastLoadedRouter(deployment_id=deployment, handle_source=DeploymentHandleSource.PROXY,
+                                   use_replica_queue_len_cache=True)
+        router.initialize_state()
+        candidates = [SimpleNamespace(replica_id=ReplicaID(name, deployment),
+                                      routing_stats={"sessions": 0, "max_sessions": MAX_SESSIONS, "lag": 0.0})
+                      for name in "abcd"]
+
+        async def first_choice(i: int) -> str:
+            requests[i] = PendingRequest(args=[], kwargs={}, metadata=RequestMetadata(str(i), str(i)))
+            return (await router.choose_replicas(candidates, requests[i]))[0][0].replica_id.unique_id
+
+        firsts = [await first_choice(i) for i in range(4 * MAX_SESSIONS)]
+        over = await first_choice(99)  # every replica full: one is tried, to refuse it
+        name = next(n for n in "abcd" if n != over)
+        replica = ReplicaID(name, deployment)
+        mine = [i for i, n in enumerate(firsts) if n == name]
+        for i in mine:  # Ray sends that replica's three, which accepts them and says so
+            router.on_request_routed(requests[i], replica, None)
+        router.on_new_queue_len_info(replica, MAX_SESSIONS)
+        router.on_request_completed(replica, str(mine[0]))  # one of them ends
+        router.on_new_queue_len_info(replica, MAX_SESSIONS - 1)
+        freed = await first_choice(100)  # the others still hold their reservations
+        clock[0] += routing.PLACING_SECONDS + 1  # ... which Ray never sends
+        afterwards = [await first_choice(200 + i) for i in range(3)]
+        return firsts, over, name, freed, afterwards
+
+    firsts, over, name, freed, afterwards = asyncio.run(run())
+    assert sorted(firsts.count(n) for n in "abcd") == [MAX_SESSIONS] * 4, firsts
+    assert over in "abcd" and freed == name
+    assert sorted(afterwards) == sorted(set("abcd") - {name})
+
+
+def test_serve_ray_passes_the_plain_servers_session_options_to_every_replica(monkeypatch, varied_dir):
+    got = []
+    monkeypatch.setattr(replicas, "serve_on_ray", lambda source, **options: got.append(options))
+    common = ["serve", "--ray", "--model", str(varied_dir), "--port", str(free_port())]
+    assert cli.main([*common, "--rut-after", "120", "--rut-speech-after", "off", "--rut-slope", "0.75",
+                     "--rut-cap", "6", "--idle-timeout", "900", "--send-timeout", "0"]) == 0
+    assert cli.main([*common, "--no-rut-penalty"]) == 0
+    assert got[0]["rut"] == RUT and got[0]["idle_timeout"] == 900 and got[0]["send_timeout"] is None
+    assert got[1]["rut"] is None and got[1]["idle_timeout"] == 7200 and got[1]["send_timeout"] == 60
 
 
 def test_autoscaling_wants_replicas_for_the_sessions_and_one_more_while_behind():
@@ -136,28 +211,44 @@ def test_a_request_ray_ends_without_an_answer_gets_a_503_or_a_1011():
     assert close is not None and close.code == CLOSE_INTERNAL and close.reason == LOST_REASON
 
 
-def test_health_and_metrics_through_the_proxy_name_their_replica(cluster):
-    health = httpx.get(f"http://{cluster}/health", timeout=60).json()
-    assert health["status"] == "ok" and health["max_sessions"] == MAX_SESSIONS and health["replica"]
+def test_health_and_metrics_through_the_proxy_name_their_replica_and_its_options(cluster):
+    """/health from both replicas (the router sends an idle cluster's requests to either) shows the
+    deployment's session options on each; /metrics carries the replica's label."""
+    seen = {}
+    for _ in range(40):
+        health = httpx.get(f"http://{cluster}/health", timeout=60).json()
+        seen[health["replica"]] = health
+        if len(seen) == 2:
+            break
+    assert len(seen) == 2, list(seen)
+    for health in seen.values():
+        assert health["status"] == "ok" and health["max_sessions"] == MAX_SESSIONS
+        assert health["idle_timeout"] == 900 and health["send_timeout"] == 30
+        assert health["rut"] == {**SERVER_OPTIONS["rut"], "speech_threshold": RUT.speech_threshold}
     metrics = httpx.get(f"http://{cluster}/metrics", timeout=60)
     assert metrics.headers["content-type"].startswith("text/plain; version=0.0.4")
     lines = metrics.text.splitlines()
     for name in ("voxlive_sessions", "voxlive_lag_seconds", "voxlive_step_seconds_total", "voxlive_decode_batch_size",
-                 "process_resident_memory_bytes"):
+                 "voxlive_blank_ruts_total", "process_resident_memory_bytes"):
         assert any(line.startswith(f'{name}{{replica="') for line in lines), name
 
 
 def test_sessions_spread_over_both_replicas_and_every_protocol_equals_offline(cluster, varied_model, speech,
                                                                              tmp_path):
     """Four live sessions opened one after the other land two on each replica (the least loaded
-    takes the next); vLLM realtime and WLK streams and a Mistral SDK session, all at once, and then an
-    OpenAI SDK upload, each give offline ``transcribe``'s transcript."""
+    takes the next); vLLM realtime and WLK streams, a Mistral SDK session and an OpenAI SDK upload,
+    all at once (every slot of both replicas), each give offline ``transcribe``'s transcript under
+    the deployment's blank-rut policy."""
     import openai
 
-    expected = varied_model.transcribe(as_sent(speech))
+    expected = varied_model.transcribe(as_sent(speech), rut=RUT)
     path = tmp_path / "speech.wav"
     soundfile.write(path, speech, 16000, subtype="PCM_16")
     upload = openai.OpenAI(base_url=f"http://{cluster}/v1", api_key="none", timeout=300)
+
+    def uploaded():
+        with open(path, "rb") as f:
+            return upload.audio.transcriptions.create(model="tiny", file=f)
 
     async def run():
         opened = [await opener(cluster) for opener in (open_realtime, open_asr, open_realtime, open_asr)]
@@ -165,15 +256,10 @@ def test_sessions_spread_over_both_replicas_and_every_protocol_equals_offline(cl
         streams = [realtime_utterance(ws, speech) if i % 2 == 0 else
                    asr_stream(ws, [data[j:j + 3200] for j in range(0, len(data), 3200)], config_read=True)
                    for i, (ws, _) in enumerate(opened)]
-        mistral = mistral_session(cluster, chunks(data))
-        results = await asyncio.gather(*streams, mistral)
+        results = await asyncio.gather(*streams, mistral_session(cluster, chunks(data)), asyncio.to_thread(uploaded))
         for ws, _ in opened:
             await ws.close()
-        # After the streams: with all six slots taken at once, a session racing another one's
-        # placement can land on a full replica (which refuses it; the next is not tried yet).
-        with open(path, "rb") as f:
-            uploaded = await asyncio.to_thread(upload.audio.transcriptions.create, model="tiny", file=f)
-        return [name for _, name in opened], [*results, uploaded]
+        return [name for _, name in opened], results
 
     names, (rt1, asr1, rt2, asr2, events, uploaded) = asyncio.run(run())
     assert len(set(names)) == 2 and all(names.count(n) == 2 for n in names), names
@@ -187,16 +273,19 @@ def test_sessions_spread_over_both_replicas_and_every_protocol_equals_offline(cl
     assert uploaded.text == expected.text.strip()
 
 
-def test_full_replicas_are_passed_over_until_every_one_is_full_then_1013(cluster):
-    """Sessions up to both replicas' limit are all admitted (none refused while the other replica
-    has room); the next one is refused with the usual 1013, and so is an upload with the usual 503."""
+def test_sessions_opened_all_at_once_fill_every_slot_then_the_next_gets_1013(cluster):
+    """As many sessions as both replicas hold, opened at the same instant, are all admitted (none
+    is placed on a replica another one filled meanwhile); the next one is refused with the usual
+    1013, and so is an upload with the usual 503."""
 
     async def run():
-        held = [await open_asr(cluster) for _ in range(2 * MAX_SESSIONS)]
-        async with websockets.connect(f"ws://{cluster}/asr") as refused:
-            busy = json.loads(await refused.recv())
-            with pytest.raises(websockets.ConnectionClosed) as closed:
-                await refused.recv()
+        held = await asyncio.gather(*(open_asr(cluster) for _ in range(2 * MAX_SESSIONS)), return_exceptions=True)
+        admitted = [h for h in held if not isinstance(h, BaseException)]
+        if len(admitted) < len(held):  # close what was admitted, then say what was not
+            for ws, _ in admitted:
+                await ws.close()
+            return held, None, None, None
+        busy, code = await refused(f"ws://{cluster}/asr")
         wav = io.BytesIO()
         soundfile.write(wav, np.zeros(16000, np.float32), 16000, format="WAV")
         async with httpx.AsyncClient(timeout=120) as client:
@@ -204,9 +293,11 @@ def test_full_replicas_are_passed_over_until_every_one_is_full_then_1013(cluster
                                        files={"file": ("a.wav", wav.getvalue())})
         for ws, _ in held:
             await ws.close()
-        return [name for _, name in held], busy, closed.value.rcvd.code, upload
+        return held, busy, code, upload
 
-    names, busy, code, upload = asyncio.run(run())
+    held, busy, code, upload = asyncio.run(run())
+    assert all(not isinstance(h, BaseException) for h in held), [repr(h)[:160] for h in held]
+    names = [name for _, name in held]
     assert sorted(names.count(n) for n in set(names)) == [MAX_SESSIONS, MAX_SESSIONS]
     assert "busy" in busy["error"] and code == 1013
     assert upload.status_code == 503 and "busy" in upload.json()["error"]["message"]

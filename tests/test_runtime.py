@@ -139,7 +139,14 @@ def test_a_freed_slot_is_reused_and_keeps_nothing_of_its_last_stream(model):
     assert rt.new_state(6).decoder_slot == slot  # dropping a state frees its slots too
 
 
-def test_decode_returns_greedy_token_pad_margin_and_best_other_per_position(model):
+def _log_softmax(logits: np.ndarray) -> np.ndarray:
+    """Written here, in float64: the reference for the runtime's float32 log-probabilities."""
+    x = logits.astype(np.float64)
+    top = x.max(-1, keepdims=True)
+    return x - top - np.log(np.exp(x - top).sum(-1, keepdims=True))
+
+
+def test_decode_returns_greedy_token_pad_margin_best_other_and_log_probability_per_position(model):
     rt = model.runtime
     embeds, tokens = _embeds(model, 30), [model.tokenizer.streaming_pad] * 15 + _tokens(model, 15)
     a, b = rt.new_state(6), rt.new_state(6)
@@ -158,6 +165,16 @@ def test_decode_returns_greedy_token_pad_margin_and_best_other_per_position(mode
     assert tokens_out == logits.argmax(-1).tolist()
     assert others == without_pad.argmax(-1).tolist()
     np.testing.assert_allclose(margins, logits[:, pad] - without_pad.max(-1), rtol=1e-4, atol=1e-4 * np.abs(logits).max())
+    # the greedy token's log-probability of the full logits (a pad's best other: tests/test_rut.py)
+    reference = _log_softmax(logits)
+    rows = np.arange(len(tokens))
+    logprobs = np.array([p for d in got for p in d.logprobs])
+    np.testing.assert_allclose(logprobs, reference[rows, tokens_out], rtol=1e-4, atol=1e-5)
+    assert logprobs.max() <= 0 and np.exp(logprobs).min() >= 1 / model.config.decoder.vocab_size
+    probability = [d.probability(i, t) for d in got for i, t in enumerate(d.best_other)]
+    np.testing.assert_allclose(probability, np.exp(reference[rows, others]), rtol=1e-4, atol=1e-7)
+    with pytest.raises(ValueError, match="not"):
+        got[0].probability(0, next(t for t in range(100, 200) if t not in (got[0].tokens[0], got[0].best_other[0])))
 
 
 def test_batched_streams_feeding_different_counts_equal_one_by_one(model):

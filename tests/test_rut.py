@@ -149,13 +149,75 @@ def test_choose_takes_the_best_other_token_where_the_pad_wins_by_less_than_the_p
     from voxlive.backends.runtime import Decoded
 
     pad = demo.tokenizer.streaming_pad
-    d = Decoded(tokens=[pad, pad, 1234], pad_margins=[3.5, 9.0, -1.0], best_other=[1500, 1600, 1234])
+    d = Decoded(tokens=[pad, pad, 1234], pad_margins=[3.5, 9.0, -1.0], best_other=[1500, 1600, 1234],
+                logprobs=[-0.05, -0.001, -0.4])
     s = demo.stream(rut=RutPolicy(after=10, speech_after=None))
     assert [s.choose(d, i) for i in range(3)] == [pad, pad, 1234]  # no run yet: greedy
     for p in range(24):
         s.rut.accepted(pad, p, broke=False)
     assert s.pad_penalty == 7.0  # 14 pads past the threshold: the cap
     assert [s.choose(d, i) for i in range(3)] == [1500, pad, 1234]  # a rut's +3.5 breaks, silence's +9 not
+
+
+def _log_softmax(logits: np.ndarray) -> np.ndarray:
+    x = logits.astype(np.float64)
+    x = x - x.max(-1, keepdims=True)
+    return x - np.log(np.exp(x).sum(-1, keepdims=True))
+
+
+def test_a_token_the_penalty_chose_has_the_models_own_probability_not_the_penalised_one(demo, speech, monkeypatch):
+    """The demo model's pad never wins; +20 on its logit (in the runtime's logits, so decode and the
+    teacher-forced reference both see it) makes it win at most positions, by margins on both sides of
+    a penalty of 7 from the first pad of a run on. Every token's probability is the model's
+    softmax of those logits at it: pads kept, text greedy, and the best others the penalty chose
+    (whose probability comes from the pad's and the margin, not from a second softmax)."""
+    from voxlive.session import Stream
+    from voxlive_bench.reference import offline_padded_audio
+
+    rt, pad = demo.runtime, demo.tokenizer.streaming_pad
+    real = rt._logits
+
+    def stronger_pad(hidden):
+        logits = real(hidden).clone()
+        logits[:, pad] += 20.0
+        return logits
+
+    monkeypatch.setattr(rt, "_logits", stronger_pad)
+    s = Stream(rt, demo.tokenizer, demo.config)  # not a fork of the model's fresh stream: that ran unbiased
+    s.use_rut(RutPolicy(after=0, speech_after=None, slope=7.0, cap=7.0))
+    s.feed(speech)
+    t = s.finish()
+    mel = voxlive.log_mel(offline_padded_audio(speech, s.delay_tokens, demo.config.audio))
+    ids = s.prompt + t.tokens[:-1]
+    logits = demo.logits(ids, demo.embed_audio(mel), delay_ms=s.delay_ms)[len(s.prompt) - 1:]
+    reference = _log_softmax(logits)
+    rows, tokens = np.arange(len(t.tokens)), np.array(t.tokens)
+    broken = logits.argmax(-1) != tokens
+    assert broken.sum() == s.ruts >= 3 and (tokens == pad).sum() >= 3 and ((tokens != pad) & ~broken).sum() >= 3
+    ours = np.log(np.asarray(s.probabilities, dtype=np.float64))
+    np.testing.assert_allclose(ours, reference[rows, tokens], atol=1e-4)
+    penalised = logits.copy()
+    penalised[:, pad] -= 7.0
+    assert (np.abs(ours - _log_softmax(penalised)[rows, tokens])[broken] > 0.1).all()  # the test tells them apart
+
+
+@pytest.mark.parametrize("margin", [5.0, -2.0])
+def test_forced_pad_log_probabilities_are_those_of_the_biased_logits(demo, margin):
+    from voxlive.testing import ForcedPad
+
+    rt, pad = demo.runtime, demo.tokenizer.streaming_pad
+    rng = np.random.default_rng(0)
+    embeds = (30 * rng.standard_normal((12, demo.config.decoder.dim))).astype(np.float32)
+    tokens = [int(t) for t in rng.integers(1000, demo.config.decoder.vocab_size, 12)]
+    a, b = rt.new_state(6), rt.new_state(6)
+    rt.add_embeddings(a, embeds)
+    rt.add_embeddings(b, embeds)
+    logits = rt.logits(a, tokens).astype(np.float64)
+    others = np.delete(logits, pad, axis=1).max(-1)
+    logits[:, pad] = others + margin  # the bias that gives the pad exactly this margin
+    d = ForcedPad(rt, range(0, 10**6), margin).decode([b], [tokens])[0]
+    assert d.tokens == logits.argmax(-1).tolist()
+    np.testing.assert_allclose(d.logprobs, _log_softmax(logits)[np.arange(12), d.tokens], atol=1e-4)
 
 
 def test_the_speech_track_keeps_only_the_frames_still_to_be_asked_about():

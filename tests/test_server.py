@@ -126,6 +126,9 @@ def test_health_models_and_api_key(server):
     host, _ = server
     health = httpx.get(f"http://{host}/health")
     assert health.status_code == 200 and health.json()["status"] == "ok"  # no key needed
+    # the settings a session gets unless it asks otherwise: create_app's defaults here
+    assert (health.json()["idle_timeout"], health.json()["send_timeout"]) == (7200.0, 60.0)
+    assert health.json()["rut"] == {"after": 200, "speech_after": 50, "slope": 0.5, "cap": 7.0, "speech_threshold": 0.5}
     denied = httpx.get(f"http://{host}/v1/models")
     assert denied.status_code == 401
     assert "API key" in denied.json()["error"]["message"]

@@ -1,6 +1,6 @@
 """Blank ruts through the real server: a forced rut (``voxlive.testing.ForcedPad``) is broken in a
 ``/asr`` and a ``/v1/realtime`` session exactly as offline, each rut is on the wire and counted in
-``/health``, and a connection may choose its own policy or none in its query."""
+``/health`` and ``/metrics``, and a connection may choose its own policy or none in its query."""
 
 from __future__ import annotations
 
@@ -50,6 +50,13 @@ def health(host) -> int:
     return httpx.get(f"http://{host}/health").json()["blank_ruts"]
 
 
+def metrics(host) -> int:
+    """The Prometheus counter of blank ruts (its TYPE line says it is one)."""
+    text = httpx.get(f"http://{host}/metrics").text
+    assert "# TYPE voxlive_blank_ruts_total counter" in text
+    return int(next(line.split(" ")[1] for line in text.splitlines() if line.startswith("voxlive_blank_ruts_total ")))
+
+
 async def asr(host: str, query: str, data: bytes) -> list[dict]:
     async with websockets.connect(f"ws://{host}/asr{query}", max_size=None) as ws:
         for i in range(0, len(data), 16000):
@@ -61,15 +68,15 @@ async def asr(host: str, query: str, data: bytes) -> list[dict]:
         return messages
 
 
-def test_asr_reports_each_rut_broken_as_offline_and_health_counts_them(server, forced, audio):
+def test_asr_reports_each_rut_broken_as_offline_and_health_and_metrics_count_them(server, forced, audio):
     host, _ = server
     data, pcm = audio
     expected = forced.transcribe(pcm)  # the default policy, the VAD's threshold included
-    before = health(host)
+    before = health(host), metrics(host)
     messages = asyncio.run(asr(host, "?mode=diff", data))
     got = [r for m in messages for r in m.get("blank_ruts", [])]
     assert got == ruts_of(expected) and len(got) > 1
-    assert health(host) == before + len(got)
+    assert (health(host), metrics(host)) == (before[0] + len(got), before[1] + len(got))
 
 
 def test_a_connection_sets_its_policy_or_turns_it_off_in_its_query(server, forced, audio):

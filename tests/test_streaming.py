@@ -100,7 +100,7 @@ def test_batched_encode_and_decode_equal_one_by_one(model, speech, monkeypatch):
     audios = [speech, speech[::-1].copy(), 0.5 * speech[: len(speech) // 2]]
     delays = [480, 240, 480]
     steps = [3000, 1700, 5100]  # streams with different numbers of new tokens share encoder passes
-    expected = [model.transcribe(a, delay_ms=d).tokens for a, d in zip(audios, delays)]
+    expected = [model.transcribe(a, delay_ms=d) for a, d in zip(audios, delays)]
     streams = [model.stream(delay_ms=d) for d in delays]
     runtime = model.runtime
     batch_sizes = []
@@ -117,7 +117,9 @@ def test_batched_encode_and_decode_equal_one_by_one(model, speech, monkeypatch):
         decode_available(streams)  # several streams share each encoder pass and decode step
     assert max(batch_sizes) == 3
     for s, exp in zip(streams, expected):
-        assert s.finish().tokens == exp
+        got = s.finish()
+        assert got.tokens == exp.tokens and got.words == exp.words
+        np.testing.assert_allclose([w.probability for w in got.words], [w.probability for w in exp.words], rtol=2e-5)
 
 
 def test_finish_is_idempotent_and_feed_after_finish_fails(model, speech):

@@ -39,7 +39,7 @@ def test_words_and_times_from_token_positions(tok):
     for token, word in stream:
         if word:
             positions.setdefault(word, []).append(pos)
-        out += a.push(token, pos, limit=100.0)
+        out += a.push(token, pos, limit=100.0, probability=1.0)
         pos += 1
     # "hello" is complete once " world" starts; "world" only at the end
     assert [w.text for w in out] == ["hello"]
@@ -57,13 +57,13 @@ def test_boundaries_streaming_word_eos_and_inner_spaces(tok):
     words = []
     pos = 40
     for t in tok.encode("alpha"):
-        words += a.push(t, pos, 100.0)
+        words += a.push(t, pos, 100.0, probability=1.0)
         pos += 1
-    words += a.push(tok.streaming_word, pos, 100.0)
+    words += a.push(tok.streaming_word, pos, 100.0, probability=1.0)
     for t in tok.encode("beta gamma"):
         pos += 1
-        words += a.push(t, pos, 100.0)
-    words += a.push(tok.eos, pos + 1, 100.0)
+        words += a.push(t, pos, 100.0, probability=1.0)
+    words += a.push(tok.eos, pos + 1, 100.0, probability=1.0)
     words += a.flush(100.0)
     assert [w.text for w in words] == ["alpha", "beta", "gamma"]
 
@@ -76,7 +76,7 @@ def test_multibyte_characters_split_across_tokens(tok):
     assert b"\xe6\x9c" in pieces  # the first two bytes of "本" alone: not valid UTF-8 by itself
     words = []
     for i, t in enumerate(ids):
-        words += a.push(t, 50 + i, 100.0)
+        words += a.push(t, 50 + i, 100.0, probability=1.0)
     words += a.flush(100.0)
     assert [w.text for w in words] == ["café", "日本"]
     assert tok.decode(ids) == "café 日本"
@@ -85,11 +85,11 @@ def test_multibyte_characters_split_across_tokens(tok):
 def test_times_are_clipped_to_received_audio(tok):
     a = _assembler(tok)
     for i, t in enumerate(tok.encode("late")):
-        a.push(t, 100 + i, limit=2.0)
+        a.push(t, 100 + i, limit=2.0, probability=1.0)
     (w,) = a.flush(limit=2.0)
     assert 0 <= w.start <= w.end <= 2.0
     b = _assembler(tok)
-    b.push(tok.encode("x")[0], 10, limit=5.0)  # a position inside the left pad
+    b.push(tok.encode("x")[0], 10, limit=5.0, probability=1.0)  # a position inside the left pad
     (w,) = b.flush(5.0)
     assert w.start == 0.0
 
@@ -124,7 +124,7 @@ def _word_at(tok, positions, limit):
     a = _assembler(tok)
     ids = tok.encode("late")
     for i, p in enumerate(positions):
-        a.push(ids[0] if i == 0 else tok.streaming_pad, p, limit=limit)
+        a.push(ids[0] if i == 0 else tok.streaming_pad, p, limit=limit, probability=1.0)
     (w,) = a.flush(limit=limit)
     return w
 
@@ -191,7 +191,7 @@ def test_a_word_without_a_boundary_ends_at_max_word_bytes_on_a_character_boundar
     eacute = [byte[b"\xc3"], byte[b"\xa9"]]  # "é", split across two tokens
     words, partials = [], []
     for i, t in enumerate(eacute * 200 + [byte[b"x"]]):  # 401 bytes, no boundary
-        words += a.push(t, 38 + i, limit=1e9)
+        words += a.push(t, 38 + i, limit=1e9, probability=1.0)
         partials.append(a.partial)
     assert [w.text for w in words] == ["é" * (MAX_WORD_BYTES // 2)]
     assert words[0].start == 0.0 and words[0].end == round(MAX_WORD_BYTES * STEP, 3)
@@ -202,14 +202,34 @@ def test_a_word_without_a_boundary_ends_at_max_word_bytes_on_a_character_boundar
     assert max(len(p.encode()) for p in partials) < MAX_WORD_BYTES
 
 
+def test_a_words_probability_is_the_mean_of_its_text_tokens(tok):
+    """Pads, [STREAMING_WORD] and whitespace-only tokens count for no word; a token counts once
+    however many pieces of the word it holds; the mean is over the word's tokens, not its bytes."""
+    a = _assembler(tok)
+    he, ll, o, w, orr, ld = tok.encode(" hello world")
+    byte = {tok.token_bytes(t): t for t in range(tok.num_special, tok.num_special + 256)}
+    pad, space = tok.streaming_pad, byte[b" "]
+    stream = [(pad, 0.99), (he, 0.9), (pad, 0.01), (ll, 0.6), (o, 0.3), (tok.streaming_word, 0.02),
+              (w, 0.5), (orr, 0.25), (space, 0.05), (ld, 1.0), (byte[b"\xc3"], 0.2), (byte[b"\xa9"], 0.4)]
+    words = []
+    for i, (t, p) in enumerate(stream):
+        words += a.push(t, 40 + i, 100.0, probability=p)
+    words += a.flush(100.0)
+    assert [x.text for x in words] == ["hello", "wor", "ldé"]
+    expected = [(0.9 + 0.6 + 0.3) / 3, (0.5 + 0.25) / 2, (1.0 + 0.2 + 0.4) / 3]
+    assert [x.probability for x in words] == pytest.approx(expected, rel=1e-6)
+    assert list(a.words) == words and [x.probability for x in a.words] == [x.probability for x in words]
+
+
 def test_the_word_log_gives_back_every_word_as_stored(tok):
     from voxlive.words import WordLog
 
     log = WordLog()
-    words = [Word("héllo", 0.0, 0.08), Word("wörld", 0.16, 1 / 3), Word("日本", 2.0, 2.24)]
+    words = [Word("héllo", 0.0, 0.08, 0.5), Word("wörld", 0.16, 1 / 3, 0.125), Word("日本", 2.0, 2.24)]
     for w in words:
         log.append(w)
     assert list(log) == words and len(log) == 3
+    assert [w.probability for w in log] == [0.5, 0.125, None]  # float32 holds these exactly; None stays None
     copy = log.copy()
     log.append(Word("more", 3.0, 3.08))
     assert list(copy) == words

@@ -256,7 +256,7 @@ def cmd_serve(a) -> int:
     _check_model_args(a)
     rut = _rut_policy(a)
     if a.ray:
-        return _serve_on_ray(a)
+        return _serve_on_ray(a, rut)
     for flag in ("replicas", "min_replicas", "max_replicas", "target_sessions", "gpus_per_replica", "cpus_per_replica",
                  "address"):
         if getattr(a, flag) is not None:
@@ -269,8 +269,9 @@ def cmd_serve(a) -> int:
     return 0
 
 
-def _serve_on_ray(a) -> int:
-    """``serve --ray``: the same app as a Ray Serve deployment; each replica loads its own model."""
+def _serve_on_ray(a, rut) -> int:
+    """``serve --ray``: the same app as a Ray Serve deployment; each replica loads its own model
+    and serves with the plain server's options (``rut``: the blank-rut policy the flags ask for)."""
     from .checkpoint import DEFAULT_MODEL
 
     if a.replicas is not None and (a.min_replicas is not None or a.max_replicas is not None):
@@ -299,7 +300,8 @@ def _serve_on_ray(a) -> int:
                  load_options=load_options, max_sessions=a.max_sessions, replicas=a.replicas,
                  min_replicas=a.min_replicas, max_replicas=a.max_replicas, target_sessions=a.target_sessions,
                  gpus_per_replica=a.gpus_per_replica or 0, cpus_per_replica=a.cpus_per_replica or 1,
-                 api_key=a.api_key, delay_ms=a.delay_ms, max_upload_mb=a.max_upload_mb)
+                 api_key=a.api_key, delay_ms=a.delay_ms, max_upload_mb=a.max_upload_mb,
+                 idle_timeout=a.idle_timeout or None, send_timeout=a.send_timeout or None, rut=rut)
     return 0
 
 

@@ -19,12 +19,16 @@ the drafts. The token chosen at a position is the greedy one, except in a blank 
 logit margin is below the run's penalty (applied from the margins the runtime returns, without
 re-running anything). Drafts compose with it: a drafted position is kept only if it equals that
 choice, and the run (hence the penalty) of each position counts the positions accepted before it.
+Each accepted token keeps the model's probability of it (``Decoded.probability``: of the model's own
+logits, the penalty not applied; from the pass that verified it, which is the stepwise one's to
+float rounding), and each word the mean of its tokens' (``voxlive.words``).
 Prompt positions are multi-token feeds too, batched across streams (``prefill_prompts``).
 """
 
 from __future__ import annotations
 
 import copy
+from array import array
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -62,6 +66,7 @@ class Stream:
         self.encoded = 0  # audio tokens encoded (left pad included)
         self.decoded = 0  # decoder positions run
         self.tokens: list[int] = []
+        self.probabilities = array("f")  # the model's probability of each of ``tokens`` (Decoded.probability)
         self._text = bytearray()  # the text tokens' bytes so far: the transcript is never re-decoded
         self.samples = 0  # input samples received
         self.finished = False  # end_audio() called: no more audio
@@ -90,6 +95,7 @@ class Stream:
         new.state = self.runtime.clone_state(self.state)
         new._mel = copy.deepcopy(self._mel)
         new.tokens = list(self.tokens)
+        new.probabilities = array("f", self.probabilities)
         new._drafts = list(self._drafts)
         new._text = bytearray(self._text)
         new.drafting = copy.deepcopy(self.drafting)
@@ -235,7 +241,8 @@ class Stream:
         accepted = 0
         while accepted < len(feed):
             token = self.choose(decoded, accepted)
-            self._accept(token, self.decoded + accepted, broke=token != decoded.tokens[accepted])
+            self._accept(token, decoded.probability(accepted, token), self.decoded + accepted,
+                         broke=token != decoded.tokens[accepted])
             accepted += 1
             if accepted == len(feed) or feed[accepted] != token:
                 break
@@ -248,14 +255,15 @@ class Stream:
         self._drafts = self._drafts[len(feed) - 1:] if accepted == len(feed) else []
         self.decoded += accepted
 
-    def _accept(self, token: int, position: int, *, broke: bool = False) -> None:
+    def _accept(self, token: int, probability: float, position: int, *, broke: bool = False) -> None:
         if self.rut is not None:
             self.rut.accepted(token, position, broke=broke)
         self.tokens.append(token)
+        self.probabilities.append(probability)
         self._text += self.tokenizer.token_bytes(token)
         if self.drafting is not None:
             self.drafting.observe(token)
-        self._new_words += self._words.push(token, position, self.duration)
+        self._new_words += self._words.push(token, position, self.duration, probability=self.probabilities[-1])
 
     @property
     def partial_word(self) -> str:
@@ -332,7 +340,7 @@ def prefill_prompts(streams: list[Stream]) -> None:
             if done:
                 s.last_step = decoded
                 token = s.choose(decoded, 0)
-                s._accept(token, s.decoded - 1, broke=token != decoded.tokens[0])
+                s._accept(token, decoded.probability(0, token), s.decoded - 1, broke=token != decoded.tokens[0])
 
 
 def decode_step(streams: list[Stream]) -> list[Stream]:

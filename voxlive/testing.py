@@ -211,7 +211,7 @@ class ForcedPad:
     token exactly ``margin`` (vLLM #47614 measured +3.5 to +6.6 in real ruts, +8.5 or more over
     true silence). It wraps a real runtime and edits only what ``decode`` returns, as that bias on
     one logit would: the best other token stays, the greedy token becomes the pad (a positive
-    margin) or the best other."""
+    margin) or the best other, and the greedy token's log-probability is that of the biased logits."""
 
     def __init__(self, runtime, positions: range, margin: float):
         self.inner, self.positions, self.margin = runtime, positions, float(margin)
@@ -226,9 +226,20 @@ class ForcedPad:
             first = start + len(feed) - len(d.tokens)  # results are for the last fed positions
             for i in range(len(d.tokens)):
                 if first + i in self.positions:
+                    d.logprobs[i] = self._biased_logprob(d, i)
                     d.pad_margins[i] = self.margin
                     d.tokens[i] = self.inner.pad_id if self.margin > 0 else d.best_other[i]
         return out
+
+    def _biased_logprob(self, d, i: int) -> float:
+        """The new greedy token's log-probability once the pad's logit moves by ``margin - pad_margins[i]``."""
+        other = d.logprobs[i] - (d.pad_margins[i] if d.tokens[i] == self.inner.pad_id else 0.0)
+        pad = other + d.pad_margins[i]
+        bias = self.margin - d.pad_margins[i]
+        # log of the new normaliser over the old: the pad's share of it scaled by e^bias
+        rest = np.log1p(-np.exp(pad)) if pad < 0 else -np.inf  # log of the other tokens' share
+        grown = float(np.logaddexp(rest, pad + bias))
+        return (pad + bias if self.margin > 0 else other) - grown
 
 
 def forced_pad(model, positions: range, margin: float):

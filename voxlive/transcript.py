@@ -11,9 +11,18 @@ FORMATS = ("text", "json", "srt", "vtt")
 
 @dataclass(frozen=True)
 class Word:
+    """A word and where it is in the input audio.
+
+    ``probability``: the mean of the model's probabilities of the word's tokens, in (0, 1]
+    (``voxlive.words``); None for a word that no model transcribed (e.g. given for subtitles). It is
+    a measurement, not part of the word's identity: words compare equal on text and times, and their
+    probabilities compare within float tolerance (batches and drafts round the logits differently).
+    """
+
     text: str
     start: float  # seconds from the start of the input audio
     end: float
+    probability: float | None = field(default=None, compare=False)
 
     def to_dict(self) -> dict:
         return {"text": self.text, "start": round(self.start, 3), "end": round(self.end, 3)}

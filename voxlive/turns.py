@@ -37,6 +37,7 @@ one ended.
 from __future__ import annotations
 
 import math
+from array import array
 from collections import deque
 from dataclasses import dataclass, field
 
@@ -93,6 +94,8 @@ class UtteranceEnded:
 @dataclass
 class Delta:
     tokens: list[int]  # next tokens of the text, in order
+    probabilities: list[float]  # the model's probability of each
+    first: int  # token index of tokens[0] (as a Segment's ``first``)
 
 
 @dataclass
@@ -100,6 +103,7 @@ class Segment:
     """A final: the text since the previous one (its tokens are the deltas sent since)."""
 
     tokens: list[int]
+    probabilities: list[float]  # the model's probability of each token (for word confidences)
     first: int  # token index of tokens[0] (for word times: token j starts at 0.08 j)
     start: float
     end: float
@@ -160,6 +164,7 @@ class Turns:
     # token side
     main_seen: int = 0  # main-stream tokens received
     timeline: list[int] = field(default_factory=list)  # tokens as delivered (cuts spliced in)
+    probabilities: array = field(default_factory=lambda: array("f"))  # of each timeline token
     _index: list[int] = field(default_factory=list)  # main-stream index of each timeline token
     _pieces: list[_Piece] = field(default_factory=lambda: [_Piece(0, 0)])
     _drop_below: int = 0  # main tokens below this index were covered by a fork
@@ -226,13 +231,14 @@ class Turns:
         boundary = math.ceil(decided / self.token_seconds - 1e-9)
         self._queue.append(_End(boundary, TurnEnded(round(stopped, 3), round(decided, 3), reason)))
 
-    def push_tokens(self, tokens: list[int]) -> list:
-        """New main-stream tokens, in order."""
-        for token in tokens:
+    def push_tokens(self, tokens: list[int], probabilities: list[float]) -> list:
+        """New main-stream tokens, in order, and the model's probability of each."""
+        for token, probability in zip(tokens, probabilities, strict=True):
             index = self.main_seen
             self.main_seen += 1
             if index >= self._drop_below and (self._keep_below is None or index < self._keep_below):
                 self.timeline.append(token)
+                self.probabilities.append(probability)
                 self._index.append(index)
         self._check_eager()
         return self.take()
@@ -243,10 +249,13 @@ class Turns:
         self._queue.append(_Cut(samples))
         self._last_cut = samples
 
-    def push_cut(self, samples: int, tokens: list[int], forked_at: int) -> list:
-        """The fork's tokens for the cut at ``samples``; ``forked_at`` main tokens have been
-        published before it (they equal the fork's first ones). Main tokens between those and the
-        fork point come with the fork (the engine holds them back while forks are pending)."""
+    def push_cut(self, samples: int, tokens: list[int], probabilities: list[float], forked_at: int) -> list:
+        """The fork's tokens, and the model's probability of each, for the cut at ``samples``;
+        ``forked_at`` main tokens have been published before it (they equal the fork's first ones).
+        Main tokens between those and the fork point come with the fork (the engine holds them back
+        while forks are pending)."""
+        if len(probabilities) != len(tokens):
+            raise ValueError(f"{len(tokens)} tokens and {len(probabilities)} probabilities")
         cut = next(c for c in self._queue if isinstance(c, _Cut) and c.tokens is None and c.samples == samples)
         if forked_at != self.main_seen:
             raise RuntimeError(f"fork taken at {forked_at} tokens, {self.main_seen} received")
@@ -256,6 +265,7 @@ class Turns:
         if at != len(self.timeline):
             raise RuntimeError(f"fork spliced at {at}, the timeline has {len(self.timeline)} tokens")
         self.timeline += tokens[start:]
+        self.probabilities.extend(probabilities[start:])
         self._index += range(start, len(tokens))
         resume = math.ceil(samples / self.samples_per_token)
         self._pieces.append(_Piece(resume, at + len(tokens) - start))
@@ -303,13 +313,15 @@ class Turns:
 
     def _deliver(self, upto: int) -> None:
         if upto > self._sent:
-            self._out.append(Delta(self.timeline[self._sent:upto]))
+            self._out.append(Delta(self.timeline[self._sent:upto], self.probabilities[self._sent:upto].tolist(),
+                                   self._index[self._sent]))
             self._sent = upto
 
     def _close(self, upto: int, end: float, forced: bool, ends_turn: bool = False) -> None:
         self._deliver(upto)
         first_main = self._index[self._segment_from] if self._segment_from < len(self._index) else self.main_seen
-        self._out.append(Segment(self.timeline[self._segment_from:upto], first_main,
+        self._out.append(Segment(self.timeline[self._segment_from:upto],
+                                 self.probabilities[self._segment_from:upto].tolist(), first_main,
                                  round(self._segment_start, 3), round(end, 3), forced, ends_turn))
         self._segment_from = upto
         self._segment_start = end

@@ -24,14 +24,25 @@ arrives, never earlier, so a reported word is final. A word also ends once it re
 model that never emits one, would otherwise make a "word" that grows for the whole session), so
 the word in progress, decoded incrementally as its tokens arrive, costs a bounded amount per step.
 
-Memory: the words of a whole session are kept compactly (``WordLog``: their UTF-8 bytes and two
-float64 times each, ~25 bytes a word instead of a few hundred for Python objects), so a stream that
-runs for hours holds its words at about the cost of its text.
+Probability: a word's is the mean of the probabilities of the tokens that gave it bytes (a token
+whose bytes span a boundary counts for both words; ``[STREAMING_WORD]``, pads and whitespace-only
+tokens count for none), each the model's probability of the token it chose
+(``Decoded.probability``). The arithmetic mean is openai-whisper's word ``probability``
+(``word_timestamps``; faster-whisper's too), the figure clients already compare against, and
+Deepgram documents a word's ``confidence`` only as a 0-1 value, which this is. Unlike the product
+or the geometric mean it does not make a word of four tokens look less sure than a one-token word
+the model is as sure of, and unlike the minimum one uncertain sub-word does not stand for the
+whole word. It is stored as float32 (the tokens' own precision).
+
+Memory: the words of a whole session are kept compactly (``WordLog``: their UTF-8 bytes, two
+float64 times and a float32 probability each, ~29 bytes a word instead of a few hundred for Python
+objects), so a stream that runs for hours holds its words at about the cost of its text.
 """
 
 from __future__ import annotations
 
 import codecs
+import math
 import re
 from array import array
 
@@ -49,16 +60,19 @@ class WordLog:
         self._text = bytearray()  # every word's UTF-8 bytes, one after the other
         self._ends = array("Q")  # where each word's bytes end in _text
         self._times = array("d")  # start, end of each word
+        self._probabilities = array("f")  # each word's probability (NaN: none)
 
     def copy(self) -> WordLog:
         new = WordLog()
         new._text, new._ends, new._times = bytearray(self._text), array("Q", self._ends), array("d", self._times)
+        new._probabilities = array("f", self._probabilities)
         return new
 
     def append(self, word: Word) -> None:
         self._text += word.text.encode("utf-8")
         self._ends.append(len(self._text))
         self._times.extend((word.start, word.end))
+        self._probabilities.append(math.nan if word.probability is None else word.probability)
 
     def __len__(self) -> int:
         return len(self._ends)
@@ -66,8 +80,9 @@ class WordLog:
     def __iter__(self):
         lo = 0
         for i, hi in enumerate(self._ends):
-            yield Word(self._text[lo:hi].decode("utf-8"), self._times[2 * i],
-                       self._times[2 * i + 1])
+            p = self._probabilities[i]
+            yield Word(self._text[lo:hi].decode("utf-8"), self._times[2 * i], self._times[2 * i + 1],
+                       None if math.isnan(p) else p)
             lo = hi
 
 
@@ -80,6 +95,8 @@ class WordAssembler:
         self._utf8 = codecs.getincrementaldecoder("utf-8")(errors="ignore")
         self._partial = ""  # its text, decoded as its bytes came (an incomplete last character left out)
         self._first = self._last = -1
+        self._probability_sum = 0.0  # of the tokens that gave the word in progress bytes ...
+        self._tokens = 0  # ... and how many they are
         self.words = WordLog()
 
     def copy(self) -> WordAssembler:
@@ -96,8 +113,9 @@ class WordAssembler:
         """Text of the word in progress (not yet closed by a boundary)."""
         return self._partial
 
-    def push(self, token: int, position: int, limit: float) -> list[Word]:
-        """Add the token emitted at ``position``; return words completed by it.
+    def push(self, token: int, position: int, limit: float, *, probability: float) -> list[Word]:
+        """Add the token emitted at ``position`` with the model's ``probability`` of it; return words
+        completed by it.
 
         ``limit`` is the duration of audio received so far: no time is placed after it.
         """
@@ -105,19 +123,26 @@ class WordAssembler:
         if token in (self.tok.streaming_word, self.tok.eos):
             self._close(done, limit)
         elif self.tok.is_text(token):
+            counted = False  # whether the word in progress has this token's probability yet
             for piece in _SPACE.split(self.tok.token_bytes(token)):
                 if not piece:
                     continue
                 if piece[:1].isspace():
                     self._close(done, limit)
+                    counted = False
                     continue
                 if not self._bytes:
                     self._first = position
+                if not counted:
+                    self._probability_sum += probability
+                    self._tokens += 1
+                    counted = True
                 self._bytes += piece
                 self._partial += self._utf8.decode(piece)
                 self._last = position
                 if len(self._bytes) >= MAX_WORD_BYTES and not self._utf8.getstate()[0]:
                     self._close(done, limit)  # at a character's end: neither part is cut mid-character
+                    counted = False
         return done
 
     def flush(self, limit: float) -> list[Word]:
@@ -129,7 +154,9 @@ class WordAssembler:
         if not self._bytes:
             return
         start, end = self._extent(limit)
-        word = Word(self._bytes.decode("utf-8", errors="replace"), start, end)
+        word = Word(self._bytes.decode("utf-8", errors="replace"), start, end,
+                    array("f", [self._probability_sum / self._tokens])[0])
+        self._probability_sum, self._tokens = 0.0, 0
         self._bytes = bytearray()
         self._utf8.reset()
         self._partial = ""

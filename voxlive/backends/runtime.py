@@ -8,8 +8,9 @@ embeddings waiting for the decoder. The session layer (``voxlive.session``) driv
   embeddings, one batched encoder pass per round of at most ``encode_block_tokens`` per stream;
 - ``decode`` feeds each stream one or several tokens at its next positions (each position adds the
   next queued audio embedding), in ONE batched pass, and returns per fed position the greedy token,
-  the margin of ``[STREAMING_PAD]``'s logit over the best other token, and that best other token;
-  the pools advance by what was fed (the runtime commits, never the caller);
+  the margin of ``[STREAMING_PAD]``'s logit over the best other token, that best other token, and
+  the greedy token's log-probability; the pools advance by what was fed (the runtime commits, never
+  the caller);
 - ``rewind`` undoes the last positions of a stream's last ``decode`` exactly (drafted tokens that a
   verification rejected), ``clone_state`` forks a stream, ``release`` frees its slots (dropping the
   state does too).
@@ -23,6 +24,7 @@ activation dtype's name | "int8"), ``max_draft`` and ``pad_id``.
 
 from __future__ import annotations
 
+import math
 import weakref
 from dataclasses import dataclass, field
 from typing import Any, Protocol, Sequence
@@ -47,12 +49,32 @@ class Decoded:
 
     ``tokens``: the greedy token; ``pad_margins``: ``logit[STREAMING_PAD] - max(other logits)``
     (positive: pad wins); ``best_other``: the best token that is not ``[STREAMING_PAD]`` (what a
-    penalty on the pad logit larger than the margin would emit instead).
+    penalty on the pad logit larger than the margin would emit instead); ``logprobs``: the greedy
+    token's log-probability, ``logit[token] - logsumexp(logits)`` over the whole vocabulary in
+    float32, of the model's own logits (no penalty applied: see ``probability``).
     """
 
     tokens: list[int]
     pad_margins: list[float]
     best_other: list[int]
+    logprobs: list[float]
+
+    def probability(self, i: int, token: int) -> float:
+        """The model's probability of ``token`` at result ``i``: the greedy token, or the best other
+        (the two a session chooses between).
+
+        Of the model's own distribution, never of one with the blank-rut penalty applied: it says how
+        much the model believes the text, and a token the penalty forced out of a rut is one the model
+        itself put below a pad (so it is reported as unlikely, which it is). It depends on the logits
+        alone, so drafted and stepwise decoding, and every chunking, give it alike. The best other's
+        needs no second log-softmax: where it differs from the greedy token the greedy one is the pad,
+        and ``logit[pad] - logit[best_other]`` is the margin.
+        """
+        if token == self.tokens[i]:
+            return math.exp(self.logprobs[i])
+        if token == self.best_other[i]:
+            return math.exp(self.logprobs[i] - self.pad_margins[i])
+        raise ValueError(f"result {i} has the probabilities of {self.tokens[i]} and {self.best_other[i]}, not {token}")
 
 
 @dataclass(eq=False)
@@ -247,7 +269,7 @@ class BaseRuntime:
                 raise RuntimeError("decoding a position whose audio has not been encoded")
         for s, f in zip(states, feeds):
             s.fed = take_rows(s.pending, len(f))
-        results = [Decoded([], [], []) for _ in states]
+        results = [Decoded([], [], [], []) for _ in states]
         done = [0] * len(states)
         while True:
             batch = [b for b in range(len(states)) if done[b] < len(feeds[b])]
@@ -266,6 +288,7 @@ class BaseRuntime:
                 results[b].tokens += got.tokens
                 results[b].pad_margins += got.pad_margins
                 results[b].best_other += got.best_other
+                results[b].logprobs += got.logprobs
                 done[b] += n
         return results
 
@@ -300,11 +323,11 @@ class BaseRuntime:
     def _decode(self, states, embeds, feeds, want) -> list[Decoded]:
         hidden = self._hidden(states, embeds, feeds, want)
         if not sum(want):
-            return [Decoded([], [], []) for _ in want]
-        tokens, margins, others = self._greedy(self._logits(hidden))
+            return [Decoded([], [], [], []) for _ in want]
+        columns = self._greedy(self._logits(hidden))
         out, row = [], 0
         for n in want:
-            out.append(Decoded(tokens[row:row + n].tolist(), margins[row:row + n].tolist(), others[row:row + n].tolist()))
+            out.append(Decoded(*(c[row:row + n].tolist() for c in columns)))
             row += n
         return out
 
@@ -316,7 +339,8 @@ class BaseRuntime:
     # _hidden(states, embeds, feeds, want): one batched decoder pass over the fed positions (embeds
     #   [n_b, dim] + token embeddings), advancing the pool -> final hidden states of the last want[b]
     #   positions of each stream, stacked [sum want, dim].
-    # _logits(hidden) -> [m, vocab]; _greedy(logits) -> numpy (tokens, pad margins, best others).
+    # _logits(hidden) -> [m, vocab]; _greedy(logits) -> numpy (tokens, pad margins, best others,
+    #   log-probabilities of the tokens: the logit minus the row's logsumexp, both in float32).
     # _from_numpy / _to_numpy / _concat: arrays in and out.
 
 

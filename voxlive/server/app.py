@@ -6,6 +6,7 @@ import asyncio
 import json
 import math
 from contextlib import asynccontextmanager
+from dataclasses import asdict
 from importlib import resources
 
 from fastapi import FastAPI, Request
@@ -73,9 +74,13 @@ def create_app(engine: Engine, *, model_id: str, api_key: str | None = None, del
 
     @app.get("/health")
     async def health():
+        """The load, and the settings sessions get unless they ask otherwise (behind a load
+        balancer: what each replica was started with)."""
         load = engine.load()
+        state = state_of(app)
         body = {"status": "ok", "model": model_id, "sessions": load.sessions, "max_sessions": load.max_sessions,
-                "lag": load.lag, "blank_ruts": engine.ruts}
+                "lag": load.lag, "blank_ruts": load.ruts, "idle_timeout": state.idle_timeout,
+                "send_timeout": state.send_timeout, "rut": asdict(state.rut) if state.rut is not None else None}
         return body if replica is None else {**body, "replica": replica}
 
     @app.get("/metrics")

@@ -15,11 +15,13 @@ next). Text frames: ``KeepAlive``, ``Finalize`` (a forced final, ``from_finalize
 stream goes on), ``CloseStream`` (the rest, then ``Metadata``, then the server closes). No audio
 and no KeepAlive for 10 s closes the stream with ``NET-0001``. Out: ``Results`` (``is_final``
 at each utterance end or Finalize, ``speech_final`` when endpointing ended it; with
-``interim_results``, the utterance so far as it grows), ``SpeechStarted`` (``vad_events``),
+``interim_results``, the utterance so far as it grows, its words too, the last one perhaps
+still growing), ``SpeechStarted`` (``vad_events``),
 ``UtteranceEnd`` (after ``utterance_end_ms`` of silence since an utterance's speech stopped: the
 VAD's clock, as endpointing; ``last_word_end`` from the model's words), ``Metadata``, and
 ``Error {variant, description, message}`` for bad messages, after which the stream goes on.
-Word confidences are 1.0: voxlive does not compute a per-word probability.
+A word's ``confidence`` is its probability (``voxlive.words``: the mean of the model's probabilities
+of its tokens); an alternative's is the mean of its words' (0 without words, as Deepgram sends it).
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ from starlette.responses import JSONResponse
 from starlette.websockets import WebSocket
 
 from ..pcm import MAX_RATE, MIN_RATE, PcmDecoder
-from ..turns import Segment, TurnEnded, TurnSettings, TurnStarted, UtteranceEnded
+from ..turns import Delta, Segment, TurnEnded, TurnSettings, TurnStarted, UtteranceEnded
 from ..words import WordAssembler
 from .live import LiveConnection
 from .settings import authorized
@@ -75,6 +77,11 @@ def integer(query, name: str, low: int, high: int) -> int | None:
     return value
 
 
+def confidence(words: list[dict]) -> float:
+    """An alternative's confidence: the mean of its words'."""
+    return sum(w["confidence"] for w in words) / len(words) if words else 0.0
+
+
 class DeepgramConnection(LiveConnection):
     idle_seconds = IDLE_SECONDS
 
@@ -87,6 +94,7 @@ class DeepgramConnection(LiveConnection):
         self._decoded: asyncio.Future | None = None
         self._carry = b""  # the bytes of a sample split across frames
         self.segment_text_so_far = ""
+        self.open_segment = Delta([], [], 0)  # the tokens of the segment so far (interim results' words)
         self.last_word_end: float | None = None  # the end of the last word in a final
 
     def configure(self) -> None:
@@ -202,31 +210,42 @@ class DeepgramConnection(LiveConnection):
 
     # -- out --------------------------------------------------------------------------------------
 
-    def words(self, segment: Segment) -> list[dict]:
+    def words(self, tokens: list[int], probabilities: list[float], first: int, end: float) -> list[dict]:
+        """The words of tokens from token index ``first`` on, in a result that ends at ``end``."""
         tok = self.model.tokenizer
         assembler = WordAssembler(tok, left_pad=0, delay=0, seconds_per_token=0.08)
-        limit = min(self.samples / 16000, segment.end)  # the last token may reach past the segment's end
-        for i, token in enumerate(segment.tokens):
-            assembler.push(token, segment.first + i, limit)
+        limit = min(self.samples / 16000, end)  # the last token may reach past the segment's end
+        for i, (token, probability) in enumerate(zip(tokens, probabilities)):
+            assembler.push(token, first + i, limit, probability=probability)
         assembler.flush(limit)
-        return [{"word": w.text, "start": w.start, "end": w.end, "confidence": 1.0, "punctuated_word": w.text}
-                for w in assembler.words]
+        return [{"word": w.text, "start": w.start, "end": w.end, "confidence": w.probability,
+                 "punctuated_word": w.text} for w in assembler.words]
 
     def results(self, text: str, words: list[dict], start: float, end: float, *, final: bool,
                 speech_final: bool = False, from_finalize: bool = False) -> dict:
         return {"type": "Results", "channel_index": [0, 1], "duration": round(max(0.0, end - start), 3),
                 "start": round(start, 3), "is_final": final, "speech_final": speech_final,
                 "from_finalize": from_finalize,
-                "channel": {"alternatives": [{"transcript": text, "confidence": 1.0, "words": words}]},
+                "channel": {"alternatives": [{"transcript": text, "confidence": confidence(words), "words": words}]},
                 "metadata": {"request_id": self.request_id,
                              "model_info": {"name": self.model_name, "version": "voxlive", "arch": "voxtral"},
                              "model_uuid": self.request_id}}
+
+    async def on_tokens(self, delta: Delta) -> None:
+        if not self.interim:
+            return
+        if not self.open_segment.tokens:
+            self.open_segment.first = delta.first
+        self.open_segment.tokens += delta.tokens
+        self.open_segment.probabilities += delta.probabilities
 
     async def on_delta(self, text: str) -> None:
         self.segment_text_so_far += text
         if self.interim:
             now = self.samples / 16000
-            await self.send(self.results(self.segment_text_so_far, [], self._segment_start(), now, final=False))
+            so_far = self.open_segment
+            words = self.words(so_far.tokens, so_far.probabilities, so_far.first, now)
+            await self.send(self.results(self.segment_text_so_far, words, self._segment_start(), now, final=False))
 
     def _segment_start(self) -> float:
         return self.turns._segment_start if self.turns is not None else 0.0
@@ -237,7 +256,8 @@ class DeepgramConnection(LiveConnection):
                 await self.send({"type": "SpeechStarted", "channel": [0, 1], "timestamp": event.time})
         elif isinstance(event, Segment):
             self.segment_text_so_far = ""
-            words = self.words(event)
+            self.open_segment = Delta([], [], 0)
+            words = self.words(event.tokens, event.probabilities, event.first, event.end)
             speech_final = event.ends_turn and self.endpointing is not None
             await self.send(self.results(self.segment_text(event.tokens), words, event.start,
                                          min(event.end, self.samples / 16000), final=True,

@@ -62,6 +62,7 @@ class Load:
     step_seconds: float  # model time of every engine step so far (a counter: rate / steps' rate = mean step)
     batch: int  # streams in the last decode step
     max_batch: int  # the largest decode batch seen
+    ruts: int = 0  # blank ruts broken, all sessions together (a counter)
 
     @property
     def full(self) -> bool:
@@ -73,6 +74,7 @@ class Update:
     """Everything new for one session since the client's handler last looked."""
 
     tokens: list[int] = field(default_factory=list)  # generated ids, in order
+    probabilities: list[float] = field(default_factory=list)  # the model's probability of each token
     words: list[Word] = field(default_factory=list)  # newly completed words
     partial: str = ""  # the word in progress
     lag: float = 0.0  # seconds of received audio not yet transcribed
@@ -82,22 +84,24 @@ class Update:
     error: str | None = None  # set once, when the engine failed this session
     ruts: list[Rut] = field(default_factory=list)  # blank ruts broken since the last update
 
-    def in_order(self, seen: int) -> list[Cut | list[int]]:
-        """The cuts and the runs of main tokens between them, in the order the engine published them,
-        for a reader that has taken ``seen`` main tokens. Updates merged while the reader was busy
-        can hold tokens published before a cut (each cut counts those before it: ``forked_at``)."""
-        out, tokens = [], self.tokens
+    def in_order(self, seen: int) -> list[Cut | tuple[list[int], list[float]]]:
+        """The cuts and the runs of main tokens between them (tokens, probabilities), in the order the
+        engine published them, for a reader that has taken ``seen`` main tokens. Updates merged while
+        the reader was busy can hold tokens published before a cut (each cut counts those before it:
+        ``forked_at``)."""
+        out, tokens, probabilities = [], self.tokens, self.probabilities
         for cut in self.cuts:
             before = cut.forked_at - seen
             if before > 0:
-                out.append(tokens[:before])
-                tokens, seen = tokens[before:], cut.forked_at
+                out.append((tokens[:before], probabilities[:before]))
+                tokens, probabilities, seen = tokens[before:], probabilities[before:], cut.forked_at
             out.append(cut)
-        return out + [tokens] if tokens else out
+        return out + [(tokens, probabilities)] if tokens else out
 
     def merge(self, news: Update) -> None:
         self.cuts += news.cuts
         self.tokens += news.tokens
+        self.probabilities += news.probabilities
         self.words += news.words
         self.ruts += news.ruts
         self.partial, self.lag = news.partial, news.lag
@@ -115,6 +119,7 @@ class Cut:
     samples: int
     forked_at: int
     tokens: list[int]
+    probabilities: list[float]  # the model's probability of each token
 
 
 @dataclass
@@ -277,12 +282,12 @@ class Session:
         cuts = []
         while self._forks and self._forks[0].done:
             fork = self._forks.pop(0)
-            cuts.append(Cut(fork.samples, self._published, fork.stream.tokens))
+            cuts.append(Cut(fork.samples, self._published, fork.stream.tokens, fork.stream.probabilities.tolist()))
             fork.stream.runtime.release(fork.stream.state)  # its KV slots back to the pools now
         if self._forks:  # the main stream's tokens wait until the forks before them are out
             return Update(cuts=cuts, partial=self._pending.partial, lag=lag)
-        news = Update(tokens=st.tokens[self._published:], words=st.take_words(), partial=st.partial_word, cuts=cuts,
-                      ruts=st.take_ruts())
+        news = Update(tokens=st.tokens[self._published:], probabilities=st.probabilities[self._published:].tolist(),
+                      words=st.take_words(), partial=st.partial_word, cuts=cuts, ruts=st.take_ruts())
         if news.ruts:
             self.engine.ruts += len(news.ruts)
             for rut in news.ruts:
@@ -372,14 +377,21 @@ class Engine:
             rut.check()
         session = Session(self, delay_ms, asyncio.get_running_loop(), rut=rut, vad=vad)
         with self.lock:
-            if len(self.sessions) >= self.max_sessions:
+            if self._live() >= self.max_sessions:
                 raise EngineBusy(f"server busy: {self.max_sessions} sessions already running")
             self.sessions.append(session)
             self.work.notify()
         return session
 
+    def _live(self) -> int:
+        """Sessions holding a slot (lock held). A closed session's slot is free at once, though the
+        engine thread drops its stream only before its next step (which runs it no more): a client
+        that reconnects, or a router that counted the connection's end, finds the slot free."""
+        return sum(not s._closed for s in self.sessions)
+
     @property
     def active(self) -> int:
+        """Sessions the engine still holds, closed ones not yet dropped included."""
         with self.lock:
             return len(self.sessions)
 
@@ -390,8 +402,8 @@ class Engine:
     def load(self) -> Load:
         with self.lock:
             lag = max((s.lag for s in self.sessions), default=0.0)
-            return Load(len(self.sessions), self.max_sessions, lag, self.steps, self.step_seconds, self.batch,
-                        self.max_batch)
+            return Load(self._live(), self.max_sessions, lag, self.steps, self.step_seconds, self.batch,
+                        self.max_batch, self.ruts)
 
     # -- the engine thread ------------------------------------------------------------------------
 

@@ -105,9 +105,10 @@ class LiveConnection(Connection):
             async with self._events:
                 for item in update.in_order(self.turns.main_seen):
                     if isinstance(item, Cut):
-                        await self.emit_all(self.turns.push_cut(item.samples, item.tokens, item.forked_at))
+                        await self.emit_all(self.turns.push_cut(item.samples, item.tokens, item.probabilities,
+                                                                item.forked_at))
                     else:
-                        await self.emit_all(self.turns.push_tokens(item))
+                        await self.emit_all(self.turns.push_tokens(*item))
                 if update.transcript is not None:
                     self.positions = update.positions
                     await self.emit_all(self.turns.finish())
@@ -117,6 +118,7 @@ class LiveConnection(Connection):
     async def emit_all(self, events: list) -> None:
         for event in events:
             if isinstance(event, Delta):
+                await self.on_tokens(event)
                 text = self.delta_text(event.tokens)
                 if not text:
                     continue
@@ -143,6 +145,10 @@ class LiveConnection(Connection):
                 "total_tokens": prompt + self.completion_tokens}
 
     # -- the dialect --------------------------------------------------------------------------------
+
+    async def on_tokens(self, delta: Delta) -> None:
+        """Every delta's tokens, text or not, before its text goes to ``on_delta`` (a dialect that
+        needs the tokens themselves overrides it)."""
 
     async def on_delta(self, text: str) -> None:
         raise NotImplementedError

@@ -44,6 +44,7 @@ def render(load: Load, *, replica: str | None = None) -> str:
          "model time of all engine steps (divide its rate by the steps' rate for the mean step)", load.step_seconds),
         ("voxlive_decode_batch_size", "gauge", "streams in the last decode step", load.batch),
         ("voxlive_decode_batch_size_max", "gauge", "the largest decode batch so far", load.max_batch),
+        ("voxlive_blank_ruts_total", "counter", "blank ruts the pad penalty broke, all sessions together", load.ruts),
         ("process_resident_memory_bytes", "gauge", "resident memory", resident_bytes()),
         ("voxlive_peak_resident_memory_bytes", "gauge", "the most resident memory so far", peak_resident_bytes()),
     ]

@@ -79,7 +79,8 @@ def application(source: str | None, *, model_id: str, load_options: dict | None 
     """The bound deployment: ``replicas`` fixed, or autoscaled between ``min_replicas`` and
     ``max_replicas`` at ``target_sessions`` per replica (default three quarters of ``max_sessions``;
     ``autoscaling``: more of Ray's ``AutoscalingConfig``, e.g. ``upscale_delay_s``).
-    ``server_options``: ``create_app``'s (api_key, delay_ms, max_upload_mb, ...)."""
+    ``server_options``: ``create_app``'s (api_key, delay_ms, max_upload_mb, idle_timeout, send_timeout,
+    rut, ...), the same on every replica."""
     scaling = {}
     if min_replicas is not None or max_replicas is not None:
         if replicas is not None:
@@ -105,14 +106,22 @@ def application(source: str | None, *, model_id: str, load_options: dict | None 
 
 def build(args: dict):
     """Serve's application builder, for config files: ``args`` are ``application``'s keyword
-    arguments, plus ``model`` (the checkpoint) and the model's load options (``dtype``, ``device``,
-    ``quantize``, ``backend``)."""
+    arguments, plus ``model`` (the checkpoint), the model's load options (``dtype``, ``device``,
+    ``quantize``, ``backend``), ``idle_timeout`` and ``send_timeout`` (seconds; 0 or null: never)
+    and ``rut``, the sessions' blank-rut policy (``voxlive.rut.RutPolicy``'s fields, e.g.
+    ``{after: 100, speech_after: null}``; null: no penalty; absent: the default)."""
     from ..checkpoint import DEFAULT_MODEL
+    from ..rut import RutPolicy
 
     args = dict(args)
     source = args.pop("model", None)
     load_options = {k: args.pop(k) for k in ("backend", "device", "dtype", "quantize", "compile", "drafts")
                     if k in args}
+    for name in ("idle_timeout", "send_timeout"):
+        if name in args:
+            args[name] = args[name] or None
+    if "rut" in args and args["rut"] is not None:
+        args["rut"] = RutPolicy(**args["rut"]).check()
     return application(source, model_id=args.pop("model_id", source or DEFAULT_MODEL), load_options=load_options,
                        **args)
 

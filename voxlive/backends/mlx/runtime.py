@@ -133,7 +133,10 @@ class MLXRuntime(BaseRuntime):
         others = mx.where(column, mx.array(float("-inf"), logits.dtype), logits)
         best_other = mx.argmax(others, axis=-1)
         margin = pad - mx.max(others, axis=-1).astype(mx.float32)
-        return np.array(tokens), np.array(margin), np.array(best_other)
+        chosen = mx.take_along_axis(logits, tokens[:, None], axis=-1)[:, 0].astype(mx.float32)
+        logprobs = chosen - mx.logsumexp(logits.astype(mx.float32), axis=-1)
+        mx.eval(tokens, margin, best_other, logprobs)
+        return np.array(tokens), np.array(margin), np.array(best_other), np.array(logprobs)
 
     def _from_numpy(self, a: np.ndarray) -> mx.array:
         return mx.array(np.ascontiguousarray(a, dtype=np.float32)).astype(self.dtype)

@@ -13,6 +13,9 @@
 //                 int16 activations, one exact int32 sum per group, scaled in float32.
 // Every output is computed from its own activation row and weight row in a fixed order, so a row's
 // result does not depend on the other rows of the batch (batching changes no stream's numbers).
+// These kernels' cost grows with the rows (the vector units do every row's products). On CPUs with AMX
+// (Sapphire Rapids on) tile kernels take bf16, int8 and int4 weights instead, one pass over the weights
+// for up to 16 rows at nearly one row's cost (below: "bf16 with AMX", "int8 and int4 weights with AMX").
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -375,6 +378,319 @@ at::Tensor linear_bf16_amx(const at::Tensor& x_in, const at::Tensor& w, const c1
   return y;
 }
 
+// ---- int8 and int4 weights with AMX: exact integer sums for any number of rows ----------------------
+// The activations are quantized per row to int16 as for the VNNI kernels, then split exactly into two
+// int8 halves, x = 256 hi + lo (hi = (x + 128) >> 8 in [-64, 64], lo in [-128, 127]). Tile dot products
+// of the weights with each half (tdpbssd for int8 weights, tdpbusd for int4 nibbles, which are unsigned)
+// give int32 sums that are exact, so 256 hi-sum + lo-sum is exactly the int16 kernels' integer dot
+// product, and no blocking of the inputs or rows can change it: a row's result depends on that row alone.
+// One tile of weights (16 rows x 64 inputs) meets up to 16 activation rows at once, so a pass of 1 to 16
+// rows reads the weights once at nearly the same cost.
+
+// x [M, K] -> its int16 quantization split into halves, packed as the tiles' B operand:
+// [Mb, K / 64, 2 (hi, lo), 16 input quads, 16 rows, 4], zero rows past M; and the per-row scales.
+struct Int8Halves {
+  at::Tensor tiles;  // int8
+  at::Tensor q;      // [M, K] int16
+  at::Tensor scale;  // [M] float32
+};
+
+Int8Halves int8_halves(const at::Tensor& x_in) {
+  Int16Rows x = quantize_rows(x_in);
+  const int64_t M = x_in.size(0), K = x_in.size(1), Mb = (M + 15) / 16, Kb = K / 64;
+  at::Tensor tiles = at::zeros({Mb, Kb, 2, 1024}, x_in.options().dtype(at::kChar));
+  const int16_t* q = x.q.data_ptr<int16_t>();
+  int8_t* t = tiles.data_ptr<int8_t>();
+  for (int64_t m = 0; m < M; m++)
+    for (int64_t k = 0; k < K; k++) {
+      const int v = q[m * K + k], hi = (v + 128) >> 8;
+      int8_t* at = t + ((m / 16 * Kb + k / 64) * 2) * 1024 + (k % 64 / 4) * 64 + (m % 16) * 4 + k % 4;
+      at[0] = int8_t(hi);
+      at[1024] = int8_t(v - 256 * hi);
+    }
+  return {tiles, x.q, x.scale};
+}
+
+// w [N, K] int8 -> the tile order the AMX kernel reads, [N / 16, K / 64, 16, 64].
+at::Tensor int8_tiles(const at::Tensor& w) {
+  TORCH_CHECK(w.dim() == 2 && w.scalar_type() == at::kChar && w.size(0) % 16 == 0 && w.size(1) % 64 == 0,
+              "int8_tiles: int8 [N, K] with N a multiple of 16 and K of 64, got ", w.sizes());
+  return w.view({w.size(0) / 16, 16, w.size(1) / 64, 64}).transpose(1, 2).contiguous();
+}
+
+// The int32 sums (hi and lo halves) of NB blocks of 16 weight rows (w: their Kb tiles, one block after
+// the other) by one block of 16 activation rows (x: Kb pairs of hi and lo tiles), input blocks kb0..kb1,
+// accumulated onto c (4 tiles: block 0 hi, lo, block 1 hi, lo; zeros when kb0 == 0).
+template <int NB>
+AMX_TARGET void amx_int8_tiles(const int8_t* w, const int8_t* x, int64_t Kb, int64_t kb0, int64_t kb1, int32_t* c) {
+  if (kb0 == 0) {
+    _tile_zero(0);
+    _tile_zero(1);
+    if (NB > 1) {
+      _tile_zero(2);
+      _tile_zero(3);
+    }
+  } else {
+    _tile_loadd(0, c, 64);
+    _tile_loadd(1, c + 256, 64);
+    if (NB > 1) {
+      _tile_loadd(2, c + 512, 64);
+      _tile_loadd(3, c + 768, 64);
+    }
+  }
+  for (int64_t kb = kb0; kb < kb1; kb++) {
+    _tile_loadd(6, x + kb * 2048, 64);
+    _tile_loadd(7, x + kb * 2048 + 1024, 64);
+    _tile_loadd(4, w + kb * 1024, 64);
+    _tile_dpbssd(0, 4, 6);
+    _tile_dpbssd(1, 4, 7);
+    if (NB > 1) {
+      _tile_loadd(5, w + (Kb + kb) * 1024, 64);
+      _tile_dpbssd(2, 5, 6);
+      _tile_dpbssd(3, 5, 7);
+    }
+  }
+  _tile_stored(0, c, 64);
+  _tile_stored(1, c + 256, 64);
+  if (NB > 1) {
+    _tile_stored(2, c + 512, 64);
+    _tile_stored(3, c + 768, 64);
+  }
+}
+
+// 256 hi + lo of 16 int32 sums, exactly (in float64), rounded once to float32.
+AMX_TARGET inline __m512 combine_halves(const int32_t* hi, const int32_t* lo) {
+  const __m512d k256 = _mm512_set1_pd(256.0);
+  const __m256i h0 = _mm256_loadu_si256((const __m256i*)hi), h1 = _mm256_loadu_si256((const __m256i*)(hi + 8));
+  const __m256i l0 = _mm256_loadu_si256((const __m256i*)lo), l1 = _mm256_loadu_si256((const __m256i*)(lo + 8));
+  const __m256 a = _mm512_cvtpd_ps(_mm512_fmadd_pd(_mm512_cvtepi32_pd(h0), k256, _mm512_cvtepi32_pd(l0)));
+  const __m256 b = _mm512_cvtpd_ps(_mm512_fmadd_pd(_mm512_cvtepi32_pd(h1), k256, _mm512_cvtepi32_pd(l1)));
+  return _mm512_castpd_ps(_mm512_insertf64x4(_mm512_castps_pd(_mm512_castps256_ps512(a)), _mm256_castps_pd(b), 1));
+}
+
+at::Tensor linear_int8_amx(const at::Tensor& x_in, const at::Tensor& w, const at::Tensor& scale) {
+  TORCH_CHECK(x_in.dim() == 2 && w.dim() == 4 && w.size(2) == 16 && w.size(3) == 64 && w.is_contiguous() &&
+              w.scalar_type() == at::kChar, "linear_int8_amx: x [M, K] and an int8 weight in tile order (int8_tiles)");
+  TORCH_CHECK(x_in.device().is_cpu() && w.device().is_cpu(), "linear_int8_amx: CPU tensors only");
+  const int64_t M = x_in.size(0), K = x_in.size(1), N = w.size(0) * 16, Kb = K / 64;
+  TORCH_CHECK(w.size(1) == Kb && K % 64 == 0, "linear_int8_amx: x has ", K, " inputs, the weight ", w.size(1) * 64);
+  TORCH_CHECK(K <= kMaxInputs, "linear_int8_amx: at most ", kMaxInputs, " inputs");
+  TORCH_CHECK(scale.numel() == N && scale.is_contiguous(), "linear_int8_amx: one scale per output");
+  TORCH_CHECK(amx_permitted(), "linear_int8_amx: the kernel did not grant the AMX tile registers");
+  const Int8Halves x = int8_halves(x_in);
+  const int64_t Mb = (M + 15) / 16;
+  at::Tensor y = at::empty({M, N}, x.scale.options());
+  auto wp = w.data_ptr<int8_t>();
+  auto xp = x.tiles.data_ptr<int8_t>();
+  auto xs = x.scale.data_ptr<float>();
+  float* yp = y.data_ptr<float>();
+  const Scales ws = scales_of(scale);
+  // As for bf16: ranges of kKc input blocks whose weight tiles stay in L1 while the activation blocks pass.
+  constexpr int64_t kKc = 8;
+  at::parallel_for(0, (N + 31) / 32, 1, [&](int64_t begin, int64_t end) {
+    configure_tiles();
+    std::vector<int32_t> sums(Mb * 1024);
+    for (int64_t np = begin; np < end; np++) {
+      const int64_t n0 = np * 32, nb = std::min<int64_t>(2, (N - n0) / 16);
+      const int8_t* wn = wp + n0 * K;
+      for (int64_t kb0 = 0; kb0 < Kb; kb0 += kKc) {
+        const int64_t kb1 = std::min(Kb, kb0 + kKc);
+        for (int64_t mb = 0; mb < Mb; mb++) {
+          int32_t* c = sums.data() + mb * 1024;
+          if (nb == 2) amx_int8_tiles<2>(wn, xp + mb * Kb * 2048, Kb, kb0, kb1, c);
+          else amx_int8_tiles<1>(wn, xp + mb * Kb * 2048, Kb, kb0, kb1, c);
+          if (kb1 < Kb) continue;
+          const int64_t rows = std::min<int64_t>(16, M - mb * 16);
+          for (int64_t i = 0; i < nb; i++) {
+            __m512 r[16];
+            alignas(64) float s[16];
+            for (int j = 0; j < 16; j++) r[j] = combine_halves(c + i * 512 + 16 * j, c + i * 512 + 256 + 16 * j);
+            for (int j = 0; j < 16; j++) s[j] = ws[n0 + 16 * i + j];
+            transpose16(r);
+            const __m512 sv = _mm512_load_ps(s);
+            for (int64_t m = 0; m < rows; m++)
+              _mm512_storeu_ps(yp + (mb * 16 + m) * N + n0 + 16 * i,
+                               _mm512_mul_ps(_mm512_mul_ps(r[m], sv), _mm512_set1_ps(xs[mb * 16 + m])));
+          }
+        }
+      }
+    }
+    release_tiles();
+  });
+  return y.to(x_in.scalar_type());
+}
+
+// int4 (groups of 64 inputs, asymmetric). Each tile product is one group: the activations' hi or lo
+// halves of 16 rows (the A operand, [16 rows, 64 inputs], read in place) by the group's nibbles of 16
+// weight rows (the B operand, [16 input quads, 16 weight rows x 4], unsigned), tdpbsud. The result's rows
+// are activation rows and its lanes weight rows, so each activation row's 16 outputs are scaled with
+// vectors of the 16 rows' scales and zeros, and a pass of one row costs one row's scaling, not 16.
+
+// The packed nibbles [N, K / 2] (byte j of a group: input 2j in the high nibble, 2j + 1 in the low one)
+// -> per block of 16 rows and group, one B tile in 512 bytes [N / 16, G, 8, 64]: byte p of row j holds
+// B[j][p] in its low nibble and B[j + 8][p] in its high one, B[k4][4 i + t] = weight row i's input 4 k4 + t.
+at::Tensor int4_tiles(const at::Tensor& q) {
+  TORCH_CHECK(q.dim() == 2 && q.scalar_type() == at::kByte && q.is_contiguous() && q.size(0) % 16 == 0 &&
+              q.size(1) % 32 == 0, "int4_tiles: packed uint8 [N, K / 2] with N a multiple of 16 and K of 64, got ", q.sizes());
+  const int64_t N = q.size(0), half = q.size(1), G = half / 32;
+  at::Tensor t = at::empty({N / 16, G, 8, 64}, q.options());
+  const uint8_t* src = q.data_ptr<uint8_t>();
+  uint8_t* dst = t.data_ptr<uint8_t>();
+  auto nibble = [&](int64_t row, int64_t k) { return (src[row * half + k / 2] >> (k % 2 ? 0 : 4)) & 15; };
+  at::parallel_for(0, N / 16, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t b = begin; b < end; b++)
+      for (int64_t g = 0; g < G; g++)
+        for (int64_t j = 0; j < 8; j++)
+          for (int64_t p = 0; p < 64; p++) {
+            const int64_t row = b * 16 + p / 4, k = g * kGroup + 4 * j + p % 4;
+            dst[((b * G + g) * 8 + j) * 64 + p] = uint8_t(nibble(row, k) | (nibble(row, k + 32) << 4));
+          }
+  });
+  return t;
+}
+
+// scale and zero [N, G] bfloat16 -> per block of 16 rows and group, the 16 scales then the 16 zeros.
+at::Tensor int4_tile_scales(const at::Tensor& scale, const at::Tensor& zero) {
+  TORCH_CHECK(scale.dim() == 2 && scale.sizes() == zero.sizes() && scale.size(0) % 16 == 0 &&
+              scale.scalar_type() == at::kBFloat16 && zero.scalar_type() == at::kBFloat16,
+              "int4_tile_scales: bfloat16 scales and zeros [N, G], N a multiple of 16");
+  const int64_t N = scale.size(0), G = scale.size(1);
+  return at::stack({scale.view({N / 16, 16, G}), zero.view({N / 16, 16, G})}, 1).permute({0, 3, 1, 2}).contiguous();
+}
+
+// Tiles of R rows for the C and A operands of the int4 kernel (C: tmm0-3, B: tmm4-5, A: tmm6-7), so that a
+// pass of few rows spends few cycles in the tile unit. Constants in memory, as kFullTiles.
+constexpr TileConfig int4_tiles_config(int R) {
+  TileConfig c;
+  for (int t = 0; t < 8; t++) c.colsb[t] = 64, c.rows[t] = t == 4 || t == 5 ? 16 : R;
+  return c;
+}
+constexpr TileConfig kInt4Tiles[5] = {int4_tiles_config(1), int4_tiles_config(2), int4_tiles_config(4),
+                                      int4_tiles_config(8), int4_tiles_config(16)};
+
+// One group: the nibbles unpacked into buf (a B tile), its products with the hi and lo halves of the
+// activations (x_hi, x_lo: the group's first input of the block's first row, rows `stride` bytes apart)
+// stored in c (hi, then lo). T picks the tile registers (0: C in tmm0-1, B in tmm4; 1: tmm2-3, tmm5) so
+// that consecutive groups overlap.
+template <int T>
+AMX_TARGET __attribute__((always_inline)) inline void int4_group_tiles(const uint8_t* w, const int8_t* x_hi,
+                                                                       const int8_t* x_lo, int64_t stride,
+                                                                       uint8_t* buf, int32_t* c) {
+  const __m512i low = _mm512_set1_epi8(15);
+  for (int j = 0; j < 8; j++) {
+    const __m512i v = _mm512_loadu_si512(w + 64 * j);
+    _mm512_store_si512(buf + 64 * j, _mm512_and_si512(v, low));
+    _mm512_store_si512(buf + 64 * (j + 8), _mm512_and_si512(_mm512_srli_epi16(v, 4), low));
+  }
+  _tile_loadd(6, x_hi, stride);
+  _tile_loadd(7, x_lo, stride);
+  // (the intrinsics take the tile numbers as literals)
+#define VOXLIVE_INT4_TILES(hi, lo, b) \
+  _tile_loadd(b, buf, 64);            \
+  _tile_zero(hi);                     \
+  _tile_zero(lo);                     \
+  _tile_dpbsud(hi, 6, b);             \
+  _tile_dpbsud(lo, 7, b);             \
+  _tile_stored(hi, c, 64);            \
+  _tile_stored(lo, c + 256, 64);
+  if constexpr (T == 0) {
+    VOXLIVE_INT4_TILES(0, 1, 4)
+  } else {
+    VOXLIVE_INT4_TILES(2, 3, 5)
+  }
+#undef VOXLIVE_INT4_TILES
+}
+
+// acc[r] (activation row r, lanes: the 16 weight rows) += scale * (256 hi + lo) + (zero - 8 scale) *
+// (the row's sum of the group's activations): exact integer sums (below 2^24: exact in float32), then
+// two float32 multiply-adds, for R rows.
+template <int R>
+AMX_TARGET __attribute__((always_inline)) inline void int4_group_sums(const int32_t* c, const uint16_t* sz,
+                                                                      const float* xsum, int64_t G, __m512 acc[R]) {
+  const __m512 s = load_bf16x16(sz, 0xFFFF), z = load_bf16x16(sz + 16, 0xFFFF);
+  const __m512 offset = _mm512_fnmadd_ps(_mm512_set1_ps(8.0f), s, z);
+  for (int r = 0; r < R; r++) {
+    const __m512i d = _mm512_add_epi32(_mm512_slli_epi32(_mm512_load_si512(c + 16 * r), 8), _mm512_load_si512(c + 256 + 16 * r));
+    acc[r] = _mm512_fmadd_ps(s, _mm512_cvtepi32_ps(d), acc[r]);
+    acc[r] = _mm512_fmadd_ps(offset, _mm512_set1_ps(xsum[r * G]), acc[r]);
+  }
+}
+
+// 16 weight rows (w: their G B tiles, sz: their scales and zeros) by R activation rows (x_hi, x_lo: their
+// halves, rows K bytes apart; xsum: their groups' sums [R, G]; xs: their scales), of which the first
+// `rows` are stored in y (rows of N floats).
+template <int R>
+AMX_TARGET void int4_block(const uint8_t* w, const uint16_t* sz, const int8_t* x_hi, const int8_t* x_lo, int64_t K,
+                           const float* xsum, const float* xs, int64_t G, int64_t rows, float* y, int64_t N) {
+  alignas(64) uint8_t buf[2][1024];
+  alignas(64) int32_t c[2][512];
+  __m512 acc[R];
+  for (int r = 0; r < R; r++) acc[r] = _mm512_setzero_ps();
+  // group g + 1's tiles are issued before group g's sums, so the tile unit and the vector units overlap
+  int4_group_tiles<0>(w, x_hi, x_lo, K, buf[0], c[0]);
+  for (int64_t g = 0; g < G; g += 2) {
+    if (g + 1 < G)
+      int4_group_tiles<1>(w + (g + 1) * 512, x_hi + (g + 1) * kGroup, x_lo + (g + 1) * kGroup, K, buf[1], c[1]);
+    int4_group_sums<R>(c[0], sz + g * 32, xsum + g, G, acc);
+    if (g + 2 < G)
+      int4_group_tiles<0>(w + (g + 2) * 512, x_hi + (g + 2) * kGroup, x_lo + (g + 2) * kGroup, K, buf[0], c[0]);
+    if (g + 1 < G) int4_group_sums<R>(c[1], sz + (g + 1) * 32, xsum + g + 1, G, acc);
+  }
+  for (int64_t r = 0; r < rows; r++) _mm512_storeu_ps(y + r * N, _mm512_mul_ps(acc[r], _mm512_set1_ps(xs[r])));
+}
+
+AMX_TARGET void configure_int4_tiles(int index) { _tile_loadconfig(&kInt4Tiles[index]); }
+
+at::Tensor linear_int4_amx(const at::Tensor& x_in, const at::Tensor& w, const at::Tensor& sz) {
+  TORCH_CHECK(x_in.dim() == 2 && w.dim() == 4 && w.size(2) == 8 && w.size(3) == 64 && w.is_contiguous() &&
+              w.scalar_type() == at::kByte, "linear_int4_amx: x [M, K] and a weight in tile order (int4_tiles)");
+  TORCH_CHECK(x_in.device().is_cpu() && w.device().is_cpu(), "linear_int4_amx: CPU tensors only");
+  const int64_t M = x_in.size(0), K = x_in.size(1), Nb = w.size(0), N = Nb * 16, G = w.size(1);
+  TORCH_CHECK(K == G * kGroup, "linear_int4_amx: x has ", K, " inputs, the weight ", G * kGroup);
+  TORCH_CHECK(sz.scalar_type() == at::kBFloat16 && sz.is_contiguous() && sz.dim() == 4 && sz.size(0) == Nb &&
+              sz.size(1) == G && sz.size(2) == 2 && sz.size(3) == 16, "linear_int4_amx: scales in tile order (int4_tile_scales)");
+  TORCH_CHECK(amx_permitted(), "linear_int4_amx: the kernel did not grant the AMX tile registers");
+  Int16Rows x = quantize_rows(x_in);
+  const int64_t Mb = (M + 15) / 16;
+  // the halves x = 256 hi + lo, [2, Mb * 16, K] with zero rows past M; each group's sum of activations
+  at::Tensor halves = at::zeros({2, Mb * 16, K}, x_in.options().dtype(at::kChar));
+  at::Tensor hi = x.q.add(128).div(256, "floor");
+  halves[0].narrow(0, 0, M).copy_(hi);
+  halves[1].narrow(0, 0, M).copy_(x.q - hi * 256);
+  at::Tensor xsum = at::zeros({Mb * 16, G}, x.scale.options());
+  xsum.narrow(0, 0, M).copy_(x.q.view({M, G, kGroup}).sum(-1, false, at::kFloat));
+  at::Tensor y = at::empty({M, N}, x.scale.options());
+  auto wp = w.data_ptr<uint8_t>();
+  auto szp = (const uint16_t*)sz.data_ptr();
+  auto hp = halves.data_ptr<int8_t>();
+  auto xsp = xsum.data_ptr<float>();
+  auto xs = x.scale.data_ptr<float>();
+  float* yp = y.data_ptr<float>();
+  at::parallel_for(0, Nb, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t mb = 0; mb < Mb; mb++) {
+      // the rows rounded up to a power of two (the others are zeros): tiles and a code path for each
+      const int64_t rows = std::min<int64_t>(16, M - mb * 16);
+      const int index = rows == 1 ? 0 : rows == 2 ? 1 : rows <= 4 ? 2 : rows <= 8 ? 3 : 4;
+      configure_int4_tiles(index);
+      const int8_t* xh = hp + mb * 16 * K;
+      auto blocks = [&]<int R>() {
+        for (int64_t nb = begin; nb < end; nb++)
+          int4_block<R>(wp + nb * G * 512, szp + nb * G * 32, xh, xh + Mb * 16 * K, K, xsp + mb * 16 * G, xs + mb * 16,
+                        G, rows, yp + mb * 16 * N + nb * 16, N);
+      };
+      switch (index) {
+        case 0: blocks.template operator()<1>(); break;
+        case 1: blocks.template operator()<2>(); break;
+        case 2: blocks.template operator()<4>(); break;
+        case 3: blocks.template operator()<8>(); break;
+        default: blocks.template operator()<16>(); break;
+      }
+    }
+    release_tiles();
+  });
+  return y.to(x_in.scalar_type());
+}
+
 #else  // AVX2 and FMA: the same products with 256-bit vectors, vpmaddwd for vpdpwssd, FMA for vdpbf16ps
 
 constexpr int64_t kMaxInputs = 16384;  // int32 lanes hold K/16 products of at most 2 * 16383 * 127
@@ -467,6 +783,16 @@ at::Tensor linear_bf16_amx(const at::Tensor&, const at::Tensor&, const c10::opti
 at::Tensor bf16_tiles(const at::Tensor&) { TORCH_CHECK(false, "bf16_tiles: not in the avx2 build"); }
 
 bool amx_permitted() { return false; }
+
+at::Tensor int8_tiles(const at::Tensor&) { TORCH_CHECK(false, "int8_tiles: not in the avx2 build"); }
+at::Tensor int4_tiles(const at::Tensor&) { TORCH_CHECK(false, "int4_tiles: not in the avx2 build"); }
+at::Tensor int4_tile_scales(const at::Tensor&, const at::Tensor&) { TORCH_CHECK(false, "int4_tile_scales: not in the avx2 build"); }
+at::Tensor linear_int8_amx(const at::Tensor&, const at::Tensor&, const at::Tensor&) {
+  TORCH_CHECK(false, "linear_int8_amx: not in the avx2 build");
+}
+at::Tensor linear_int4_amx(const at::Tensor&, const at::Tensor&, const at::Tensor&) {
+  TORCH_CHECK(false, "linear_int4_amx: not in the avx2 build");
+}
 
 #endif
 
@@ -974,6 +1300,11 @@ TORCH_LIBRARY(voxlive, m) {
   m.def("linear_int4(Tensor x, Tensor q, Tensor scale, Tensor zero) -> Tensor");
   m.def("linear_bf16_amx(Tensor x, Tensor w, Tensor? bias) -> Tensor");
   m.def("bf16_tiles(Tensor w) -> Tensor");
+  m.def("linear_int8_amx(Tensor x, Tensor w, Tensor scale) -> Tensor");
+  m.def("int8_tiles(Tensor w) -> Tensor");
+  m.def("linear_int4_amx(Tensor x, Tensor w, Tensor scales) -> Tensor");
+  m.def("int4_tiles(Tensor q) -> Tensor");
+  m.def("int4_tile_scales(Tensor scale, Tensor zero) -> Tensor");
   m.def("amx_ready() -> bool", [] { return amx_permitted(); });
   m.def("attention(Tensor q, Tensor k_new, Tensor v_new, Tensor? k_new_scale, Tensor? v_new_scale, Tensor k_pool, "
         "Tensor v_pool, Tensor? k_pool_scale, Tensor? v_pool_scale, int[] slots, int[] starts, int[] counts, int window, "
@@ -987,4 +1318,9 @@ TORCH_LIBRARY_IMPL(voxlive, CPU, m) {
   m.impl("linear_bf16_amx", &linear_bf16_amx);
   m.impl("attention", &attention);
   m.impl("bf16_tiles", &bf16_tiles);
+  m.impl("linear_int8_amx", &linear_int8_amx);
+  m.impl("int8_tiles", &int8_tiles);
+  m.impl("linear_int4_amx", &linear_int4_amx);
+  m.impl("int4_tiles", &int4_tiles);
+  m.impl("int4_tile_scales", &int4_tile_scales);
 }

@@ -4,7 +4,8 @@ PyTorch's stock paths stream weights at about 60 % of this machine's plain read 
 decode step (bf16 ``F.linear`` ~19 GB/s, ``aten._weight_int8pack_mm`` ~21 GB/s,
 ``aten._weight_int4pack_mm_for_cpu`` ~19 GB/s, against ~35 GB/s for a plain read): they spend too
 many instructions per weight byte. These kernels use AVX-512 BF16 and VNNI to get the step to the
-memory's speed (README, "Speed"). They need an x86-64 CPU with AVX-512 F/BW/VL/VNNI (and BF16 for
+memory's speed (README, "Speed"); on CPUs with AMX, tile kernels (``linear_bf16_amx``,
+``linear_int8_amx``, ``linear_int4_amx``) do a pass of up to 16 rows at about one row's cost. They need an x86-64 CPU with AVX-512 F/BW/VL/VNNI (and BF16 for
 the bf16 kernel), or else AVX2 and FMA (a 256-bit build), a C++ compiler and ninja; the first load
 builds them into PyTorch's extension cache (10-30 s), later loads reuse the build. Where any of
 that is missing, or with ``VOXLIVE_CPU_KERNELS=0``, the stock paths run instead and
@@ -36,7 +37,7 @@ VARIANTS = {
 }
 BUILD_NOTICE_SECONDS = 2.0  # a load from PyTorch's cache takes less
 BF16_FLAG = "avx512_bf16"  # the avx512 build's bf16 kernel also needs this (Sapphire Rapids, Zen 4 on)
-AMX_FLAGS = ("amx_tile", "amx_bf16")  # the avx512 build's AMX GEMM (Sapphire Rapids on)
+AMX_FLAGS = ("amx_tile", "amx_bf16", "amx_int8")  # the avx512 build's AMX kernels (Sapphire Rapids on)
 # The bf16 kernel's cost grows with the rows; above this many, the stock GEMM is faster. Measured
 # here (Zen 4), kernel against F.linear: avx512 on 4 decoder layers' matrices (931 MB), 35 / 33 /
 # 41 / 44 / 69 ms against 45 / 40 / 46 / 44 / 51 ms for 1 / 2 / 3 / 4 / 8 rows; avx2 on one
@@ -141,6 +142,8 @@ def _load() -> str | None:
     for name in ("linear_bf16", "linear_int8", "linear_int4"):
         torch.library.register_fake(f"voxlive::{name}")(_fake_linear)
     torch.library.register_fake("voxlive::linear_bf16_amx")(_fake_linear_tiles)
+    torch.library.register_fake("voxlive::linear_int8_amx")(_fake_linear_tiles)
+    torch.library.register_fake("voxlive::linear_int4_amx")(_fake_linear_tiles)
     torch.library.register_fake("voxlive::attention")(_fake_attention)
     return None
 
@@ -150,7 +153,7 @@ def _fake_linear(x: torch.Tensor, w: torch.Tensor, *rest: torch.Tensor) -> torch
     return x.new_empty(x.shape[0], w.shape[0])
 
 
-def _fake_linear_tiles(x: torch.Tensor, tiles: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+def _fake_linear_tiles(x: torch.Tensor, tiles: torch.Tensor, *rest: torch.Tensor | None) -> torch.Tensor:
     return x.new_empty(x.shape[0], tiles.shape[0] * 16)
 
 
@@ -181,7 +184,8 @@ def bf16_available() -> bool:
 
 
 def amx_available() -> bool:
-    """Whether the AMX GEMM runs here (the avx512 build on a CPU with AMX-BF16, tiles granted by Linux)."""
+    """Whether the AMX kernels run here (the avx512 build on a CPU with AMX-BF16 and AMX-INT8, tiles
+    granted by Linux)."""
     return available() and _amx
 
 
@@ -237,3 +241,26 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pool_k: torch.T
     k_scale, v_scale, pool_k_scale, pool_v_scale = scales or (None,) * 4
     return torch.ops.voxlive.attention(q, k, v, k_scale, v_scale, pool_k, pool_v, pool_k_scale, pool_v_scale,
                                        slots, starts, counts, window, head_dim, capacity)
+
+
+def int8_tiles(q: torch.Tensor) -> torch.Tensor:
+    """An int8 matrix [N, K] (N a multiple of 16, K of 64) in the AMX int8 kernel's tile order."""
+    return torch.ops.voxlive.int8_tiles(q)
+
+
+def linear_int8_amx(x: torch.Tensor, tiles: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """x [M, K] times an int8 matrix in tile order (``int8_tiles``) with one scale per output: what
+    ``linear_int8`` computes, with exact integer sums. Each row's result depends on that row alone."""
+    return torch.ops.voxlive.linear_int8_amx(x, tiles, scale)
+
+
+def int4_tiles(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """A packed int4 matrix (``quant.quantize``'s q [N, K / 2], scale and zero [N, K / 64], N a multiple
+    of 16) in the AMX int4 kernel's tile order: the nibbles and the scales with zeros."""
+    return torch.ops.voxlive.int4_tiles(q), torch.ops.voxlive.int4_tile_scales(scale, zero)
+
+
+def linear_int4_amx(x: torch.Tensor, tiles: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """x [M, K] times an int4 matrix in tile order (``int4_tiles``): what ``linear_int4`` computes, each
+    group's integer sum exact. Each row's result depends on that row alone."""
+    return torch.ops.voxlive.linear_int4_amx(x, tiles, scales)

@@ -81,22 +81,23 @@ def _quantize_rows(w: torch.Tensor, scheme: str) -> dict[str, torch.Tensor]:
     return {"q": (q[:, 0::2] << 4) | q[:, 1::2], "scale": scale, "zero": zero}
 
 
-def cpu_path(device: torch.device, kernel: bool, k: int) -> str:
-    """How a quantized weight with ``k`` inputs is multiplied: "voxlive" (``cpu_kernels``), "aten"
-    (PyTorch's weight-only kernel) or "gemm" (the weight converted to the activation dtype, then a
-    plain matmul)."""
+def cpu_path(device: torch.device, kernel: bool, n: int, k: int) -> str:
+    """How a quantized weight [n, k] is multiplied: "amx" (``cpu_kernels``' AMX kernels: one pass over
+    the weights for up to 16 rows), "voxlive" (``cpu_kernels``' VNNI kernels, a few rows per pass),
+    "aten" (PyTorch's weight-only kernel) or "gemm" (the weight converted to the activation dtype, then
+    a plain matmul)."""
     if not kernel:
         return "gemm"
-    if device.type != "cpu" or k % cpu_kernels.K_MULTIPLE:
+    if device.type != "cpu" or k % cpu_kernels.K_MULTIPLE or not cpu_kernels.available():
         return "aten"
-    return "voxlive" if cpu_kernels.available() else "aten"
+    return "amx" if cpu_kernels.amx_available() and n % 16 == 0 and k % 64 == 0 else "voxlive"
 
 
 @dataclass
 class Int8Weight:
     """Per-output-channel int8: w[n, k] = q[n, k] * scale[n]."""
 
-    q: torch.Tensor  # [N, K] int8
+    q: torch.Tensor  # [N, K] int8; "amx": in the kernel's tile order [N / 16, K / 64, 16, 64]
     scale: torch.Tensor  # [N], the activation dtype
     path: str  # see cpu_path; "aten" on CUDA means the GEMM as well (PyTorch's int8 kernel is CPU-only)
 
@@ -104,13 +105,17 @@ class Int8Weight:
     def from_stored(cls, parts: dict[str, torch.Tensor], dtype: torch.dtype, device: torch.device, *,
                     kernel: bool = True) -> Int8Weight:
         q = parts["q"]
-        return cls(q.to(device), parts["scale"].to(device, dtype), cpu_path(device, kernel, q.shape[1]))
+        path = cpu_path(device, kernel, *q.shape)
+        q = cpu_kernels.int8_tiles(q) if path == "amx" else q.to(device)
+        return cls(q, parts["scale"].to(device, dtype), path)
 
     @property
     def nbytes(self) -> int:
         return self.q.nbytes + self.scale.nbytes
 
     def linear(self, x: torch.Tensor) -> torch.Tensor:
+        if self.path == "amx":
+            return cpu_kernels.linear_int8_amx(x.reshape(-1, x.shape[-1]), self.q, self.scale).view(*x.shape[:-1], -1)
         n, k = self.q.shape
         if (self.path == "gemm" and x.dtype == torch.bfloat16 and x.device.type == "cpu" and n % 16 == 0 and k % 32 == 0
                 and cpu_kernels.amx_available() and cpu_kernels.batch_invariant()):
@@ -130,7 +135,8 @@ class Int8Weight:
 
     def rows(self, ids: torch.Tensor) -> torch.Tensor:
         """Dequantized rows (embedding lookup)."""
-        return self.q[ids].to(self.scale.dtype) * self.scale[ids, None]
+        q = self.q[ids // 16, :, ids % 16].flatten(-2) if self.path == "amx" else self.q[ids]
+        return q.to(self.scale.dtype) * self.scale[ids, None]
 
 
 @dataclass
@@ -138,14 +144,16 @@ class Int4Weight:
     """Group-wise asymmetric int4, in the layout of the kernel that multiplies it.
 
     "voxlive" (CPU, groups of 64): the stored form itself, q [N, K / 2] with scale and zero
-    [N, K / group] in bfloat16. "aten": PyTorch's packed layout for the device, with
-    ``scales_and_zeros`` [K / group, N, 2] in the activation dtype.
+    [N, K / group] in bfloat16. "amx" (CPU with AMX, groups of 64, N a multiple of 16): q and
+    ``scales_and_zeros`` in the AMX kernel's tile order (``cpu_kernels.int4_tiles``). "aten":
+    PyTorch's packed layout for the device, with ``scales_and_zeros`` [K / group, N, 2] in the
+    activation dtype.
     """
 
     q: torch.Tensor
     scale: torch.Tensor | None  # "voxlive" only
     zero: torch.Tensor | None  # "voxlive" only
-    scales_and_zeros: torch.Tensor | None  # "aten" only
+    scales_and_zeros: torch.Tensor | None  # "aten" and "amx"
     group: int
     n: int
     path: str
@@ -156,7 +164,11 @@ class Int4Weight:
         q = parts["q"]
         n, k = q.shape[0], 2 * q.shape[1]
         group = k // parts["scale"].shape[1]
-        if group == cpu_kernels.INT4_GROUP and cpu_path(device, True, k) == "voxlive":
+        path = cpu_path(device, True, n, k)
+        if group == cpu_kernels.INT4_GROUP and path == "amx":
+            tiles, scales = cpu_kernels.int4_tiles(q, parts["scale"], parts["zero"])
+            return cls(tiles, None, None, scales, group, n, "amx")
+        if group == cpu_kernels.INT4_GROUP and path == "voxlive":
             return cls(q, parts["scale"], parts["zero"], None, group, n, "voxlive")
         if device.type == "cuda" and dtype != torch.bfloat16:
             raise ValueError("int4 on CUDA runs with bfloat16 activations only (PyTorch's kernel); use dtype='bfloat16'")
@@ -175,7 +187,9 @@ class Int4Weight:
 
     def linear(self, x: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(-1, x.shape[-1])
-        if self.path == "voxlive":
+        if self.path == "amx":
+            y = cpu_kernels.linear_int4_amx(flat, self.q, self.scales_and_zeros)
+        elif self.path == "voxlive":
             y = cpu_kernels.linear_int4(flat, self.q, self.scale, self.zero)
         elif x.device.type == "cpu":
             y = torch.ops.aten._weight_int4pack_mm_for_cpu(flat.contiguous(), self.q, self.group, self.scales_and_zeros)

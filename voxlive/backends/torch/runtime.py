@@ -107,7 +107,10 @@ class TorchRuntime(BaseRuntime):
         others = logits.clone()
         others[:, self.pad_id] = float("-inf")
         best, best_other = others.max(-1)
-        return tokens.cpu().numpy(), (pad - best.float()).cpu().numpy(), best_other.cpu().numpy()
+        chosen = logits.gather(-1, tokens[:, None])[:, 0].float()
+        logprobs = chosen - torch.logsumexp(logits.float(), -1)
+        return (tokens.cpu().numpy(), (pad - best.float()).cpu().numpy(), best_other.cpu().numpy(),
+                logprobs.cpu().numpy())
 
     def _from_numpy(self, a: np.ndarray) -> torch.Tensor:
         return torch.from_numpy(np.ascontiguousarray(a)).to(self.device, self.dtype)
