@@ -9,6 +9,7 @@ config file (``import_path: voxlive.server.replicas:build``, as KubeRay's RaySer
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 
@@ -30,6 +31,8 @@ HEADROOM = 8
 ROUTING_STATS_SECONDS = 1.0  # how often each replica reports its engine's load to the routers
 # On a scale-down or redeploy, a replica's live sessions get this long to end before it is stopped.
 DRAIN_SECONDS = 300.0
+PROXY_READY_ENV = "RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S"
+PROXY_READY_SECONDS = "30"  # an environment variable's value
 
 
 @serve.deployment
@@ -131,10 +134,14 @@ def connect(address: str | None = None, *, num_cpus: int | None = None, host: st
     """Join the Ray cluster at ``address`` (None: start a local one, with Ray's dashboard unless
     ``dashboard`` is False) and start Serve's proxy on ``host:port``, with the middleware that
     tells clients of a lost replica."""
-    # The job's environment reaches the proxies when this job starts Serve; a cluster where Serve
-    # already runs needs the variable set on its nodes (see README).
+    # The job's environment reaches the proxies and Serve's controller when this job starts Serve;
+    # a cluster where Serve already runs needs the variables set on its nodes (see README). Ray's
+    # 5 s for a proxy to answer its readiness check (three tries, then it is killed and the start
+    # fails) is too short on a busy machine: a proxy that imports the middleware while other
+    # work holds both cores was measured at 14 s.
+    env = {PROXY_CALLBACK_ENV: PROXY_CALLBACK, PROXY_READY_ENV: os.environ.get(PROXY_READY_ENV, PROXY_READY_SECONDS)}
     ray.init(address=address, num_cpus=num_cpus, include_dashboard=dashboard, log_to_driver=False,
-             runtime_env={"env_vars": {PROXY_CALLBACK_ENV: PROXY_CALLBACK}})
+             runtime_env={"env_vars": env})
     serve.start(http_options={"host": host, "port": port})
 
 
