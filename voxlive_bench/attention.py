@@ -10,7 +10,6 @@ bf16 weight kernel reading one stream's K/V bytes of weights, measured interleav
 from __future__ import annotations
 
 import argparse
-import time
 
 import torch
 import torch.nn.functional as F
@@ -18,15 +17,7 @@ import torch.nn.functional as F
 from voxlive.backends.torch import cpu_kernels
 from voxlive.backends.torch.pool import KVPool
 
-
-def _best(fn, repeats: int) -> float:
-    fn()
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return min(times)
+from .bench import best_seconds
 
 
 def memory_speed(nbytes: int, repeats: int) -> dict | None:
@@ -35,7 +26,7 @@ def memory_speed(nbytes: int, repeats: int) -> dict | None:
         return None
     w = torch.randn(nbytes // 2 // 3072, 3072).bfloat16()
     x = torch.randn(1, 3072).bfloat16()
-    seconds = _best(lambda: cpu_kernels.linear_bf16(x, w), repeats)
+    seconds = best_seconds(lambda: cpu_kernels.linear_bf16(x, w), repeats)
     return {"attention": "weights (bf16)", "streams": 1, "keys": 0, "ms": 1000 * seconds,
             "gb_per_s": w.numel() * 2 / seconds / 1e9}
 
@@ -61,7 +52,7 @@ def measure(streams: int, fill: int, *, heads=32, kv_heads=8, d=128, window=8192
         q = torch.randn(streams, heads, d, generator=g).to(dtype)
         k, v = (torch.randn(streams, kv_heads, d, generator=g).to(dtype) for _ in range(2))
         step = pool.begin(slots, [1] * streams)
-        seconds = _best(lambda: pool.attend(0, step, q, k, v), repeats)
+        seconds = best_seconds(lambda: pool.attend(0, step, q, k, v), repeats)
         kv_bytes = sum(b[0, :streams, :, :step.plan.keys].numel() * b.element_size() for b in pool.arrays())
         rows.append({"attention": "pool int8" if kv_int8 else "pool bf16", "streams": streams, "keys": step.plan.keys,
                      "ms": 1000 * seconds, "gb_per_s": kv_bytes / seconds / 1e9})
@@ -73,7 +64,7 @@ def measure(streams: int, fill: int, *, heads=32, kv_heads=8, d=128, window=8192
         for b in range(streams):
             F.scaled_dot_product_attention(qs[b:b + 1], keys[b:b + 1], values[b:b + 1], enable_gqa=True)
 
-    seconds = _best(sdpa, repeats)
+    seconds = best_seconds(sdpa, repeats)
     rows.append({"attention": "sdpa per stream", "streams": streams, "keys": fill, "ms": 1000 * seconds,
                  "gb_per_s": 2 * keys.numel() * 2 / seconds / 1e9})
     return rows

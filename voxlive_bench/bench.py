@@ -20,6 +20,18 @@ import numpy as np
 from voxlive.audio import SAMPLE_RATE
 
 
+def best_seconds(fn, repeats: int) -> float:
+    """The shortest of ``repeats`` timed calls of ``fn`` after one untimed warm-up (on a shared
+    machine other work only ever adds time)."""
+    fn()
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return min(times)
+
+
 def random_checkpoint_dir(size: str = "full", seed: int = 0) -> Path:
     """A random-weight checkpoint in the user cache, written on first use."""
     base = Path(os.environ.get("VOXLIVE_CACHE", Path.home() / ".cache" / "voxlive"))

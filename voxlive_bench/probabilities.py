@@ -22,24 +22,19 @@ from __future__ import annotations
 
 import argparse
 import tempfile
-import time
 
 import numpy as np
 
 import voxlive
 from voxlive.testing import write_random_checkpoint
 
+from .bench import best_seconds
+
 FULL_VOCAB = 131072
 
 
 def best_ms(fn, repeats: int) -> float:
-    fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return 1000 * min(times)
+    return 1000 * best_seconds(fn, repeats)
 
 
 def torch_logits(rows: int, vocab: int, dtype: str):
