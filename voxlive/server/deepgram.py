@@ -213,7 +213,8 @@ class DeepgramConnection(LiveConnection):
     def words(self, tokens: list[int], probabilities: list[float], first: int, end: float) -> list[dict]:
         """The words of tokens from token index ``first`` on, in a result that ends at ``end``."""
         tok = self.model.tokenizer
-        assembler = WordAssembler(tok, left_pad=0, delay=0, seconds_per_token=0.08)
+        seconds_per_token = self.model.config.audio.ms_per_token / 1000
+        assembler = WordAssembler(tok, left_pad=0, delay=0, seconds_per_token=seconds_per_token)
         limit = min(self.samples / 16000, end)  # the last token may reach past the segment's end
         for i, (token, probability) in enumerate(zip(tokens, probabilities)):
             assembler.push(token, first + i, limit, probability=probability)

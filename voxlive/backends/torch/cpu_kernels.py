@@ -5,8 +5,9 @@ decode step (bf16 ``F.linear`` ~19 GB/s, ``aten._weight_int8pack_mm`` ~21 GB/s,
 ``aten._weight_int4pack_mm_for_cpu`` ~19 GB/s, against ~35 GB/s for a plain read): they spend too
 many instructions per weight byte. These kernels use AVX-512 BF16 and VNNI to get the step to the
 memory's speed (README, "Speed"); on CPUs with AMX, tile kernels (``linear_bf16_amx``,
-``linear_int8_amx``, ``linear_int4_amx``) do a pass of up to 16 rows at about one row's cost. They need an x86-64 CPU with AVX-512 F/BW/VL/VNNI (and BF16 for
-the bf16 kernel), or else AVX2 and FMA (a 256-bit build), a C++ compiler and ninja; the first load
+``linear_int8_amx``, ``linear_int4_amx``) do a pass of up to 16 rows at about one row's cost. They
+need an x86-64 CPU with AVX-512 F/BW/VL/VNNI (and BF16 for the bf16 kernel), or else AVX2 and FMA
+(a 256-bit build), a C++ compiler and ninja; the first load
 builds them into PyTorch's extension cache (10-30 s), later loads reuse the build. Where any of
 that is missing, or with ``VOXLIVE_CPU_KERNELS=0``, the stock paths run instead and
 ``unavailable_reason()`` says why; ``VOXLIVE_CPU_KERNELS=avx2`` forces the AVX2 build.
