@@ -23,9 +23,12 @@ import torch
 
 from voxlive.backends.torch import cpu_kernels
 from voxlive.backends.torch.quant import quantize
+from voxlive.testing import FULL
 
-DIM, HEADS, KV_HEADS, HEAD_DIM, HIDDEN = 3072, 32, 8, 128, 9216  # the full-size decoder (VOXTRAL.md)
-SHAPES = [((HEADS + 2 * KV_HEADS) * HEAD_DIM, DIM), (DIM, HEADS * HEAD_DIM), (2 * HIDDEN, DIM), (DIM, HIDDEN)]
+# the full-size decoder's matrices [outputs, inputs], from the random full-size checkpoint's sizes
+_DIM, _HIDDEN = FULL["dim"], FULL["hidden_dim"]
+_Q, _KV = FULL["n_heads"] * FULL["head_dim"], FULL["n_kv_heads"] * FULL["head_dim"]
+SHAPES = [(_Q + 2 * _KV, _DIM), (_DIM, _Q), (2 * _HIDDEN, _DIM), (_DIM, _HIDDEN)]
 ROWS = (1, 2, 4, 8, 16)
 
 
