@@ -26,11 +26,11 @@ import tempfile
 import numpy as np
 
 import voxlive
-from voxlive.testing import write_random_checkpoint
+from voxlive.testing import FULL, write_random_checkpoint
 
 from .bench import best_seconds
 
-FULL_VOCAB = 131072
+FULL_VOCAB, FULL_DIM = FULL["vocab_size"], FULL["dim"]  # the full-size LM head, from the random checkpoint's sizes
 
 
 def best_ms(fn, repeats: int) -> float:
@@ -101,8 +101,8 @@ def lm_head_ms(repeats: int) -> float:
 
     from voxlive.backends.torch import cpu_kernels
 
-    w = torch.randn(FULL_VOCAB, 3072).bfloat16()
-    x = torch.randn(1, 3072).bfloat16()
+    w = torch.randn(FULL_VOCAB, FULL_DIM).bfloat16()
+    x = torch.randn(1, FULL_DIM).bfloat16()
     if cpu_kernels.bf16_available():
         return best_ms(lambda: cpu_kernels.linear_bf16(x, w), repeats)
     return best_ms(lambda: torch.nn.functional.linear(x, w), repeats)
