@@ -258,6 +258,19 @@ def test_bench_streams_reports_each_count(varied_dir):
     assert run("bench", "--model", varied_dir, "--streams", 0).returncode == 2
 
 
+def test_bench_by_minute_gives_a_row_per_audio_minute_as_it_goes(varied_dir, tmp_path):
+    log = tmp_path / "minutes.log"
+    r = run("bench", "--model", varied_dir, "--seconds", 150, "--dtype", "float32", "--streams", 1, "--by-minute",
+            "--no-drafts", "--log", log)
+    assert r.returncode == 0, r.stderr
+    rows = [line.split() for line in r.stdout.splitlines()[3:]]
+    assert [row[0] for row in rows] == ["1", "2"]  # whole minutes only
+    assert all(float(row[2]) == 1.0 and float(row[5]) > 0 for row in rows)  # one position a step; RSS
+    assert [line.split()[0] for line in log.read_text().splitlines()] == ["1", "2"]
+    assert run("bench", "--model", varied_dir, "--streams", 1, 2, "--by-minute").returncode == 2
+    assert run("bench", "--model", varied_dir, "--streams", 1, "--seconds", 30, "--by-minute").returncode == 2
+
+
 def test_serve_says_what_it_serves_and_never_logs_the_key(varied_dir, varied_model, speech, tmp_path):
     import re
     import signal

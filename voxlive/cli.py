@@ -14,6 +14,7 @@ import logging
 import socket
 import sys
 import time
+from contextlib import nullcontext
 from pathlib import Path
 
 from . import __version__
@@ -339,11 +340,13 @@ def _bench_streams(a, modes: list[str | None]) -> int:
     import gc
 
     from voxlive_bench.bench import random_checkpoint_dir
-    from voxlive_bench.streams import bench_streams, report_streams
+    from voxlive_bench.streams import bench_streams, report_by_minute, report_streams, soak_streams
 
     from .model import load
 
     counts = sorted(set(a.streams))
+    if a.by_minute and (len(counts) != 1 or a.seconds < 60 or a.age_tokens):
+        raise UsageError("--by-minute takes one --streams count, --seconds of a minute or more, and no --age-tokens")
     source = str(random_checkpoint_dir("full")) if a.random_weights else a.model
     for mode in modes:  # one model in memory at a time
         model = load(source, backend=a.backend, device=a.device, dtype=a.dtype, quantize=mode, compile=a.compile,
@@ -353,8 +356,13 @@ def _bench_streams(a, modes: list[str | None]) -> int:
         drafts = "one position per step" if a.no_drafts else "drafts on"
         print(f"[voxlive] {model.backend} backend, {weights or 'unquantized'} weights, {model.runtime.kv_dtype} KV{age}, "
               f"{drafts}")
-        print(report_streams(bench_streams(model, counts, seconds=a.seconds, delay_ms=a.delay_ms,
-                                           age_tokens=a.age_tokens), a.seconds))
+        if a.by_minute:
+            with open(a.log, "a") if a.log else nullcontext() as log:
+                rows = soak_streams(model, counts[0], minutes=int(a.seconds // 60), delay_ms=a.delay_ms, log=log)
+            print(report_by_minute(rows, counts[0]))
+        else:
+            print(report_streams(bench_streams(model, counts, seconds=a.seconds, delay_ms=a.delay_ms,
+                                               age_tokens=a.age_tokens), a.seconds))
         del model
         gc.collect()
     return 0
@@ -485,6 +493,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="with --streams: start each stream this many decoder positions old (its KV cache filled, "
                         "e.g. 8300: past the full window)")
     b.add_argument("--kv-dtype", choices=["int8"], help="with --streams: int8 KV caches")
+    b.add_argument("--by-minute", action="store_true",
+                   help="with --streams N (one count): one run of --seconds, a row per audio minute (step time and "
+                        "RSS against the streams' age: sessions of hours)")
+    b.add_argument("--log", help="with --by-minute: append each row to this file as it is sampled")
     b.add_argument("--no-drafts", action="store_true",
                    help="with --streams: one position per stream per step (random weights make drafts accept "
                         "whole runs, which real speech does not)")

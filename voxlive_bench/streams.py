@@ -8,6 +8,11 @@ streams can be a pass of 144 rows, compute-bound, not 16), decode ms per positio
 audio second (all streams), wall time, aggregate real-time factor (wall / audio seconds of all streams:
 below 1 means N live streams keep up), and the gain over serving the N streams one after another
 (N x the wall time of one stream / the wall time of N).
+
+``--by-minute`` instead runs the N streams once, for sessions of hours, and reports a row per audio
+minute: decode ms per step and per position, encoder ms per audio second and the process's RSS,
+against the streams' age (the decoder's window fills after about 11 minutes; after that a step
+should cost what it costs at the window's end, and memory should stay flat).
 """
 
 from __future__ import annotations
@@ -15,9 +20,12 @@ from __future__ import annotations
 import asyncio
 import time
 
+import numpy as np
+
 from .bench import bench_audio
 
 CHUNK_SECONDS = 0.08
+TOKENS_PER_MINUTE = 750  # one decoder position per 80 ms
 
 
 class _StepTimer:
@@ -106,6 +114,91 @@ def bench_streams(model, counts: list[int], *, seconds: float, delay_ms=None, ag
     for r in rows:
         r["gain_vs_sequential"] = single * r["streams"] / r["wall_s"] if single else None
     return rows
+
+
+def rss_mb() -> float:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def _minute_audio(minute: int) -> np.ndarray:
+    """A minute of bench audio, made when it is sent (an hour held at once would be 230 MB of RSS)."""
+    return bench_audio(60.0, seed=minute)
+
+
+async def _serve_by_minute(engine, n: int, minutes: int, delay_ms, timer: _StepTimer, log) -> list[dict]:
+    """N sessions of ``minutes`` audio minutes each; a row each time every stream has been
+    transcribed one more minute (counted in tokens: one per 80 ms)."""
+    step = int(CHUNK_SECONDS * 16000)
+    tokens = [0] * n
+    rows: list[dict] = []
+    t0 = time.perf_counter()
+    last = {"decode": 0.0, "encode": 0.0, "steps": 0, "positions": 0}
+
+    def sample():
+        now = {"decode": timer.seconds["decode"], "encode": timer.seconds["encode"], "steps": timer.steps,
+               "positions": timer.positions}
+        steps, positions = now["steps"] - last["steps"], now["positions"] - last["positions"]
+        decode = now["decode"] - last["decode"]
+        rows.append({"minute": len(rows) + 1, "decode_ms_per_step": 1000 * decode / max(1, steps),
+                     "positions_per_step": positions / max(1, steps),
+                     "decode_ms_per_position": 1000 * decode / max(1, positions),
+                     "encoder_ms_per_audio_s": 1000 * (now["encode"] - last["encode"]) / (60 * n),
+                     "rss_mb": rss_mb(), "wall_s": time.perf_counter() - t0})
+        last.update(now)
+        if log is not None:
+            print(minute_row(rows[-1]), file=log, flush=True)
+
+    async def feed(session):
+        for minute in range(minutes):
+            pcm = _minute_audio(minute)
+            for start in range(0, len(pcm), step):
+                await session.append(pcm[start:start + step])
+        session.end()
+
+    async def read(i, session):
+        while True:
+            update = await session.next_update()
+            tokens[i] += len(update.tokens)
+            while min(tokens) >= TOKENS_PER_MINUTE * (len(rows) + 1) and len(rows) < minutes:
+                sample()
+            if update.transcript is not None:
+                return
+
+    sessions = [engine.open(delay_ms=delay_ms) for _ in range(n)]
+    await asyncio.gather(*(feed(s) for s in sessions), *(read(i, s) for i, s in enumerate(sessions)))
+    return rows
+
+
+def soak_streams(model, n: int, *, minutes: int, delay_ms=None, log=None) -> list[dict]:
+    """``voxlive bench --streams N --by-minute``: see the module's docstring."""
+    from voxlive.server.engine import Engine
+
+    timer = _StepTimer(model.runtime)
+    # a bounded inbox, as the server has: the audio waits in the feeder, not in memory
+    engine = Engine(model, max_sessions=n, max_buffer_seconds=10.0)
+    engine.start()
+    try:
+        return asyncio.run(_serve_by_minute(engine, n, minutes, delay_ms, timer, log))
+    finally:
+        engine.stop()
+
+
+MINUTE_HEADER = "audio min  decode ms/step  positions/step  ms/position  encoder ms/audio-s  RSS MB  wall s"
+
+
+def minute_row(r: dict) -> str:
+    return (f"{r['minute']:9d}  {r['decode_ms_per_step']:14.1f}  {r['positions_per_step']:14.1f}"
+            f"  {r['decode_ms_per_position']:11.1f}  {r['encoder_ms_per_audio_s']:18.1f}  {r['rss_mb']:6.0f}"
+            f"  {r['wall_s']:6.0f}")
+
+
+def report_by_minute(rows: list[dict], n: int) -> str:
+    return "\n".join([f"{n} stream(s), a row per audio minute of each, through the server's engine", MINUTE_HEADER,
+                      *(minute_row(r) for r in rows)])
 
 
 def report_streams(rows: list[dict], seconds: float) -> str:
