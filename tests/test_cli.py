@@ -269,6 +269,7 @@ def test_bench_by_minute_gives_a_row_per_audio_minute_as_it_goes(varied_dir, tmp
     assert [line.split()[0] for line in log.read_text().splitlines()] == ["1", "2"]
     assert run("bench", "--model", varied_dir, "--streams", 1, 2, "--by-minute").returncode == 2
     assert run("bench", "--model", varied_dir, "--streams", 1, "--seconds", 30, "--by-minute").returncode == 2
+    assert run("bench", "--model", varied_dir, "--streams", 1, "--log", log).returncode == 2
 
 
 def test_serve_says_what_it_serves_and_never_logs_the_key(varied_dir, varied_model, speech, tmp_path):

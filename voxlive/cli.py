@@ -347,6 +347,8 @@ def _bench_streams(a, modes: list[str | None]) -> int:
     counts = sorted(set(a.streams))
     if a.by_minute and (len(counts) != 1 or a.seconds < 60 or a.age_tokens):
         raise UsageError("--by-minute takes one --streams count, --seconds of a minute or more, and no --age-tokens")
+    if a.log and not a.by_minute:
+        raise UsageError("--log is for --by-minute")
     source = str(random_checkpoint_dir("full")) if a.random_weights else a.model
     for mode in modes:  # one model in memory at a time
         model = load(source, backend=a.backend, device=a.device, dtype=a.dtype, quantize=mode, compile=a.compile,

@@ -52,6 +52,15 @@ def bench_audio(seconds: float, seed: int = 0) -> np.ndarray:
     return (0.1 * envelope * rng.standard_normal(n)).astype(np.float32)
 
 
+def rss_mb(pid: int | str = "self") -> float:
+    """A process's resident memory now (Linux)."""
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    return float("nan")
+
+
 def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 

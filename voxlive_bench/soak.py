@@ -33,6 +33,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from .bench import rss_mb
+
 SENTENCES = [
     "The quick brown fox jumps over the lazy dog.",
     "Streaming speech to text for hours without a hole.",
@@ -127,11 +129,7 @@ class ServerProcess:
         wait_healthy(self.proc, self.port, seconds=60)
 
     def rss_mb(self) -> float:
-        with open(f"/proc/{self.proc.pid}/status") as f:
-            for line in f:
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1]) / 1024
-        return float("nan")
+        return rss_mb(self.proc.pid)
 
     def cpu_seconds(self) -> float:
         with open(f"/proc/{self.proc.pid}/stat") as f:

@@ -22,10 +22,12 @@ import time
 
 import numpy as np
 
-from .bench import bench_audio
+from voxlive.config import MS_PER_TOKEN
+
+from .bench import bench_audio, rss_mb
 
 CHUNK_SECONDS = 0.08
-TOKENS_PER_MINUTE = 750  # one decoder position per 80 ms
+TOKENS_PER_MINUTE = 60_000 // MS_PER_TOKEN
 
 
 class _StepTimer:
@@ -114,14 +116,6 @@ def bench_streams(model, counts: list[int], *, seconds: float, delay_ms=None, ag
     for r in rows:
         r["gain_vs_sequential"] = single * r["streams"] / r["wall_s"] if single else None
     return rows
-
-
-def rss_mb() -> float:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    return float("nan")
 
 
 def _minute_audio(minute: int) -> np.ndarray:
