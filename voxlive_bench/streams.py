@@ -22,11 +22,13 @@ import time
 
 import numpy as np
 
+from voxlive.audio import SAMPLE_RATE
 from voxlive.config import MS_PER_TOKEN
 
 from .bench import bench_audio, rss_mb
 
 CHUNK_SECONDS = 0.08
+CHUNK = int(CHUNK_SECONDS * SAMPLE_RATE)
 TOKENS_PER_MINUTE = 60_000 // MS_PER_TOKEN
 
 
@@ -55,19 +57,29 @@ class _StepTimer:
 
         return timed
 
-    def reset(self):
-        self.seconds = {"decode": 0.0, "encode": 0.0}
-        self.steps = 0
-        self.positions = 0
+    def totals(self) -> dict:
+        return {"decode": self.seconds["decode"], "encode": self.seconds["encode"], "steps": self.steps,
+                "positions": self.positions}
+
+    def figures(self, since: dict, audio_seconds: float) -> dict:
+        """What the calls since ``since`` (a ``totals()``) cost, per step, position and audio second."""
+        now = self.totals()
+        decode, steps = now["decode"] - since["decode"], now["steps"] - since["steps"]
+        positions = now["positions"] - since["positions"]
+        return {"decode_ms_per_step": 1000 * decode / max(1, steps), "positions_per_step": positions / max(1, steps),
+                "decode_ms_per_position": 1000 * decode / max(1, positions),
+                "encoder_ms_per_audio_s": 1000 * (now["encode"] - since["encode"]) / audio_seconds, "steps": steps}
+
+
+async def _send(session, pcm: np.ndarray) -> None:
+    for start in range(0, len(pcm), CHUNK):
+        await session.append(pcm[start:start + CHUNK])
 
 
 async def _serve(engine, pcm, n: int, delay_ms) -> float:
-    step = int(CHUNK_SECONDS * 16000)
-
     async def one():
         session = engine.open(delay_ms=delay_ms)
-        for start in range(0, len(pcm), step):
-            await session.append(pcm[start:start + step])
+        await _send(session, pcm)
         session.end()
         while (await session.next_update()).transcript is None:
             pass
@@ -99,17 +111,13 @@ def bench_streams(model, counts: list[int], *, seconds: float, delay_ms=None, ag
     engine = Engine(model, max_sessions=max(counts), max_buffer_seconds=seconds + 1)
     engine.start()
     try:
-        asyncio.run(_serve(engine, pcm[:16000], 1, delay_ms))  # warm-up: the fresh stream's prefill
+        asyncio.run(_serve(engine, pcm[:SAMPLE_RATE], 1, delay_ms))  # warm-up: the fresh stream's prefill
         rows = []
         for n in counts:
-            timer.reset()
+            since = timer.totals()
             wall = asyncio.run(_serve(engine, pcm, n, delay_ms))
-            audio = n * len(pcm) / 16000
-            rows.append({"streams": n, "wall_s": wall, "rtf": wall / audio,
-                         "decode_ms_per_step": 1000 * timer.seconds["decode"] / max(1, timer.steps),
-                         "positions_per_step": timer.positions / max(1, timer.steps),
-                         "decode_ms_per_position": 1000 * timer.seconds["decode"] / max(1, timer.positions),
-                         "encoder_ms_per_audio_s": 1000 * timer.seconds["encode"] / audio, "steps": timer.steps})
+            audio = n * len(pcm) / SAMPLE_RATE
+            rows.append({"streams": n, "wall_s": wall, "rtf": wall / audio, **timer.figures(since, audio)})
     finally:
         engine.stop()
     single = next((r["wall_s"] for r in rows if r["streams"] == 1), None)
@@ -126,31 +134,22 @@ def _minute_audio(minute: int) -> np.ndarray:
 async def _serve_by_minute(engine, n: int, minutes: int, delay_ms, timer: _StepTimer, log) -> list[dict]:
     """N sessions of ``minutes`` audio minutes each; a row each time every stream has been
     transcribed one more minute (counted in tokens: one per 80 ms)."""
-    step = int(CHUNK_SECONDS * 16000)
     tokens = [0] * n
     rows: list[dict] = []
     t0 = time.perf_counter()
-    last = {"decode": 0.0, "encode": 0.0, "steps": 0, "positions": 0}
+    since = timer.totals()
 
     def sample():
-        now = {"decode": timer.seconds["decode"], "encode": timer.seconds["encode"], "steps": timer.steps,
-               "positions": timer.positions}
-        steps, positions = now["steps"] - last["steps"], now["positions"] - last["positions"]
-        decode = now["decode"] - last["decode"]
-        rows.append({"minute": len(rows) + 1, "decode_ms_per_step": 1000 * decode / max(1, steps),
-                     "positions_per_step": positions / max(1, steps),
-                     "decode_ms_per_position": 1000 * decode / max(1, positions),
-                     "encoder_ms_per_audio_s": 1000 * (now["encode"] - last["encode"]) / (60 * n),
-                     "rss_mb": rss_mb(), "wall_s": time.perf_counter() - t0})
-        last.update(now)
+        nonlocal since
+        rows.append({"minute": len(rows) + 1, **timer.figures(since, 60 * n), "rss_mb": rss_mb(),
+                     "wall_s": time.perf_counter() - t0})
+        since = timer.totals()
         if log is not None:
             print(minute_row(rows[-1]), file=log, flush=True)
 
     async def feed(session):
         for minute in range(minutes):
-            pcm = _minute_audio(minute)
-            for start in range(0, len(pcm), step):
-                await session.append(pcm[start:start + step])
+            await _send(session, _minute_audio(minute))
         session.end()
 
     async def read(i, session):
