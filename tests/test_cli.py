@@ -353,15 +353,26 @@ def test_transcribe_without_drafts_gives_the_same_text(varied_dir, varied_model,
     assert r.stdout == varied_model.transcribe(speech).format("text")
 
 
-def test_bench_drafts_reports_pass_costs_and_oracle_accuracies(varied_dir):
+def test_bench_drafts_reports_pass_costs_oracle_accuracies_and_rtf_on_speech(varied_dir):
     r = run("bench", "--model", varied_dir, "--seconds", 1, "--dtype", "float32", "--drafts")
     assert r.returncode == 0, r.stderr
     lines = r.stdout.splitlines()
     costs = [line.split() for line in lines[3:19]]
     assert [row[0] for row in costs] == [str(k) for k in range(1, 17)] and costs[0][2] == "1.00"
-    oracle = [line.split() for line in lines[-6:]]
+    at = next(i for i, line in enumerate(lines) if line.startswith("   p   ms/token")) + 1
+    oracle = [line.split() for line in lines[at:at + 6]]
     assert [row[0] for row in oracle] == ["0.00", "0.25", "0.50", "0.75", "0.90", "1.00"]
     assert oracle[-1][3] == "1.00" and oracle[0][3] == "0.00"  # share of drafts accepted, fixed length
+    table = {line[:15].strip(): line[15:].split() for line in lines if line[:15].strip() in
+             ("one step a time", "file, drafts", "live 240 ms", "silence, file")}
+    assert len(table) == 4
+    # the speech stream's passes (the second table's rows, read last): drafts take fewer passes than
+    # one step at a time, silence the fewest, and a pass one step at a time has one row
+    speech = {name: (int(row[0]), float(row[1])) for name, row in table.items()}
+    assert speech["one step a time"][1] == 1.0
+    assert speech["silence, file"][0] < speech["file, drafts"][0] < speech["live 240 ms"][0] < speech["one step a time"][0]
+    summary = lines[-1].split("|")
+    assert summary[0].strip() == "unquantized" and len(summary[2].split()) == 4  # file, live, silence, p = 1
 
 
 def test_serve_ray_options_are_checked_before_anything_starts(varied_dir):

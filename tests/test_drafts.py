@@ -222,18 +222,26 @@ def test_pad_runs_and_bigrams_guess_from_what_the_stream_said():
     pads.observe(7)
     assert pads.draft(3) == []
     grams = Bigrams()
+    assert grams.draft(4) == []  # nothing said yet
     for t in [5, 6, 5, 7, 5, 7, 7, 9]:
         grams.observe(t)
-    # 5 was followed by 7 twice, by 6 once; 7 by 5, 7 and 9 once each (5 came first); 9 by nothing yet
-    assert grams.draft(4) == []
+    # 5 was followed by 7 twice, by 6 once; 7 by 5, 7 and 9 once each (5 came first); 9 by nothing
+    # yet, so the most frequent token so far (5 and 7, 3 times each; 5 got there first) stands for it
+    assert grams.draft(4) == [5, 7, 5, 7]
     grams.observe(5)
     assert grams.draft(4) == [7, 5, 7, 5]
+    grams.observe(8)  # a new token: its follower is unknown
+    assert grams.draft(3) == [5, 7, 5]  # the most frequent, 5 (4 times), then its followers
     both = Fallback(PadRuns(32), Bigrams())
     for t in [32, 4, 32, 4, 32]:
         both.observe(t)
     assert both.draft(2) == [32, 32]
     both.observe(4)
     assert both.draft(2) == [32, 4]
+    speech = Fallback(PadRuns(32), Bigrams())
+    for t in [32, 32, 32, 4, 32, 32, 11]:  # a word never heard before, after pads ...
+        speech.observe(t)
+    assert speech.draft(3) == [32, 32, 32]  # ... is taken to be followed by pads
 
 
 def test_adaptive_length_follows_acceptance_and_cost():

@@ -373,19 +373,26 @@ def _bench_streams(a, modes: list[str | None]) -> int:
 def _bench_drafts(a, modes: list[str | None]) -> int:
     import gc
 
-    from voxlive_bench.bench import random_checkpoint_dir
-    from voxlive_bench.drafts import ROWS, bench_drafts, report_drafts
+    from voxlive_bench.bench import load_timed, random_checkpoint_dir, reference_subprocess
+    from voxlive_bench.drafts import (LIVE_DELAY_MS, ROWS, bench_drafts, report_drafts, report_summary,
+                                      report_user_path, speech_passes)
 
-    from .model import load
+    from .checkpoint import resolve
 
-    source = str(random_checkpoint_dir("full")) if a.random_weights else a.model
+    source = str(random_checkpoint_dir("full") if a.random_weights else resolve(a.model))
+    passes = speech_passes()
+    results = []
     for mode in modes:  # one model in memory at a time
-        model = load(source, backend=a.backend, device=a.device, dtype=a.dtype, quantize=mode, compile=a.compile,
-                     max_draft=max(ROWS) - 1)
+        model, timed, _, _ = load_timed(source, a.dtype, a.device, mode, a.compile, a.backend, max_draft=max(ROWS) - 1)
         print(f"[voxlive] {model.summary}")
-        print(report_drafts(bench_drafts(model, seconds=a.seconds)))
-        del model
+        r = bench_drafts(model, timed, seconds=a.seconds, passes=passes)
+        print(report_drafts(r))
+        print(report_user_path(r, passes))
+        results.append((model.runtime.quantize or "unquantized", r))
+        del model, timed
         gc.collect()
+    reference = reference_subprocess(source, a.seconds, a.dtype, LIVE_DELAY_MS) if a.reference else None
+    print(report_summary(results, reference))
     return 0
 
 

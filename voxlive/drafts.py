@@ -10,7 +10,8 @@ A stream's ``Drafting`` pairs a ``Drafter`` (what to guess) with a ``DraftLength
 feed). A new strategy is a new class:
 
 - ``PadRuns``: after ``[STREAMING_PAD]``, more pads (most positions are pads, in long runs);
-- ``Bigrams``: the token that most often followed the last one in this stream so far, chained;
+- ``Bigrams``: the token that most often followed the last one in this stream so far, else its
+  most frequent token, chained;
 - ``Fallback``: the first drafter's guesses, else the second's;
 - ``Oracle``: known true tokens, each corrupted with a probability (tests and benchmarks);
 - ``Fixed`` and ``Adaptive`` lengths; ``Adaptive`` picks the length with the most expected tokens
@@ -53,14 +54,24 @@ class PadRuns:
 
 class Bigrams:
     """The token that most often followed the last one in this stream so far (ties: the one that got
-    there first), chained for several positions."""
+    there first), else the stream's most frequent token, chained for several positions.
+
+    The fallback matters on speech: a word's text tokens are mostly new, but what follows a word is
+    nearly always the pad, which is also the most frequent token, so the guesses after a new token
+    are its pads (a miss costs nothing but the pass's rows: the model's own token comes out of it).
+    """
 
     def __init__(self):
         self.last: int | None = None
         self._counts: dict[int, dict[int, int]] = {}
         self._best: dict[int, int] = {}
+        self._seen: dict[int, int] = {}
+        self._most: int | None = None
 
     def observe(self, token: int) -> None:
+        self._seen[token] = self._seen.get(token, 0) + 1
+        if self._most is None or self._seen[token] > self._seen[self._most]:
+            self._most = token
         prev, self.last = self.last, token
         if prev is None:
             return
@@ -72,8 +83,8 @@ class Bigrams:
 
     def draft(self, n: int) -> list[int]:
         out, token = [], self.last
-        while len(out) < n and token in self._best:
-            token = self._best[token]
+        while len(out) < n and self._most is not None:
+            token = self._best.get(token, self._most)
             out.append(token)
         return out
 

@@ -138,14 +138,17 @@ def torch_floors(runtime, sync, repeats: int = 3) -> dict:
             "read_gb_per_s": bandwidth / 1e9, "memory_floor_ms": 1000 * nbytes / bandwidth}
 
 
-def _load_timed(model_dir: str, dtype: str | None, device: str | None, quantize: str | None, compile: bool,
-                backend: str = "auto"):
+def load_timed(model_dir: str, dtype: str | None, device: str | None, quantize: str | None, compile: bool,
+               backend: str = "auto", **options):
+    """``voxlive.load`` (``options`` too), its runtime wrapped in a ``_Timed``; also a synchronize
+    function and what the report says about the engine."""
     import torch
 
     from voxlive.model import load
 
     t = time.perf_counter()
-    model = load(model_dir, backend=backend, device=device, dtype=dtype, quantize=quantize, compile=compile)
+    model = load(model_dir, backend=backend, device=device, dtype=dtype, quantize=quantize, compile=compile,
+                 **options)
     load_s = time.perf_counter() - t
     dev = model.runtime.device
     if model.backend == "mlx":
@@ -165,45 +168,54 @@ def _load_timed(model_dir: str, dtype: str | None, device: str | None, quantize:
     return model, timed, sync, info
 
 
+def timed_transcribe(model, timed: _Timed, wav, *, delay_ms: int | None, chunk_seconds: float,
+                     drafts: bool | None = None) -> dict:
+    """One ``model.transcribe(wav)``, from outside: its wall time, the runtime's share per method,
+    and ``rest``, the wall time outside the runtime (audio decoding, mel, the session layer, words)."""
+    timed.seconds, timed.calls = {}, {}
+    t = time.perf_counter()
+    transcript = model.transcribe(wav, delay_ms=delay_ms, chunk_seconds=chunk_seconds, drafts=drafts)
+    wall = time.perf_counter() - t
+    # the positions this call decoded: the file, rounded up to whole tokens, and its right pad
+    decoded_seconds = len(transcript.tokens) * model.config.audio.ms_per_token / 1000
+    return {"tokens": len(transcript.tokens), "wall_s": wall,
+            "encoder_ms_per_audio_s": 1000 * timed.seconds.get("encode", 0) / decoded_seconds,
+            "prefill_ms": 1000 * timed.seconds.get("prefill", 0),
+            "decode_ms_per_step": 1000 * timed.seconds.get("decode", 0) / max(1, timed.calls.get("decode", 0)),
+            "decode_passes": timed.calls.get("decode", 0),
+            "rest_ms": 1000 * (wall - sum(timed.seconds.values()))}
+
+
+def bench_wav(directory: Path, seconds: float) -> Path:
+    import soundfile as sf
+
+    wav = Path(directory) / "bench.wav"
+    sf.write(wav, bench_audio(seconds), SAMPLE_RATE, subtype="FLOAT")
+    return wav
+
+
 def run_voxlive(model_dir: str, seconds: float, dtype: str | None, device: str | None, chunk_ms: int | None,
                 delay_ms: int | None, quantize: str | None = None, compile: bool = False, backend: str = "auto") -> dict:
     """Times what users run: ``model.transcribe(file)`` from outside, twice on one loaded model.
 
     The first call is what ``voxlive transcribe FILE`` pays after loading: it also starts the
     delay's first stream (encodes and decodes the silent left pad; a compiled step compiles here).
-    The second is an API user's next file: its stream forks that state. The runtime's share of the
-    second call is timed per method; the rest (audio decoding, mel, the session layer, words) is
-    what remains of its wall time.
+    The second is an API user's next file: its stream forks that state; its runtime share is
+    timed per method.
     """
     import tempfile
 
-    import soundfile as sf
-
-    model, timed, sync, info = _load_timed(model_dir, dtype, device, quantize, compile, backend)
+    model, timed, sync, info = load_timed(model_dir, dtype, device, quantize, compile, backend)
     chunk_seconds = chunk_ms / 1000 if chunk_ms else max(30.0, seconds)  # default: the file in one chunk
     with tempfile.TemporaryDirectory() as tmp:
-        wav = Path(tmp) / "bench.wav"
-        sf.write(wav, bench_audio(seconds), SAMPLE_RATE, subtype="FLOAT")
-        t = time.perf_counter()
-        model.transcribe(wav, delay_ms=delay_ms, chunk_seconds=chunk_seconds)
-        first_s = time.perf_counter() - t
-        timed.seconds, timed.calls = {}, {}
-        t = time.perf_counter()
-        transcript = model.transcribe(wav, delay_ms=delay_ms, chunk_seconds=chunk_seconds)
-        wall = time.perf_counter() - t
-    runtime_s = sum(timed.seconds.values())
-    # the positions this call decoded: the file, rounded up to whole tokens, and its right pad
-    decoded_seconds = len(transcript.tokens) * model.config.audio.ms_per_token / 1000
+        wav = bench_wav(tmp, seconds)
+        first = timed_transcribe(model, timed, wav, delay_ms=delay_ms, chunk_seconds=chunk_seconds)
+        r = timed_transcribe(model, timed, wav, delay_ms=delay_ms, chunk_seconds=chunk_seconds)
     rss = peak_rss_mb()
     floors = torch_floors(timed._rt, sync) if model.backend == "torch" else {}
-    return {**floors, **info, "audio_s": seconds, "chunk_ms": chunk_ms, "tokens": len(transcript.tokens),
-        "encoder_ms_per_audio_s": 1000 * timed.seconds.get("encode", 0) / decoded_seconds,
-        "prefill_ms": 1000 * timed.seconds.get("prefill", 0),
-        "decode_ms_per_step": 1000 * timed.seconds.get("decode", 0) / max(1, timed.calls.get("decode", 0)),
-        "decode_passes": timed.calls.get("decode", 0), "rest_ms": 1000 * (wall - runtime_s),
-        "first_wall_s": first_s, "first_rtf": first_s / seconds,
-        "wall_s": wall, "rtf": wall / seconds, "peak_rss_mb": rss,
-    }
+    return {**floors, **info, **r, "audio_s": seconds, "chunk_ms": chunk_ms,
+            "first_wall_s": first["wall_s"], "first_rtf": first["wall_s"] / seconds,
+            "rtf": r["wall_s"] / seconds, "peak_rss_mb": rss}
 
 
 def run_reference(model_dir: str, seconds: float, dtype: str | None, delay_ms: int | None) -> dict:
@@ -242,6 +254,12 @@ def _subprocess(args: list[str]) -> dict:
     if out.returncode != 0:
         raise RuntimeError(f"benchmark worker failed:\n{out.stderr[-4000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def reference_subprocess(model_dir: str, seconds: float, dtype: str | None, delay_ms: int | None) -> dict:
+    """``run_reference`` in its own process (its peak RSS its own; never two models at once)."""
+    return _subprocess(["reference", "--model", model_dir, "--seconds", str(seconds),
+                        *(["--dtype", dtype] if dtype else []), *(["--delay-ms", str(delay_ms)] if delay_ms else [])])
 
 
 def report(results: list[dict]) -> str:
@@ -301,7 +319,7 @@ def bench(model: str | None, *, random_weights: bool, seconds: float, dtype: str
     for mode in quantize:
         results.append(_subprocess(["voxlive", *mine, *(["--quantize", mode] if mode else [])]))
     if reference:
-        results.append(_subprocess(["reference", *common]))
+        results.append(reference_subprocess(model_dir, seconds, dtype, delay_ms))
     return results
 
 
