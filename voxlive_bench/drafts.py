@@ -31,7 +31,7 @@ from voxlive.config import MS_PER_TOKEN
 from voxlive.drafts import Adaptive, Drafting, Fixed, Oracle
 from voxlive.session import decode_step, encode_and_prefill
 
-from .bench import bench_audio, bench_wav, timed_transcribe
+from .bench import bench_audio, bench_wav, timed_transcribe, torch_floors
 from .replay import Replayer, relabel, speech_tokens
 
 ROWS = range(1, 17)
@@ -178,12 +178,15 @@ def bench_drafts(model, timed, *, seconds: float, passes: dict) -> dict:
          "stepwise_passes": base_passes, "max_draft": model.runtime.max_draft, "rows": rows, "seconds": seconds}
     r["user"] = bench_user_path(model, timed, seconds=seconds)
     r["computed"] = computed(r, passes)
+    if model.backend == "torch":
+        r["floors"] = torch_floors(timed._rt, timed._sync)
     return r
 
 
 def report_drafts(r: dict) -> str:
     c1 = r["costs"][1]
-    lines = ["decoder pass of k rows, one stream (measured, best of 15):", "   k   ms/pass  cost vs k=1  ms/row"]
+    lines = ["decoder pass of k rows, one stream (measured, best of 15, the sizes taking turns):",
+             "   k   ms/pass  cost vs k=1  ms/row"]
     for k, c in r["costs"].items():
         lines.append(f"{k:4d}  {1000 * c:8.2f}  {c / c1:11.2f}  {1000 * c / k:6.2f}")
     lines += ["", f"{r['seconds']:.0f} s file, {r['tokens']} tokens, decode only (measured): one step at a time "
@@ -201,7 +204,12 @@ def report_drafts(r: dict) -> str:
 
 def report_user_path(r: dict, passes: dict) -> str:
     """The measured ``transcribe`` calls and the computed real-time factors of ``bench_drafts``."""
-    lines = [f"what users run, measured: transcribe() of the {r['seconds']:.0f} s file, {LIVE_DELAY_MS} ms delay, "
+    lines = []
+    if "floors" in r:
+        f = r["floors"]
+        lines += [f"this machine now: GEMV floor {f['gemv_floor_ms']:.1f} ms (the matmuls alone over the "
+                  f"{f['decoder_weight_gb']:.2f} GB of decoder weights), plain read {f['read_gb_per_s']:.1f} GB/s", ""]
+    lines += [f"what users run, measured: transcribe() of the {r['seconds']:.0f} s file, {LIVE_DELAY_MS} ms delay, "
              f"at most {MAX_DRAFT} drafts (each call after an untimed one like it):",
              "                RTF  encoder ms/audio s  prefill ms  passes  ms/pass  rest ms"]
     for name, label in (("stepwise", "one step a time"), ("file", "file, drafts"), ("live", "live 240 ms")):

@@ -11,11 +11,13 @@ What is quantized (the same in both modes, chosen by measurement, see README):
 - the decoder's linear layers (wq|wk|wv, wo, w1|w3, w2): int8 or int4, the mode;
 - the tied embedding / LM head: int8 in both modes. Its rows are looked up as well as multiplied,
   and an int8 row is a gather plus one scale; int4 would need a second, unpacked copy;
-- the encoder's linear layers: int8 in both modes. The encoder runs on many frames at once, where
-  the weight-only kernels (whose cost grows with the rows, GEMV-style) are slower than a plain
-  GEMM, so its layers are converted to the activation dtype at each call and multiplied as usual
-  (about the speed of bf16 for large chunks); int8 costs half the memory of bf16 (1.0 GB instead
-  of 1.9 GB) and is what keeps the int4 model under 4 GB.
+- the encoder's linear layers: int8 in both modes, as stored (a converted checkpoint holds them in
+  int8), but multiplied as the bf16 model's are: the encoder runs on many frames at once, where a
+  plain GEMM beats the weight-only kernels, so at load the integers are converted, once, to the
+  activation dtype (exactly: |q| <= 127) in the GEMM's layout, and the product is scaled after.
+  Converting at each call instead kept them at half the memory (1.0 GB instead of 1.9 GB), but
+  a live stream's small chunks then paid the conversion per chunk: 1.5-2.5 s per audio second in
+  240 ms chunks, 2.4x the bf16 model's encoder (README, Quantization).
 The adapter, convolutions, norms and the delay-conditioning matrices are small and stay as they are.
 
 Quantized values are computed from float32 copies of the weights, with scales rounded to bfloat16
@@ -97,7 +99,9 @@ def cpu_path(device: torch.device, kernel: bool, n: int, k: int) -> str:
 class Int8Weight:
     """Per-output-channel int8: w[n, k] = q[n, k] * scale[n]."""
 
-    q: torch.Tensor  # [N, K] int8; "amx": in the kernel's tile order [N / 16, K / 64, 16, 64]
+    # [N, K] int8; "amx": in the kernel's tile order [N / 16, K / 64, 16, 64]; "gemm": the integers in
+    # the activation dtype, as the GEMM takes them (a Bf16Weight where the AMX GEMM runs)
+    q: torch.Tensor | Bf16Weight
     scale: torch.Tensor  # [N], the activation dtype
     path: str  # see cpu_path; "aten" on CUDA means the GEMM as well (PyTorch's int8 kernel is CPU-only)
 
@@ -106,7 +110,12 @@ class Int8Weight:
                     kernel: bool = True) -> Int8Weight:
         q = parts["q"]
         path = cpu_path(device, kernel, *q.shape)
-        q = cpu_kernels.int8_tiles(q) if path == "amx" else q.to(device)
+        if path == "amx":
+            q = cpu_kernels.int8_tiles(q)
+        elif path == "gemm":  # the integers in the activation dtype (exact), in the GEMM's layout, once
+            q = Bf16Weight.wrap(q.to(device, dtype), many_rows=True)
+        else:
+            q = q.to(device)
         return cls(q, parts["scale"].to(device, dtype), path)
 
     @property
@@ -116,15 +125,9 @@ class Int8Weight:
     def linear(self, x: torch.Tensor) -> torch.Tensor:
         if self.path == "amx":
             return cpu_kernels.linear_int8_amx(x.reshape(-1, x.shape[-1]), self.q, self.scale).view(*x.shape[:-1], -1)
-        n, k = self.q.shape
-        if (self.path == "gemm" and x.dtype == torch.bfloat16 and x.device.type == "cpu" and n % 16 == 0 and k % 32 == 0
-                and cpu_kernels.amx_available() and cpu_kernels.batch_invariant()):
-            # the AMX GEMM, as for bf16 weights: rows independent of each other (see Bf16Weight)
-            tiles = torch.empty(n // 16, k // 32, 16, 32, dtype=x.dtype)
-            tiles.copy_(self.q.view(n // 16, 16, k // 32, 32).transpose(1, 2))
-            flat = x.reshape(-1, x.shape[-1])
-            return (cpu_kernels.linear_bf16_amx(flat, tiles) * self.scale).view(*x.shape[:-1], -1)
-        if self.path == "gemm" or x.device.type != "cpu":
+        if self.path == "gemm":
+            return linear(x, self.q) * self.scale
+        if x.device.type != "cpu":
             return F.linear(x, self.q.to(x.dtype)) * self.scale
         flat = x.reshape(-1, x.shape[-1])
         if self.path == "voxlive":
@@ -135,7 +138,10 @@ class Int8Weight:
 
     def rows(self, ids: torch.Tensor) -> torch.Tensor:
         """Dequantized rows (embedding lookup)."""
-        q = self.q[ids // 16, :, ids % 16].flatten(-2) if self.path == "amx" else self.q[ids]
+        if self.path == "amx":
+            q = self.q[ids // 16, :, ids % 16].flatten(-2)
+        else:
+            q = self.q.rows(ids) if isinstance(self.q, Bf16Weight) else self.q[ids]
         return q.to(self.scale.dtype) * self.scale[ids, None]
 
 
