@@ -496,8 +496,10 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--streams", nargs="+", type=int,
                    help="instead: these numbers of concurrent streams through the server's engine, e.g. 1 2 4 8 16")
     b.add_argument("--drafts", action="store_true",
-                   help="instead: decoder pass cost for 1..16 rows, and time per token with oracle drafts of "
-                        "accuracy 0..1")
+                   help="instead: decoder pass cost for 1..16 rows, time per token with oracle drafts of "
+                        "accuracy 0..1, transcribe() one step at a time, with drafts and live, and the RTF on "
+                        "speech computed from a replayed speech-shaped token stream (with --reference: "
+                        "transformers too)")
     b.add_argument("--age-tokens", type=int, default=0,
                    help="with --streams: start each stream this many decoder positions old (its KV cache filled, "
                         "e.g. 8300: past the full window)")
