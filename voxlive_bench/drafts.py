@@ -16,8 +16,9 @@ Then what users run, measured: ``model.transcribe`` of the file one step at a ti
 what transformers and voxtral.c do), whole and in live 240 ms chunks with drafts on (the encoder,
 prefill and the rest of the file's time). And computed, not measured: the real-time factor on
 speech, from the passes the session takes on a token stream shaped like speech
-(``voxlive_bench.replay``, on a tiny model: the passes depend on the session and the tokens alone)
-costed with the measured pass of k rows, plus the measured encoder, prefill and rest of the file.
+(``voxlive_bench.replay``, on a tiny model: the passes depend on the session and the tokens alone),
+a pass of k rows costing the measured k-row pass over the one-row pass times the mean one-step pass
+of the user's ``transcribe``, plus the measured encoder, prefill and rest of the file.
 """
 
 from __future__ import annotations

@@ -17,7 +17,7 @@ What is quantized (the same in both modes, chosen by measurement, see README):
   activation dtype (exactly: |q| <= 127) in the GEMM's layout, and the product is scaled after.
   Converting at each call instead kept them at half the memory (1.0 GB instead of 1.9 GB), but
   a live stream's small chunks then paid the conversion per chunk: 1.5-2.5 s per audio second in
-  240 ms chunks, 2.4x the bf16 model's encoder (README, Quantization).
+  240 ms chunks, 2.5-2.7x the bf16 model's encoder (README, Quantization).
 The adapter, convolutions, norms and the delay-conditioning matrices are small and stay as they are.
 
 Quantized values are computed from float32 copies of the weights, with scales rounded to bfloat16
