@@ -3,25 +3,19 @@
 
 from __future__ import annotations
 
-import json
-
 import pytest
 
 import voxlive
 from voxlive.backends.runtime import MAX_DRAFT
 from voxlive.config import MS_PER_TOKEN
-from voxlive.testing import make_tekken
-from voxlive.tokens import Tokenizer
-from voxlive_bench.replay import PASSAGE, Replayer, relabel, speech_tokens
+from voxlive_bench.replay import PASSAGE, Replayer, real_tokenizer, relabel, speech_tokens
 
 SHORT = " ".join(PASSAGE.split()[:60])  # three sentences: a replay of ~30 s
 
 
 @pytest.fixture(scope="module")
 def tokenizer(tmp_path_factory):
-    path = tmp_path_factory.mktemp("tekken") / "tekken.json"
-    path.write_text(json.dumps(make_tekken(131072)))  # the real vocabulary
-    return Tokenizer(path)
+    return real_tokenizer(tmp_path_factory.mktemp("tekken"))
 
 
 @pytest.fixture(scope="module")

@@ -33,7 +33,7 @@ from voxlive.drafts import Adaptive, Drafting, Fixed, Oracle
 from voxlive.session import decode_step, encode_and_prefill
 
 from .bench import bench_audio, bench_wav, timed_transcribe, torch_floors
-from .replay import Replayer, relabel, speech_tokens
+from .replay import Replayer, real_tokenizer, relabel, speech_tokens
 
 ROWS = range(1, 17)
 ACCURACIES = (0.0, 0.25, 0.5, 0.75, 0.9, 1.0)
@@ -86,18 +86,14 @@ def speech_passes(*, pad_fraction: float = PAD_FRACTION) -> dict:
     """Rows of every decoder pass the session takes for speech with ``pad_fraction`` pads and for as
     long a silence: offline (``transcribe``'s default chunks), live (240 ms chunks), and one step at
     a time; delay 480 ms, the default drafts, on a tiny random model."""
-    import json
     import tempfile
     from pathlib import Path
 
     from voxlive.model import load
-    from voxlive.testing import make_tekken, write_random_checkpoint
-    from voxlive.tokens import Tokenizer
+    from voxlive.testing import write_random_checkpoint
 
     with tempfile.TemporaryDirectory() as tmp:
-        tekken = Path(tmp) / "tekken.json"  # the real vocabulary, as the full-size checkpoint has it
-        tekken.write_text(json.dumps(make_tekken(131072)))
-        tokenizer = Tokenizer(tekken)
+        tokenizer = real_tokenizer(tmp)
         model = load(write_random_checkpoint(Path(tmp) / "tiny", "tiny"), dtype="float32")
     speech = speech_tokens(tokenizer, pad_fraction=pad_fraction)
     pad = tokenizer.streaming_pad
@@ -111,11 +107,6 @@ def speech_passes(*, pad_fraction: float = PAD_FRACTION) -> dict:
             "live": replayer.rows(script, chunk_seconds=LIVE_CHUNK_S, delay_ms=LIVE_DELAY_MS),
             "silence": replayer.rows(silence, chunk_seconds=30.0, delay_ms=LIVE_DELAY_MS),
             "stepwise": replayer.rows(script, chunk_seconds=30.0, delay_ms=LIVE_DELAY_MS, drafts=False)}
-
-
-def decode_seconds(rows: list[int], costs: dict[int, float]) -> float:
-    """The decode time of passes of these rows, at the measured cost of a pass of k rows."""
-    return sum(costs[k] for k in rows)
 
 
 def bench_user_path(model, timed, *, seconds: float) -> dict:
@@ -138,16 +129,21 @@ def bench_user_path(model, timed, *, seconds: float) -> dict:
     return out
 
 
+def _outside_decode(measured: dict, seconds: float) -> float:
+    """What a measured ``seconds`` file's ``transcribe`` spent outside decoder passes, per audio
+    second: the encoder, the prompt prefill and the rest."""
+    return (measured["encoder_ms_per_audio_s"] + (measured["prefill_ms"] + measured["rest_ms"]) / seconds) / 1000
+
+
 def computed_rtf(measured: dict, rows: list[int], rows_seconds: float, costs: dict[int, float],
                  seconds: float, pass_ms: float) -> float:
-    """Wall time over audio time of a ``seconds`` file: its measured encoder, prefill and rest, and
+    """Wall time over audio time of a ``seconds`` file: its measured time outside the decoder, and
     the decode time per audio second of ``rows`` (passes over ``rows_seconds`` of audio), a pass of
     k rows costing ``costs[k] / costs[1]`` times ``pass_ms``, the mean one-row pass of the user's
     path. (The best of repeated passes, ``costs``, gives the curve's shape; on a shared machine
     the mean pass users get is slower than the best one.)"""
-    fixed = (measured["prefill_ms"] + measured["rest_ms"]) / 1000 / seconds
     decode = sum(costs[k] for k in rows) / costs[1] * pass_ms / 1000
-    return measured["encoder_ms_per_audio_s"] / 1000 + fixed + decode / rows_seconds
+    return _outside_decode(measured, seconds) + decode / rows_seconds
 
 
 def computed(r: dict, passes: dict) -> dict:
@@ -161,7 +157,7 @@ def computed(r: dict, passes: dict) -> dict:
 
     return {"stepwise": rtf("stepwise", "stepwise"), "offline": rtf("offline", "file"),
             "live": rtf("live", "live"), "silence": rtf("silence", "file"),
-            "oracle_p1": computed_rtf(user["file"], [], 1.0, costs, seconds, unit) + oracle / seconds}
+            "oracle_p1": _outside_decode(user["file"], seconds) + oracle / seconds}
 
 
 def bench_drafts(model, timed, *, seconds: float, passes: dict) -> dict:

@@ -4,15 +4,15 @@ speech, replayed through the real session layer.
 Random weights make greedy output degenerate, so they cannot show how the drafters fare on speech.
 Instead, ``speech_tokens`` builds the tokens a transcription of read English emits: the words of a
 fixed passage, each word's ``[STREAMING_WORD]`` and Tekken tokens (leading space and punctuation
-included) at the start of its time, ``[STREAMING_PAD]`` for the rest of it and for the pauses; a word lasts a fixed time per
-syllable (vowel groups), calibrated so that pads are ``pad_fraction`` of all positions (60-70 % on
-real speech, as transcribe.cpp measured with the real weights), plus a pause after commas and
-sentences. ``replay`` runs a real ``Stream`` of a small model on audio of that length, through the
-user's path (``Model.transcribe`` at a chunk size), and replaces each fed position's greedy token
-with the stream's token there: the drafting (``voxlive.drafts``), the acceptance, the rewinds and
-which positions are ready when are the session's own; only the tokens are scripted. It returns the
-rows of every decoder pass, which the measured cost of a pass of k rows (``voxlive_bench.drafts``)
-turns into decode time.
+included) at the start of its time, ``[STREAMING_PAD]`` for the rest of it and for the pauses; a
+word lasts a fixed time per syllable (vowel groups), calibrated so that pads are ``pad_fraction``
+of all positions (60-70 % on real speech, as transcribe.cpp measured with the real weights), plus
+a pause after commas and sentences. ``Replayer.rows`` runs a real ``Stream`` of a small model on
+audio of that length, through the user's path (``Model.transcribe`` at a chunk size), and replaces
+each fed position's greedy token with the script's token there: the drafting (``voxlive.drafts``),
+the acceptance, the rewinds and which positions are ready when are the session's own; only the
+tokens are scripted. It returns the rows of every decoder pass, which the measured cost of a pass
+of k rows (``voxlive_bench.drafts``) turns into decode time.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ import numpy as np
 from voxlive.audio import SAMPLE_RATE
 from voxlive.config import MS_PER_TOKEN
 
-# An original passage of everyday read English (about 230 words).
+# An original passage of everyday read English (222 words).
 PASSAGE = """\
 Good morning, everyone, and thank you for joining the call. Before we start, a quick reminder that
 the office will be closed on Friday, so please plan your deliveries for Thursday afternoon. The
@@ -82,6 +82,20 @@ def speech_tokens(tokenizer, *, pad_fraction: float = 0.65, text: str = PASSAGE)
     for toks, n in zip(tokens, _positions(words, tokens, best)):
         out += toks + [tokenizer.streaming_pad] * (n - len(toks))
     return out
+
+
+def real_tokenizer(directory):
+    """The Tekken tokenizer of the real vocabulary (as the full-size checkpoint has it), written to
+    ``directory``."""
+    import json
+    from pathlib import Path
+
+    from voxlive.testing import make_tekken
+    from voxlive.tokens import Tokenizer
+
+    path = Path(directory) / "tekken.json"
+    path.write_text(json.dumps(make_tekken(131072)))
+    return Tokenizer(path)
 
 
 def relabel(tokens: Sequence[int], *, first: int, vocab_size: int) -> list[int]:
