@@ -21,6 +21,7 @@ from test_quant import dequantized
 
 needs_kernels = pytest.mark.skipif(not cpu_kernels.bf16_available(),
                                    reason=f"kernels unavailable ({cpu_kernels.unavailable_reason() or 'no AVX-512 BF16'})")
+needs_amx = pytest.mark.skipif(not cpu_kernels.amx_available(), reason="no AMX")
 
 
 def activations(m: int, k: int, seed: int) -> torch.Tensor:
@@ -389,7 +390,7 @@ def attend_in_chunks(q, k, v, window, chunks, **pool_options):
     outs, p = [], 0
     for n in chunks:
         step = pool.begin([slot], [n])
-        assert pool.kernel_attends(q)
+        assert pool.kernel_attends(q) and pool.amx == pool_options.get("amx", False)
         outs.append(pool.attend(0, step, q[p:p + n], k[p:p + n], v[p:p + n]))
         pool.commit(step.plan)
         p += n
@@ -397,14 +398,17 @@ def attend_in_chunks(q, k, v, window, chunks, **pool_options):
 
 
 @needs_kernels
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
-def test_attention_kernel_against_float64_and_in_any_chunking(dtype, batch_invariant):
+@pytest.mark.parametrize("dtype,amx,d", [(torch.bfloat16, False, 24), (torch.float32, False, 24),
+                                         pytest.param(torch.bfloat16, True, 24, marks=needs_amx),
+                                         pytest.param(torch.bfloat16, True, 64, marks=needs_amx)])
+def test_attention_kernel_against_float64_and_in_any_chunking(dtype, amx, d, batch_invariant):
     """Each query over exactly its window's keys (GQA, across the ring's wrap), within rounding of float64;
-    and bit for bit the same whatever chunks the positions come in (PyTorch's flash attention is not)."""
+    and bit for bit the same whatever chunks the positions come in (PyTorch's flash attention is not).
+    AMX: a head dim of part of a tile (24) and of two whole ones (64)."""
     g = torch.Generator().manual_seed(1)
-    heads, kv_heads, d, window, T = 4, 2, 24, 20, 67
+    heads, kv_heads, window, T = 4, 2, 20, 67
     q, k, v = (3 * torch.randn(T, h, d, generator=g).to(dtype) for h in (heads, kv_heads, kv_heads))
-    whole = attend_in_chunks(q, k, v, window, [T])
+    whole = attend_in_chunks(q, k, v, window, [T], amx=amx)
     pos = torch.arange(T)
     delta = pos[:, None] - pos[None, :]
     allowed = (delta >= 0) & (delta < window)
@@ -417,7 +421,7 @@ def test_attention_kernel_against_float64_and_in_any_chunking(dtype, batch_invar
     rng = np.random.default_rng(0)
     cuts = sorted(set(int(c) for c in rng.integers(1, T, 8)))
     for chunks in ([1] * T, [5] * 13 + [2], [b - a for a, b in zip([0] + cuts, cuts + [T])]):
-        assert torch.equal(attend_in_chunks(q, k, v, window, chunks), whole)
+        assert torch.equal(attend_in_chunks(q, k, v, window, chunks, amx=amx), whole)
 
 
 def windowed_attention_float64(q, k, v, positions, window):
@@ -439,8 +443,9 @@ def dequantized_kv(x):
 
 
 @needs_kernels
-@pytest.mark.parametrize("kv", ["bf16", "float32", "int8"])
-def test_attention_kernel_one_call_for_a_batch_of_streams_of_mixed_lengths(kv, batch_invariant):
+@pytest.mark.parametrize("kv,amx", [("bf16", False), ("float32", False), ("int8", False),
+                                    pytest.param("bf16", True, marks=needs_amx)])
+def test_attention_kernel_one_call_for_a_batch_of_streams_of_mixed_lengths(kv, amx, batch_invariant):
     """One call for streams at different lengths (fresh, partly filled, past the ring's wrap), each feeding
     a different number of positions: every query over exactly its window, within rounding of float64
     (int8: of the keys and values as the pool holds them), and each stream's rows bit for bit what the
@@ -449,7 +454,9 @@ def test_attention_kernel_one_call_for_a_batch_of_streams_of_mixed_lengths(kv, b
 
     dtype = torch.float32 if kv == "float32" else torch.bfloat16
     heads, kv_heads, d, window, extra = 8, 2, 40, 20, 3
-    pool = KVPool(1, kv_heads, window, d, extra=extra, dtype=dtype, device=torch.device("cpu"), kv_int8=kv == "int8")
+    pool = KVPool(1, kv_heads, window, d, extra=extra, dtype=dtype, device=torch.device("cpu"), kv_int8=kv == "int8",
+                  amx=amx)
+    assert pool.amx == amx
     g = torch.Generator().manual_seed(2)
     history, feed = [57, 5, 23, 0, 40], [1, 3, 4, 5, 2]  # 57 and 40 wrap the ring (capacity 23)
     total = [h + f for h, f in zip(history, feed)]
@@ -477,7 +484,8 @@ def test_attention_kernel_one_call_for_a_batch_of_streams_of_mixed_lengths(kv, b
         return cpu_kernels.attention(new[0].flatten(1)[pick], *(r[pick] for r in rows), pool.k[0], pool.v[0],
                                      [slots[b] for b in streams], [starts[b] for b in streams],
                                      [feed[b] for b in streams], window, d, pool.capacity,
-                                     scales=None if scales is None else (scales[0][pick], scales[1][pick], *scales[2:]))
+                                     scales=None if scales is None else (scales[0][pick], scales[1][pick], *scales[2:]),
+                                     amx=amx)
 
     alone = [kernel([b]) for b in range(len(slots))]
     got = pool.attend(0, step, *new)
@@ -492,8 +500,9 @@ def test_attention_kernel_one_call_for_a_batch_of_streams_of_mixed_lengths(kv, b
 
 
 @needs_kernels
-@pytest.mark.parametrize("kv", ["bf16", "float32", "int8"])
-def test_attention_kernel_is_the_same_in_any_chunking_when_many_keys_count(kv, batch_invariant):
+@pytest.mark.parametrize("kv,amx", [("bf16", False), ("float32", False), ("int8", False),
+                                    pytest.param("bf16", True, marks=needs_amx)])
+def test_attention_kernel_is_the_same_in_any_chunking_when_many_keys_count(kv, amx, batch_invariant):
     """Small scores (a flat softmax: every key's weight counts in the sums), a window of 40 over 150
     positions (across the ring's wrap), bf16, float32 and int8 keys: each chunking gives bit for bit the
     same outputs."""
@@ -502,7 +511,7 @@ def test_attention_kernel_is_the_same_in_any_chunking_when_many_keys_count(kv, b
     q, k, v = ((s * torch.randn(150, h, 32, generator=g)).to(dtype) for s, h in ((0.2, 4), (1, 1), (1, 1)))
 
     def chunked(chunks):
-        return attend_in_chunks(q, k, v, 40, chunks, extra=2, kv_int8=kv == "int8")
+        return attend_in_chunks(q, k, v, 40, chunks, extra=2, kv_int8=kv == "int8", amx=amx)
 
     whole = chunked([150])
     for chunks in ([1] * 150, [2, 3] * 30, [7, 1, 50, 3, 89]):

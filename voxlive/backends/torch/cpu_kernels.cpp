@@ -245,11 +245,19 @@ bool amx_permitted() {
 }
 
 // 16x16 float32 transpose in registers: four rounds, each swapping one bit of the row and lane indices.
+struct alignas(64) TransposeIndex {
+  int lo[4][16], hi[4][16];  // per round (bit b = 1 << round): the lanes each pair of rows takes
+};
+constexpr TransposeIndex transpose_index() {
+  TransposeIndex t{};
+  for (int round = 0; round < 4; round++)
+    for (int l = 0, b = 1 << round; l < 16; l++) t.lo[round][l] = (l & b) ? 16 + l - b : l, t.hi[round][l] = (l & b) ? 16 + l : l + b;
+  return t;
+}
+constexpr TransposeIndex kTransposeIndex = transpose_index();  // a constant: built once, not per call
 inline void transpose16(__m512 r[16]) {
-  for (int b = 1; b < 16; b <<= 1) {
-    alignas(64) int lo[16], hi[16];
-    for (int l = 0; l < 16; l++) lo[l] = (l & b) ? 16 + l - b : l, hi[l] = (l & b) ? 16 + l : l + b;
-    const __m512i ilo = _mm512_load_si512(lo), ihi = _mm512_load_si512(hi);
+  for (int round = 0, b = 1; b < 16; b <<= 1, round++) {
+    const __m512i ilo = _mm512_load_si512(kTransposeIndex.lo[round]), ihi = _mm512_load_si512(kTransposeIndex.hi[round]);
     for (int i = 0; i < 16; i++)
       if (!(i & b)) {
         __m512 a = r[i], c = r[i + b];
@@ -887,6 +895,7 @@ at::Tensor linear_int4(const at::Tensor& x_in, const at::Tensor& q, const at::Te
 
 constexpr int kLanes = 16;
 constexpr int64_t kJobRows = 64;   // query rows (positions x heads of a kv head) per job, at most
+constexpr int64_t kAmxJobRows = 256;  // with AMX (below): the keys are packed once for all of them
 constexpr int64_t kMinThreadWork = int64_t(1) << 18;  // multiply-adds a thread's share of a call, at least
 constexpr int64_t kValueChunk = 64;  // value rows converted to float32 at a time (32 KB at head dim 128)
 constexpr int kMaxSlabs = 4;         // 32 head dims a slab: head_dim up to 128
@@ -1044,6 +1053,30 @@ struct Rows {
   }
 };
 
+// A query's scores s[0 .. span) (the dots with keys a0 .., a0 a multiple of 16) -> its weights
+// exp(score * scale - max), keys outside its window (`age`: its position - a0) weighing 0; returns 1 / their
+// sum. The max is exact and the sum runs over groups of 16 keys aligned to the stream's positions, so
+// neither depends on the span (keys outside the window add exact zeros).
+inline float weigh_row(float* s, int64_t span, int64_t age, int64_t window, float scale) {
+  const i16v lane = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
+  f16v top = f16v{} - INFINITY;
+  for (int64_t a = 0; a < span; a += 16) {
+    const i16v d = int32_t(age - a) - lane;  // query position - key position
+    const f16v sc = load16(s + a) * scale, masked = (d >= 0) & (d < int32_t(window)) ? sc : f16v{} - INFINITY;
+    store16(s + a, masked);
+    top = masked > top ? masked : top;
+  }
+  const float m = max_lanes(top);
+  f16v sum = {};
+  for (int64_t a = 0; a < span; a += 16) {
+    // below e^-87 (next to the row's largest weight, 1) a weight is 0: no denormals in the sums
+    const f16v x = load16(s + a) - m, e = x < -87.0f ? f16v{} : exp_nonpositive(x);
+    store16(s + a, e);
+    sum += e;
+  }
+  return 1.0f / sum_lanes(sum);
+}
+
 struct Job {
   int64_t b, g, i0, i1;  // stream, kv head, its queries i0 .. i1 (positions start + i)
 };
@@ -1106,8 +1139,6 @@ void attend_job(const Job& job, const Q* qp, int64_t qs, const Source<T>& keys, 
     std::memset(dst, 0, Dp * sizeof(float));
     for (int64_t d = 0; d < D; d++) dst[d / 32 * 32 + Slab<T>::at(d % 32)] = to_float(src[d]);
   }
-  std::vector<f16v> top(R, f16v{} - INFINITY);
-  const i16v lane = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
   // scores, 16 keys at a time
   for (int64_t a = a0; a < hi; a += 16) {
     alignas(64) float key_scale[16];
@@ -1134,27 +1165,11 @@ void attend_job(const Job& job, const Q* qp, int64_t qs, const Source<T>& keys, 
       }
       f16v sc = transpose_add(part);
       if (scaled) sc *= load16(key_scale);
-      sc *= scale;
-      const i16v age = int32_t(start + job.i0 + r / G - a) - lane;  // query position - key position
-      const f16v masked = (age >= 0) & (age < int32_t(window)) ? sc : f16v{} - INFINITY;
-      store16(s.scores + r * span + (a - a0), masked);
-      top[r] = masked > top[r] ? masked : top[r];
+      store16(s.scores + r * span + (a - a0), sc);
     }
   }
-  // weights exp(score - max), and their sums
   std::vector<float> inv(R);
-  for (int64_t r = 0; r < R; r++) {
-    const float m = max_lanes(top[r]);
-    f16v sum = {};
-    for (int64_t a = 0; a < span; a += 16) {
-      const f16v sc = load16(s.scores + r * span + a);
-      // below e^-87 (next to the row's largest weight, 1) a weight is 0: no denormals in the sums
-      const f16v x = sc - m, e = x < -87.0f ? f16v{} : exp_nonpositive(x);
-      store16(s.scores + r * span + a, e);
-      sum += e;
-    }
-    inv[r] = 1.0f / sum_lanes(sum);
-  }
+  for (int64_t r = 0; r < R; r++) inv[r] = weigh_row(s.scores + r * span, span, start + job.i0 + r / G - a0, window, scale);
   // the weighted values, key by key, oldest first; rows RT at a time over chunks of loaded values
   constexpr int RT = NV >= 8 ? 2 : NV >= 4 ? 4 : 8;
   std::memset(s.out, 0, R * Dp * sizeof(float));
@@ -1182,14 +1197,228 @@ void attend_job(const Job& job, const Q* qp, int64_t qs, const Source<T>& keys, 
   }
 }
 
+#if defined(__AVX512F__)  // the avx512 build only, as the other AMX kernels
+// ---- attention with AMX: the same jobs, window and softmax, the two products on tiles ---------------
+// bf16 queries, keys and values on CPUs with AMX (where the FMA loops above run at ~30 GFLOPS: the
+// encoder, 32 heads of 64 dims over 750 keys for every frame, is compute-bound there). Float32 sums:
+//   scores = Q K^T: tdpbf16ps of 16 query rows x 32 dims by 32 dims x 16 keys, the keys packed as pairs of
+//            dims (a 16x16 transpose of 32-bit pairs); each score sums its 32-dim slabs in turn;
+//   out = P V: 16 query rows x 32 keys by 32 keys x 16 dims, the values packed as pairs of keys and the
+//            weights rounded to bfloat16 (as PyTorch's flash attention rounds them); each output sums tiles
+//            of 32 keys aligned to the stream's positions (position mod 32), oldest first.
+// Within a tile each product has a fixed place and a fixed order, keys outside a query's window weigh
+// exact zeros, and the softmax is weigh_row's: nothing depends on the job's or the call's sizes, so a
+// stream's numbers are the same in any chunking and any batch (they are not the FMA kernel's numbers).
+
+constexpr int64_t kTileKeys = 32;  // keys per P V tile: the alignment of a job's keys
+constexpr int64_t kKeyChunk = 128;  // keys packed at a time (K^T: 32 KB at head dim 128), used while in L1
+
+struct AmxScratch {
+  std::vector<float> buf;
+  Rows rows;
+  uint16_t *q, *p;  // A tiles: queries [QT][Dc][16 rows][32 dims]; weights of a chunk [chunk / 32][16][32 keys]
+  int32_t *kt, *vt;  // B tiles: keys of a chunk [chunk / 16][Dc][16 dim pairs][16 keys]; values [chunk / 32][Dt][16 key pairs][16 dims]
+  float *scores, *acc, *inv;  // [QT * 16][span]; the outputs' sums [QT][Dt][16 rows][16 dims]; 1 / weights' sums
+  void size(int64_t QT, int64_t span, int64_t Dc) {
+    const int64_t tiles = QT * Dc + kKeyChunk / 16 * Dc + kKeyChunk / 32 * 2 * Dc + kKeyChunk / 32 + QT * 2 * Dc;
+    const int64_t need = tiles * 256 + QT * 16 * (span + 1) + 16;
+    if (int64_t(buf.size()) < need) buf.resize(need);
+    float* f = (float*)(((uintptr_t)buf.data() + 63) & ~uintptr_t(63));
+    q = (uint16_t*)f, f += QT * Dc * 256;
+    kt = (int32_t*)f, f += kKeyChunk / 16 * Dc * 256;
+    vt = (int32_t*)f, f += kKeyChunk / 32 * 2 * Dc * 256;
+    p = (uint16_t*)f, f += kKeyChunk / 32 * 256;
+    acc = f, f += QT * 2 * Dc * 256;
+    inv = f, f += QT * 16;
+    scores = f;
+  }
+};
+
+// Elements d0 .. d0 + 32 of a row of D (zeros past D, or for no row).
+AMX_TARGET inline __m512i load_pairs(const uint16_t* row, int64_t d0, int64_t D) {
+  if (!row) return _mm512_setzero_si512();
+  if (D - d0 >= 32) return _mm512_loadu_si512(row + d0);
+  return _mm512_maskz_loadu_epi16((__mmask32(1) << (D - d0)) - 1, row + d0);
+}
+
+// 16 keys (rows, null for none) as B tiles of 16 dim pairs x 16 keys, one per 32 dims: kt + dc * 256.
+AMX_TARGET void pack_keys(const uint16_t* const rows[16], int64_t D, int64_t Dc, int32_t* kt) {
+  for (int64_t dc = 0; dc < Dc; dc++) {
+    __m512 r[16];
+    for (int t = 0; t < 16; t++) r[t] = _mm512_castsi512_ps(load_pairs(rows[t], dc * 32, D));
+    transpose16(r);  // r[i] lane t: key t's dims 2i, 2i + 1
+    for (int i = 0; i < 16; i++) _mm512_store_ps((float*)kt + (dc * 16 + i) * 16, r[i]);
+  }
+}
+
+// 32 keys' values (rows, null for none) as B tiles of 16 key pairs x 16 dims, one per 16 dims: vt + dt * 256.
+AMX_TARGET void pack_values(const uint16_t* const rows[32], int64_t D, int64_t Dc, int32_t* vt) {
+  alignas(64) static const uint16_t lo_index[32] = {0, 32, 1, 33, 2, 34, 3, 35, 4, 36, 5, 37, 6, 38, 7, 39,
+                                                    8, 40, 9, 41, 10, 42, 11, 43, 12, 44, 13, 45, 14, 46, 15, 47};
+  const __m512i lo = _mm512_load_si512(lo_index), hi = _mm512_add_epi16(lo, _mm512_set1_epi16(16));
+  for (int i = 0; i < 16; i++)
+    for (int64_t dc = 0; dc < Dc; dc++) {
+      const __m512i a = load_pairs(rows[2 * i], dc * 32, D), b = load_pairs(rows[2 * i + 1], dc * 32, D);
+      _mm512_store_si512(vt + (2 * dc * 16 + i) * 16, _mm512_permutex2var_epi16(a, lo, b));
+      _mm512_store_si512(vt + ((2 * dc + 1) * 16 + i) * 16, _mm512_permutex2var_epi16(a, hi, b));
+    }
+}
+
+// Scores of 16 query rows (q: Dc tiles) with J (2 or 4) blocks of 16 keys (kt: Dc tiles each), into
+// out + 16 j (rows `stride` floats apart).
+template <int J>
+AMX_TARGET void amx_scores(const uint16_t* q, const int32_t* kt, int64_t Dc, float* out, int64_t stride) {
+  static_assert(J == 2 || J == 4);
+  _tile_zero(0);
+  _tile_zero(1);
+  if constexpr (J > 2) _tile_zero(2);
+  if constexpr (J > 2) _tile_zero(3);
+  for (int64_t dc = 0; dc < Dc; dc++) {
+    _tile_loadd(4, q + dc * 512, 64);
+    _tile_loadd(5, kt + dc * 256, 64);
+    _tile_dpbf16ps(0, 4, 5);
+    _tile_loadd(6, kt + (Dc + dc) * 256, 64);
+    _tile_dpbf16ps(1, 4, 6);
+    if constexpr (J > 2) {
+      _tile_loadd(7, kt + (2 * Dc + dc) * 256, 64);
+      _tile_dpbf16ps(2, 4, 7);
+      _tile_loadd(5, kt + (3 * Dc + dc) * 256, 64);
+      _tile_dpbf16ps(3, 4, 5);
+    }
+  }
+  _tile_stored(0, out, stride * 4);
+  _tile_stored(1, out + 16, stride * 4);
+  if constexpr (J > 2) _tile_stored(2, out + 32, stride * 4);
+  if constexpr (J > 2) _tile_stored(3, out + 48, stride * 4);
+}
+
+// acc + 256 j (16 rows x 16 dims, float32) += the weights p (nk tiles of 16 rows x 32 keys) times the
+// values' tiles j of each of them (vt + (kc * Dt + j) * 256), for J dim tiles.
+template <int J>
+AMX_TARGET void amx_weigh(const uint16_t* p, const int32_t* vt, int64_t nk, int64_t Dt, float* acc) {
+  static_assert(J == 2 || J == 4);
+  _tile_loadd(0, acc, 64);
+  _tile_loadd(1, acc + 256, 64);
+  if constexpr (J > 2) _tile_loadd(2, acc + 512, 64);
+  if constexpr (J > 2) _tile_loadd(3, acc + 768, 64);
+  for (int64_t kc = 0; kc < nk; kc++) {
+    const int32_t* v = vt + kc * Dt * 256;
+    _tile_loadd(4, p + kc * 512, 64);
+    _tile_loadd(5, v, 64);
+    _tile_dpbf16ps(0, 4, 5);
+    _tile_loadd(6, v + 256, 64);
+    _tile_dpbf16ps(1, 4, 6);
+    if constexpr (J > 2) {
+      _tile_loadd(7, v + 512, 64);
+      _tile_dpbf16ps(2, 4, 7);
+      _tile_loadd(5, v + 768, 64);
+      _tile_dpbf16ps(3, 4, 5);
+    }
+  }
+  _tile_stored(0, acc, 64);
+  _tile_stored(1, acc + 256, 64);
+  if constexpr (J > 2) _tile_stored(2, acc + 512, 64);
+  if constexpr (J > 2) _tile_stored(3, acc + 768, 64);
+}
+
+AMX_TARGET void attend_job_amx(const Job& job, const uint16_t* qp, int64_t qs, const Source<uint16_t>& keys,
+                               const Source<uint16_t>& values, int64_t G, int64_t window, int64_t start,
+                               int64_t capacity, int64_t KVH, int64_t KB, int64_t D, uint16_t* op, int64_t H,
+                               AmxScratch& s) {
+  const int64_t n = job.i1 - job.i0, R = n * G, QT = (R + 15) / 16, Dc = (D + 31) / 32, Dt = 2 * Dc;
+  const int64_t lo = std::max<int64_t>(0, start + job.i0 - window + 1), hi = start + job.i1;
+  const int64_t a0 = lo & ~(kTileKeys - 1), span = (hi - a0 + kTileKeys - 1) & ~(kTileKeys - 1);
+  s.size(QT, span, Dc);
+  s.rows.fill(lo, hi, start, capacity, KVH, KB, job.g, D);
+  const Rows& where = s.rows;
+  auto row = [&](const Source<uint16_t>& src, int64_t p) { return p >= lo && p < hi ? where.row(src, p) : nullptr; };
+  // Each tile of 16 query rows works on the keys its rows' windows cover, [from, to) relative to a0 in
+  // whole tiles of keys: the keys it skips would weigh exact zeros, so skipping them changes no number.
+  int64_t from[kAmxJobRows / 16], to[kAmxJobRows / 16];
+  for (int64_t qt = 0; qt < QT; qt++) {
+    const int64_t first = start + job.i0 + qt * 16 / G, last = start + job.i0 + (std::min(R, qt * 16 + 16) - 1) / G;
+    from[qt] = (std::max<int64_t>(lo, first - window + 1) - a0) & ~(kTileKeys - 1);
+    to[qt] = (last + 1 - a0 + kTileKeys - 1) & ~(kTileKeys - 1);
+  }
+  // queries as A tiles; rows past R zero (their weights are never stored)
+  std::memset(s.q, 0, QT * Dc * 512 * sizeof(uint16_t));
+  for (int64_t r = 0; r < R; r++) {
+    const uint16_t* src = qp + (job.i0 + r / G) * qs + (job.g * G + r % G) * D;
+    for (int64_t dc = 0; dc < Dc; dc++)
+      _mm512_store_si512(s.q + ((r / 16) * Dc + dc) * 512 + (r % 16) * 32, load_pairs(src, dc * 32, D));
+  }
+  // scores, a chunk of keys at a time
+  for (int64_t c0 = 0; c0 < span; c0 += kKeyChunk) {
+    const int64_t c1 = std::min(span, c0 + kKeyChunk);
+    for (int64_t kb = 0; kb < (c1 - c0) / 16; kb++) {
+      const uint16_t* rows[16];
+      for (int t = 0; t < 16; t++) rows[t] = row(keys, a0 + c0 + kb * 16 + t);
+      pack_keys(rows, D, Dc, s.kt + kb * Dc * 256);
+    }
+    for (int64_t qt = 0; qt < QT; qt++) {
+      const int64_t b0 = std::max(c0, from[qt]), b1 = std::min(c1, to[qt]);
+      for (int64_t b = b0; b < b1; b += 64) {
+        const uint16_t* q = s.q + qt * Dc * 512;
+        const int32_t* kt = s.kt + (b - c0) / 16 * Dc * 256;
+        float* out = s.scores + qt * 16 * span + b;
+        if (b1 - b >= 64) amx_scores<4>(q, kt, Dc, out, span);  // else 32 keys (ranges are whole tiles of keys)
+        else amx_scores<2>(q, kt, Dc, out, span);
+      }
+    }
+  }
+  const float scale = 1.0f / std::sqrt(float(D));
+  float* inv = s.inv;
+  for (int64_t r = 0; r < R; r++) {
+    const int64_t f = from[r / 16];
+    inv[r] = weigh_row(s.scores + r * span + f, to[r / 16] - f, start + job.i0 + r / G - a0 - f, window, scale);
+  }
+  // the weighted values, a chunk of keys at a time
+  std::memset(s.acc, 0, QT * Dt * 256 * sizeof(float));
+  for (int64_t c0 = 0; c0 < span; c0 += kKeyChunk) {
+    const int64_t c1 = std::min(span, c0 + kKeyChunk);
+    for (int64_t kc = 0; kc < (c1 - c0) / kTileKeys; kc++) {
+      const uint16_t* rows[32];
+      for (int t = 0; t < 32; t++) rows[t] = row(values, a0 + c0 + kc * kTileKeys + t);
+      pack_values(rows, D, Dc, s.vt + kc * Dt * 256);
+    }
+    for (int64_t qt = 0; qt < QT; qt++) {
+      const int64_t b0 = std::max(c0, from[qt]), b1 = std::min(c1, to[qt]), tiles = (b1 - b0) / kTileKeys;
+      if (tiles <= 0) continue;
+      for (int64_t kc = 0; kc < tiles; kc++)
+        for (int64_t i = 0; i < 16; i++) {
+          const float* w = s.scores + (qt * 16 + i) * span + b0 + kc * kTileKeys;
+          const __m512bh pair = _mm512_cvtne2ps_pbh(_mm512_loadu_ps(w + 16), _mm512_loadu_ps(w));
+          _mm512_store_si512(s.p + kc * 512 + i * 32, (__m512i)pair);
+        }
+      const int32_t* vt = s.vt + (b0 - c0) / kTileKeys * Dt * 256;
+      for (int64_t dt = 0; dt < Dt; dt += 4) {
+        float* acc = s.acc + (qt * Dt + dt) * 256;
+        if (Dt - dt >= 4) amx_weigh<4>(s.p, vt + dt * 256, tiles, Dt, acc);
+        else amx_weigh<2>(s.p, vt + dt * 256, tiles, Dt, acc);
+      }
+    }
+  }
+  // out = sums / weights' sum, rounded to bfloat16 (to nearest even, as store_value)
+  for (int64_t r = 0; r < R; r++) {
+    uint16_t* o = op + (job.i0 + r / G) * H * D + (job.g * G + r % G) * D;
+    const float* res = s.acc + (r / 16) * Dt * 256 + (r % 16) * 16;
+    const __m512 f = _mm512_set1_ps(inv[r]);
+    for (int64_t d = 0; d < D; d += 16) {
+      const __m256i y = (__m256i)_mm512_cvtneps_pbh(_mm512_mul_ps(_mm512_load_ps(res + d / 16 * 256), f));
+      _mm256_mask_storeu_epi16(o + d, D - d >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (D - d)) - 1), y);
+    }
+  }
+}
+#endif
+
 template <typename Q, typename T, int S>
 void attention_impl(const at::Tensor& q, const at::Tensor& k_new, const at::Tensor& v_new, const float* kns,
                     const float* vns, const at::Tensor& k_pool, const at::Tensor& v_pool, const float* kps,
                     const float* vps, at::IntArrayRef slots, at::IntArrayRef starts, at::IntArrayRef counts,
-                    int64_t window, int64_t capacity, int64_t D, at::Tensor& out) {
+                    int64_t window, int64_t capacity, int64_t D, bool amx, at::Tensor& out) {
   const int64_t H = q.size(1) / D, KVH = k_new.size(1) / D, G = H / KVH, KB = k_pool.size(3);
   const int64_t slot_size = k_pool.stride(0), scale_size = slot_size / D;
-  const int64_t per_job = std::max<int64_t>(1, kJobRows / G);
+  const int64_t per_job = std::max<int64_t>(1, (amx ? kAmxJobRows : kJobRows) / G);
   std::vector<Job> jobs;
   std::vector<int64_t> row0(counts.size());
   for (int64_t b = 0, row = 0; b < int64_t(counts.size()); row += counts[b], b++) {
@@ -1210,15 +1439,31 @@ void attention_impl(const at::Tensor& q, const at::Tensor& k_new, const at::Tens
     const unsigned int csr = _mm_getcsr();
     _mm_setcsr(csr | 0x8040);
     Scratch s;
+#if defined(__AVX512F__)
+    AmxScratch tiles;
+    if (amx) configure_tiles();
+#endif
     for (int64_t j = begin; j < end; j++) {
       const int64_t b = jobs[j].b, r = row0[b], slot = slots[b];
       const Source<T> ks{(const T*)k_pool.data_ptr() + slot * slot_size, kps ? kps + slot * scale_size : nullptr,
                          (const T*)k_new.data_ptr() + r * k_new.stride(0), kns ? kns + r * KVH : nullptr, k_new.stride(0)};
       const Source<T> vs{(const T*)v_pool.data_ptr() + slot * slot_size, vps ? vps + slot * scale_size : nullptr,
                          (const T*)v_new.data_ptr() + r * v_new.stride(0), vns ? vns + r * KVH : nullptr, v_new.stride(0)};
+#if defined(__AVX512F__)
+      if constexpr (std::is_same_v<Q, uint16_t> && std::is_same_v<T, uint16_t>) {
+        if (amx) {
+          attend_job_amx(jobs[j], qp + r * q.stride(0), q.stride(0), ks, vs, G, window, starts[b], capacity, KVH, KB, D,
+                         op + r * H * D, H, tiles);
+          continue;
+        }
+      }
+#endif
       attend_job<Q, T, S>(jobs[j], qp + r * q.stride(0), q.stride(0), ks, vs, G, window, starts[b], capacity, KVH, KB, D,
                            op + r * H * D, H, s);
     }
+#if defined(__AVX512F__)
+    if (amx) release_tiles();
+#endif
     _mm_setcsr(csr);
   });
 }
@@ -1227,10 +1472,10 @@ template <typename Q, typename T>
 void attention_typed(const at::Tensor& q, const at::Tensor& k_new, const at::Tensor& v_new, const float* kns,
                      const float* vns, const at::Tensor& k_pool, const at::Tensor& v_pool, const float* kps,
                      const float* vps, at::IntArrayRef slots, at::IntArrayRef starts, at::IntArrayRef counts,
-                     int64_t window, int64_t capacity, int64_t D, at::Tensor& out) {
+                     int64_t window, int64_t capacity, int64_t D, bool amx, at::Tensor& out) {
   switch ((D + 31) / 32) {
 #define VOXLIVE_SLABS(n) \
-    case n: return attention_impl<Q, T, n>(q, k_new, v_new, kns, vns, k_pool, v_pool, kps, vps, slots, starts, counts, window, capacity, D, out);
+    case n: return attention_impl<Q, T, n>(q, k_new, v_new, kns, vns, k_pool, v_pool, kps, vps, slots, starts, counts, window, capacity, D, amx, out);
     VOXLIVE_SLABS(1) VOXLIVE_SLABS(2) VOXLIVE_SLABS(3) VOXLIVE_SLABS(4)
 #undef VOXLIVE_SLABS
   }
@@ -1246,7 +1491,7 @@ at::Tensor attention(const at::Tensor& q, const at::Tensor& k_new, const at::Ten
                      const c10::optional<at::Tensor>& k_new_scale, const c10::optional<at::Tensor>& v_new_scale,
                      const at::Tensor& k_pool, const at::Tensor& v_pool, const c10::optional<at::Tensor>& k_pool_scale,
                      const c10::optional<at::Tensor>& v_pool_scale, at::IntArrayRef slots, at::IntArrayRef starts,
-                     at::IntArrayRef counts, int64_t window, int64_t head_dim, int64_t capacity) {
+                     at::IntArrayRef counts, int64_t window, int64_t head_dim, int64_t capacity, bool amx) {
   const int64_t D = head_dim;
   for (const at::Tensor* t : {&q, &k_new, &v_new})
     TORCH_CHECK(t->dim() == 2 && t->stride(1) == 1 && D > 0 && t->size(1) % D == 0,
@@ -1274,6 +1519,13 @@ at::Tensor attention(const at::Tensor& q, const at::Tensor& k_new, const at::Ten
   for (const at::Tensor* t : {&v_new, &k_pool, &v_pool})
     TORCH_CHECK(t->scalar_type() == stored && (stored == type || stored == at::kChar),
                 "attention: keys and values of one dtype, the queries' or int8");
+  TORCH_CHECK(!amx || (type == at::kBFloat16 && stored == at::kBFloat16), "attention: AMX takes bfloat16 queries, keys and values");
+#if defined(__AVX512F__)
+  TORCH_CHECK(!amx || amx_permitted(), "attention: the kernel did not grant the AMX tile registers");
+  TORCH_CHECK(!amx || H / KVH <= kAmxJobRows, "attention: AMX takes at most ", kAmxJobRows, " query heads a KV head");
+#else
+  TORCH_CHECK(!amx, "attention: AMX needs the avx512 build");
+#endif
   at::Tensor out = at::empty({rows, H * D}, q.options());
   if (stored == at::kChar) {
     TORCH_CHECK(k_new.is_contiguous() && v_new.is_contiguous(), "attention: contiguous int8 rows");
@@ -1282,13 +1534,13 @@ at::Tensor attention(const at::Tensor& q, const at::Tensor& k_new, const at::Ten
     const float* kps = scale_data(k_pool_scale, k_pool.numel() / D, "k_pool_scale");
     const float* vps = scale_data(v_pool_scale, k_pool.numel() / D, "v_pool_scale");
     if (type == at::kBFloat16)
-      attention_typed<uint16_t, int8_t>(q, k_new, v_new, kns, vns, k_pool, v_pool, kps, vps, slots, starts, counts, window, capacity, D, out);
+      attention_typed<uint16_t, int8_t>(q, k_new, v_new, kns, vns, k_pool, v_pool, kps, vps, slots, starts, counts, window, capacity, D, false, out);
     else
-      attention_typed<float, int8_t>(q, k_new, v_new, kns, vns, k_pool, v_pool, kps, vps, slots, starts, counts, window, capacity, D, out);
+      attention_typed<float, int8_t>(q, k_new, v_new, kns, vns, k_pool, v_pool, kps, vps, slots, starts, counts, window, capacity, D, false, out);
   } else if (type == at::kBFloat16) {
-    attention_typed<uint16_t, uint16_t>(q, k_new, v_new, nullptr, nullptr, k_pool, v_pool, nullptr, nullptr, slots, starts, counts, window, capacity, D, out);
+    attention_typed<uint16_t, uint16_t>(q, k_new, v_new, nullptr, nullptr, k_pool, v_pool, nullptr, nullptr, slots, starts, counts, window, capacity, D, amx, out);
   } else {
-    attention_typed<float, float>(q, k_new, v_new, nullptr, nullptr, k_pool, v_pool, nullptr, nullptr, slots, starts, counts, window, capacity, D, out);
+    attention_typed<float, float>(q, k_new, v_new, nullptr, nullptr, k_pool, v_pool, nullptr, nullptr, slots, starts, counts, window, capacity, D, false, out);
   }
   return out;
 }
@@ -1308,7 +1560,7 @@ TORCH_LIBRARY(voxlive, m) {
   m.def("amx_ready() -> bool", [] { return amx_permitted(); });
   m.def("attention(Tensor q, Tensor k_new, Tensor v_new, Tensor? k_new_scale, Tensor? v_new_scale, Tensor k_pool, "
         "Tensor v_pool, Tensor? k_pool_scale, Tensor? v_pool_scale, int[] slots, int[] starts, int[] counts, int window, "
-        "int head_dim, int capacity) -> Tensor");
+        "int head_dim, int capacity, bool amx) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(voxlive, CPU, m) {

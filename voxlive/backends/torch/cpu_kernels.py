@@ -229,7 +229,7 @@ def linear_bf16_amx(x: torch.Tensor, tiles: torch.Tensor, bias: torch.Tensor | N
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pool_k: torch.Tensor, pool_v: torch.Tensor,
               slots: list[int], starts: list[int], counts: list[int], window: int, head_dim: int, capacity: int,
-              scales: tuple[torch.Tensor, ...] | None = None) -> torch.Tensor:
+              scales: tuple[torch.Tensor, ...] | None = None, amx: bool = False) -> torch.Tensor:
     """Causal sliding-window attention of a batch of streams over their KV pool slots, each query on its own.
 
     Stream b feeds ``counts[b]`` consecutive rows (its positions ``starts[b]`` on, relative to its first)
@@ -238,10 +238,14 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pool_k: torch.T
     ``starts[b]`` at index p % capacity (index i in block i // block). int8 keys and values (new rows
     and pool) come with ``scales``: float32 (k, v [rows, kv_heads]; pool k, v [slots, blocks, kv_heads,
     block]). Returns [rows, heads * head_dim] in q's dtype.
+
+    ``amx``: the two products on AMX tiles (``amx_available()``; bf16 queries, keys and values), else in
+    float32 vector FMAs. Each is invariant to chunking and batching on its own, but the two round
+    differently, so a pool takes one of them for good (``KVPool(amx=...)``).
     """
     k_scale, v_scale, pool_k_scale, pool_v_scale = scales or (None,) * 4
     return torch.ops.voxlive.attention(q, k, v, k_scale, v_scale, pool_k, pool_v, pool_k_scale, pool_v_scale,
-                                       slots, starts, counts, window, head_dim, capacity)
+                                       slots, starts, counts, window, head_dim, capacity, amx)
 
 
 def int8_tiles(q: torch.Tensor) -> torch.Tensor:

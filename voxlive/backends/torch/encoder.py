@@ -67,7 +67,8 @@ class Encoder:
 
     def new_pool(self, dtype, device, *, kv_int8: bool) -> KVPool:
         c = self.c
-        return KVPool(c.n_layers, c.n_heads, c.sliding_window, c.head_dim, dtype=dtype, device=device, kv_int8=kv_int8)
+        return KVPool(c.n_layers, c.n_heads, c.sliding_window, c.head_dim, dtype=dtype, device=device, kv_int8=kv_int8,
+                      amx=True)
 
     def copy_conv_state(self, state: ConvState) -> ConvState:
         return ConvState(state.mel_tail.clone(), state.conv1_tail.clone())

@@ -43,9 +43,14 @@ class Step:
 
 class KVPool(SlotPool):
     def __init__(self, n_layers: int, n_kv_heads: int, window: int, head_dim: int, *, extra: int = 0,
-                 dtype: torch.dtype, device: torch.device, kv_int8: bool = False, slots: int = 1):
+                 dtype: torch.dtype, device: torch.device, kv_int8: bool = False, slots: int = 1, amx: bool = False):
         self.n_layers, self.n_kv_heads, self.head_dim = n_layers, n_kv_heads, head_dim
         self.dtype, self.device, self.int8 = dtype, device, kv_int8
+        # attention's products on AMX tiles: for pools fed many queries a call (the encoder's frames), where
+        # the vector kernel is compute-bound; decode steps (a few queries over thousands of keys, bound by
+        # memory) are faster without (README, "Speed"). One path for good: the two round differently.
+        self.amx = (amx and cpu_kernels.amx_available() and dtype == torch.bfloat16 and not kv_int8
+                    and device.type == "cpu")
         self.k = self.v = self.k_scale = self.v_scale = None
         self._scratch: dict[str, torch.Tensor] = {}  # per buffer's name: where non-contiguous reads are gathered
         self.capacity = window + extra
@@ -195,7 +200,8 @@ class KVPool(SlotPool):
             self._put(layer, step, (kq, ks), (vq, vs))
         else:
             out = cpu_kernels.attention(q2, k.reshape(rows, -1), v.reshape(rows, -1), self.k[layer], self.v[layer],
-                                        p.slots, starts, p.counts, self.window, q.shape[2], self.capacity)
+                                        p.slots, starts, p.counts, self.window, q.shape[2], self.capacity,
+                                        amx=self.amx and q.dtype == torch.bfloat16)
             self._store(layer, step, k, v)
         return out
 
