@@ -23,9 +23,11 @@
 
 #include <immintrin.h>
 
+#include <array>
 #include <cmath>
 #include <cstring>
 #include <type_traits>
+#include <utility>
 #include <vector>
 
 #include <sys/syscall.h>
@@ -573,8 +575,11 @@ constexpr TileConfig int4_tiles_config(int R) {
   for (int t = 0; t < 8; t++) c.colsb[t] = 64, c.rows[t] = t == 4 || t == 5 ? 16 : R;
   return c;
 }
-constexpr TileConfig kInt4Tiles[5] = {int4_tiles_config(1), int4_tiles_config(2), int4_tiles_config(4),
-                                      int4_tiles_config(8), int4_tiles_config(16)};
+template <int... R>
+constexpr std::array<TileConfig, sizeof...(R)> int4_tile_configs(std::integer_sequence<int, R...>) {
+  return {int4_tiles_config(R + 1)...};
+}
+constexpr auto kInt4Tiles = int4_tile_configs(std::make_integer_sequence<int, 16>());  // [R - 1]: R rows
 
 // One group: the nibbles unpacked into buf (a B tile), its products with the hi and lo halves of the
 // activations (x_hi, x_lo: the group's first input of the block's first row, rows `stride` bytes apart)
@@ -647,7 +652,16 @@ AMX_TARGET void int4_block(const uint8_t* w, const uint16_t* sz, const int8_t* x
   for (int64_t r = 0; r < rows; r++) _mm512_storeu_ps(y + r * N, _mm512_mul_ps(acc[r], _mm512_set1_ps(xs[r])));
 }
 
-AMX_TARGET void configure_int4_tiles(int index) { _tile_loadconfig(&kInt4Tiles[index]); }
+AMX_TARGET void configure_int4_tiles(int64_t rows) { _tile_loadconfig(&kInt4Tiles[rows - 1]); }
+
+// f.template operator()<R>() for R = rows (1 to 16), a compile-time count.
+template <int R = 1, class F>
+void with_int4_rows(int64_t rows, const F& f) {
+  if constexpr (R < 16) {
+    if (rows != R) return with_int4_rows<R + 1>(rows, f);
+  }
+  f.template operator()<R>();
+}
 
 at::Tensor linear_int4_amx(const at::Tensor& x_in, const at::Tensor& w, const at::Tensor& sz) {
   TORCH_CHECK(x_in.dim() == 2 && w.dim() == 4 && w.size(2) == 8 && w.size(3) == 64 && w.is_contiguous() &&
@@ -676,23 +690,15 @@ at::Tensor linear_int4_amx(const at::Tensor& x_in, const at::Tensor& w, const at
   float* yp = y.data_ptr<float>();
   at::parallel_for(0, Nb, 1, [&](int64_t begin, int64_t end) {
     for (int64_t mb = 0; mb < Mb; mb++) {
-      // the rows rounded up to a power of two (the others are zeros): tiles and a code path for each
+      // tiles of exactly the block's rows, and a code path for each count
       const int64_t rows = std::min<int64_t>(16, M - mb * 16);
-      const int index = rows == 1 ? 0 : rows == 2 ? 1 : rows <= 4 ? 2 : rows <= 8 ? 3 : 4;
-      configure_int4_tiles(index);
+      configure_int4_tiles(rows);
       const int8_t* xh = hp + mb * 16 * K;
-      auto blocks = [&]<int R>() {
+      with_int4_rows(rows, [&]<int R>() {
         for (int64_t nb = begin; nb < end; nb++)
           int4_block<R>(wp + nb * G * 512, szp + nb * G * 32, xh, xh + Mb * 16 * K, K, xsp + mb * 16 * G, xs + mb * 16,
                         G, rows, yp + mb * 16 * N + nb * 16, N);
-      };
-      switch (index) {
-        case 0: blocks.template operator()<1>(); break;
-        case 1: blocks.template operator()<2>(); break;
-        case 2: blocks.template operator()<4>(); break;
-        case 3: blocks.template operator()<8>(); break;
-        default: blocks.template operator()<16>(); break;
-      }
+      });
     }
     release_tiles();
   });
