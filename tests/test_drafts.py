@@ -214,6 +214,20 @@ def test_drafts_off_feed_one_token_per_step(varied_dir, speech):
     assert on.finish().tokens == s.transcript().tokens and on.drafts_fed > 0
 
 
+def test_streams_choose_their_draft_length_with_their_runtimes_row_cost(varied_dir, speech):
+    """A model's streams weigh drafts against their runtime's cost of a row: rows dearer than any
+    acceptance below 1 can pay for, and they draft nothing (and give the same tokens)."""
+    m = voxlive.load(varied_dir, dtype="float32", device="cpu")
+    cheap = m.stream()
+    cheap.feed(speech)
+    tokens = cheap.finish().tokens
+    assert cheap.drafts_fed > 0
+    m.runtime.row_cost = 10.0
+    dear = m.stream()
+    dear.feed(speech)
+    assert dear.finish().tokens == tokens and dear.drafts_fed == 0
+
+
 def test_pad_runs_and_bigrams_guess_from_what_the_stream_said():
     pads = PadRuns(pad_id=32)
     assert pads.draft(3) == []

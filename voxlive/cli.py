@@ -380,11 +380,12 @@ def _bench_drafts(a, modes: list[str | None]) -> int:
     from .checkpoint import resolve
 
     source = str(random_checkpoint_dir("full") if a.random_weights else resolve(a.model))
-    passes = speech_passes()
-    results = []
+    results, by_row_cost = [], {}
     for mode in modes:  # one model in memory at a time
         model, timed, _, _ = load_timed(source, a.dtype, a.device, mode, a.compile, a.backend, max_draft=max(ROWS) - 1)
         print(f"[voxlive] {model.summary}")
+        cost = model.runtime.row_cost  # the drafts' length is chosen with it, so the speech's passes depend on it
+        passes = by_row_cost[cost] = by_row_cost.get(cost) or speech_passes(row_cost=cost)
         r = bench_drafts(model, timed, seconds=a.seconds, passes=passes)
         print(report_drafts(r))
         print(report_user_path(r, passes))

@@ -25,9 +25,10 @@ from typing import Protocol, Sequence
 import numpy as np
 
 # Cost of each row of a verification pass beyond the first, relative to a one-row pass. A step at
-# batch 1 is memory-bound (it reads all decoder weights), so extra rows are cheap: fitted to the pass
-# costs ``voxlive bench --drafts`` measured for 1..9 rows of the full-size model on a 2-core AVX-512
-# CPU, bf16, int8 and int4 weights (README, "Drafts, measured").
+# batch 1 is memory-bound (it reads all decoder weights), so extra rows are cheap. A runtime says
+# what its kernels cost (``Runtime.row_cost``); this is the figure for those that do not: the
+# dearest of those ``voxlive bench --drafts`` measured (int4 on a 2-core AVX-512 CPU; README,
+# "Drafts, measured"), so that a drafted pass rarely costs more than the steps it saves.
 ROW_COST = 0.05
 
 
@@ -190,9 +191,9 @@ class Drafting:
         self.drafter, self.length = drafter, length
 
     @classmethod
-    def default(cls, pad_id: int) -> Drafting:
-        """Pad runs, else the 1-gram lookup; the adaptive length."""
-        return cls(Fallback(PadRuns(pad_id), Bigrams()), Adaptive())
+    def default(cls, pad_id: int, *, row_cost: float = ROW_COST) -> Drafting:
+        """Pad runs, else the 1-gram lookup; the adaptive length (``row_cost``: the runtime's)."""
+        return cls(Fallback(PadRuns(pad_id), Bigrams()), Adaptive(row_cost=row_cost))
 
     def observe(self, token: int) -> None:
         self.drafter.observe(token)

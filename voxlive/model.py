@@ -52,7 +52,7 @@ class Model:
             self._fresh_streams[delay] = Stream(self.runtime, self.tokenizer, self.config, delay_ms=delay_ms)
         stream = self._fresh_streams[delay].fork()
         if self.drafts if drafts is None else drafts:
-            stream.use_drafting(Drafting.default(self.tokenizer.streaming_pad))
+            stream.use_drafting(Drafting.default(self.tokenizer.streaming_pad, row_cost=self.runtime.row_cost))
         vad = self.vad().stream() if speech == "vad" and rut is not None and rut.speech_after is not None else None
         stream.use_rut(rut, vad=vad, speech=speech == "fed")
         return stream

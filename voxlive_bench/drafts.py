@@ -82,10 +82,11 @@ def _decode_file(model, pcm, drafting):
     return time.perf_counter() - t, s.transcript().tokens, passes, s
 
 
-def speech_passes(*, pad_fraction: float = PAD_FRACTION) -> dict:
+def speech_passes(*, row_cost: float, pad_fraction: float = PAD_FRACTION) -> dict:
     """Rows of every decoder pass the session takes for speech with ``pad_fraction`` pads and for as
     long a silence: offline (``transcribe``'s default chunks), live (240 ms chunks), and one step at
-    a time; delay 480 ms, the default drafts, on a tiny random model."""
+    a time; delay 480 ms, the default drafts with the measured model's ``row_cost``, on a tiny
+    random model."""
     import tempfile
     from pathlib import Path
 
@@ -97,7 +98,7 @@ def speech_passes(*, pad_fraction: float = PAD_FRACTION) -> dict:
         model = load(write_random_checkpoint(Path(tmp) / "tiny", "tiny"), dtype="float32")
     speech = speech_tokens(tokenizer, pad_fraction=pad_fraction)
     pad = tokenizer.streaming_pad
-    replayer = Replayer(model)
+    replayer = Replayer(model, row_cost=row_cost)
     script = relabel(speech, first=tokenizer.num_special, vocab_size=model.config.decoder.vocab_size)
     silence = [pad] * len(script)
     return {"seconds": len(script) * MS_PER_TOKEN / 1000,
@@ -171,7 +172,7 @@ def bench_drafts(model, timed, *, seconds: float, passes: dict) -> dict:
     rows = []
     for p in ACCURACIES:
         row = {"p": p}
-        for name, length in (("fixed", Fixed(model.runtime.max_draft)), ("adaptive", Adaptive())):
+        for name, length in (("fixed", Fixed(model.runtime.max_draft)), ("adaptive", Adaptive(row_cost=model.runtime.row_cost))):
             secs, tokens, n, s = _decode_file(model, pcm, Drafting(Oracle(truth, accuracy=p, vocab_size=vocab), length))
             if tokens != truth:
                 raise AssertionError(f"drafted decoding (p={p}, {name}) changed the tokens")

@@ -154,10 +154,12 @@ class _Scripted:
 class Replayer:
     """Replays scripts through streams of a Model on ``model``'s weights whose runtime scripts them."""
 
-    def __init__(self, model):
+    def __init__(self, model, *, row_cost: float | None = None):
         from voxlive.model import Model
 
         self._scripted = _Scripted(model.runtime)
+        if row_cost is not None:  # the drafts' length as on the runtime whose passes are costed
+            self._scripted.row_cost = row_cost
         self.model = Model(self._scripted, model.tokenizer, model.source)
 
     def rows(self, script: Sequence[int], *, chunk_seconds: float, delay_ms: int | None = None,

@@ -19,7 +19,9 @@ embeddings waiting for the decoder. The session layer (``voxlive.session``) driv
 (the ``_`` methods at the end). The attributes a runtime has: ``backend`` ("torch" | "mlx"),
 ``config``, ``device``, ``dtype``, ``quantize`` (None | "int8" | "int4" | "int6": the mode the
 weights are in, requested or read from a quantized checkpoint), ``kv_dtype`` ("bfloat16" or the
-activation dtype's name | "int8"), ``max_draft`` and ``pad_id``.
+activation dtype's name | "int8"), ``max_draft``, ``pad_id`` and ``row_cost`` (what each row of
+a decoder pass beyond the first costs, relative to a one-row pass: the drafts' adaptive length
+weighs acceptance against it).
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ import numpy as np
 
 from ..checkpoint import Checkpoint, CheckpointError
 from ..config import ModelConfig
+from ..drafts import ROW_COST
 from .pending import take_rows
 
 # Positions of one stream run through the decoder at most this many at a time (a long prompt or
@@ -98,6 +101,7 @@ class Runtime(Protocol):
     kv_dtype: str
     max_draft: int
     pad_id: int
+    row_cost: float
     encode_block_tokens: int
 
     def new_state(self, delay_tokens: int, *, position: int = 0) -> StreamState: ...
@@ -157,6 +161,7 @@ class BaseRuntime:
     """The contract written once; subclasses provide the tensor maths and the pools."""
 
     backend: str
+    row_cost: float = ROW_COST  # a backend that measured its kernels says better
 
     def _setup(self, config: ModelConfig, pad_id: int, max_draft: int | None) -> None:
         max_draft = MAX_DRAFT if max_draft is None else max_draft
