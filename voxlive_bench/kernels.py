@@ -29,7 +29,7 @@ from voxlive.testing import FULL
 _DIM, _HIDDEN = FULL["dim"], FULL["hidden_dim"]
 _Q, _KV = FULL["n_heads"] * FULL["head_dim"], FULL["n_kv_heads"] * FULL["head_dim"]
 SHAPES = [(_Q + 2 * _KV, _DIM), (_DIM, _Q), (2 * _HIDDEN, _DIM), (_DIM, _HIDDEN)]
-ROWS = (1, 2, 4, 8, 16)
+ROWS = (1, 2, 3, 4, 5, 8, 9, 12, 16)  # powers of two and between (a pass of the default 8 drafts is 9 rows)
 
 
 def matrices(layers: int, seed: int = 0) -> dict[str, list]:

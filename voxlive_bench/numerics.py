@@ -8,9 +8,10 @@
 ``VOXLIVE_BATCH_INVARIANT=0`` keeps (oneDNN GEMM, the pool's batched attention, conv1d) against the
 batch-invariant ones (AMX GEMM, voxlive's attention kernel, the stem as products), alternated, in
 ms per audio second scaled to 32 layers. ``rows``: a pass over one matrix for k rows in bf16, int8
-and int4, voxlive's kernels against PyTorch's. ``attention``: the pool's attention, kernel against
-batched matmuls. NT=1 (default) measures one thread's CPU time, which a machine shared with other
-work disturbs least; NT=2 wall time on two threads.
+and int4, voxlive's kernels against PyTorch's. ``attention``: the pool's attention, the vector
+kernel and (with AMX) the tile kernel against batched matmuls. NT=1 (default) measures one
+thread's CPU time, which a machine shared with other work disturbs least; NT=2 wall time on two
+threads.
 """
 
 import os
@@ -137,20 +138,24 @@ def attention(argv):
     g = torch.Generator().manual_seed(0)
     for spec in sys.argv[5:]:
         n, fill = (int(a) for a in spec.split(":"))
-        pool = KVPool(1, KVH, W, D, dtype=torch.bfloat16, device=torch.device("cpu"), extra=8)
+        pool = KVPool(1, KVH, W, D, dtype=torch.bfloat16, device=torch.device("cpu"), extra=8, amx=True)
+        paths = {"vector kernel": (True, False), "pool matmuls": (False, False)}
+        if pool.amx:
+            paths["AMX kernel"] = (True, True)
         slot = pool.acquire()
         pool.k.normal_(); pool.v.normal_()
         pool._length[slot] = fill; pool._ready[slot] = pool.capacity
         q = torch.randn(n, H, D, generator=g).bfloat16(); k = torch.randn(n, KVH, D, generator=g).bfloat16(); v = k.clone()
-        res = {True: [], False: []}
+        res = {name: [] for name in paths}
         for r in range(7):
-            for inv in (True, False):
-                ck._batch_invariant = inv
+            for name, (inv, amx) in paths.items():
+                ck._batch_invariant, pool.amx = inv, amx
                 step = pool.begin([slot], [n])
-                t = time.process_time(); pool.attend(0, step, q, k, v); res[inv].append(time.process_time() - t)
-        a, o = statistics.median(res[True]), statistics.median(res[False])
-        print(f"heads {H}/{KVH} d {D} window {W}: {n} queries after {fill} keys: kernel {a*1e3:.2f} ms, pool matmuls {o*1e3:.2f} ms, ratio {a/o:.2f}", flush=True)
-
+                t = time.process_time(); pool.attend(0, step, q, k, v); res[name].append(time.process_time() - t)
+        ms = {name: 1e3 * statistics.median(t) for name, t in res.items()}
+        print(f"heads {H}/{KVH} d {D} window {W}: {n} queries after {fill} keys: "
+              + ", ".join(f"{name} {t:.2f} ms" for name, t in ms.items())
+              + f"; vector kernel / AMX kernel {ms['vector kernel'] / ms['AMX kernel']:.2f}" * pool.amx, flush=True)
 
 if __name__ == "__main__":
     {"encoder": encoder, "rows": rows, "attention": attention}[sys.argv[1]](sys.argv[2:])
