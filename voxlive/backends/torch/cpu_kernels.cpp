@@ -78,10 +78,25 @@ struct Int16Rows {
   at::Tensor scale;  // [M] float32
 };
 
+// Each row x / scale rounded half to even, scale = max |x| / kInt16Max (at least 1e-30 / kInt16Max), in
+// one pass over the rows instead of a tensor op per step (which cost more than a decode pass's products).
 Int16Rows quantize_rows(const at::Tensor& x) {
-  at::Tensor xf = x.to(at::kFloat);
-  at::Tensor scale = xf.abs().amax(1).clamp_min(1e-30f) / kInt16Max;
-  return {(xf / scale.unsqueeze(1)).round_().to(at::kShort).contiguous(), scale.contiguous()};
+  const at::Tensor xf = x.to(at::kFloat).contiguous();
+  const int64_t M = xf.size(0), K = xf.size(1);
+  at::Tensor q = at::empty({M, K}, xf.options().dtype(at::kShort)), scale = at::empty({M}, xf.options());
+  const float* xp = xf.data_ptr<float>();
+  int16_t* qp = q.data_ptr<int16_t>();
+  for (int64_t m = 0; m < M; m++) {
+    const float* row = xp + m * K;
+    float top = 0;
+#pragma omp simd reduction(max : top)
+    for (int64_t k = 0; k < K; k++) top = std::max(top, std::fabs(row[k]));
+    const float s = std::max(top, 1e-30f) / kInt16Max;
+    scale.data_ptr<float>()[m] = s;
+#pragma omp simd
+    for (int64_t k = 0; k < K; k++) qp[m * K + k] = int16_t(std::rint(row[k] / s));
+  }
+  return {q, scale};
 }
 
 // Runs body(n, m0, rows) for every weight row n and every block of at most kRows activation rows,
@@ -674,13 +689,26 @@ at::Tensor linear_int4_amx(const at::Tensor& x_in, const at::Tensor& w, const at
   TORCH_CHECK(amx_permitted(), "linear_int4_amx: the kernel did not grant the AMX tile registers");
   Int16Rows x = quantize_rows(x_in);
   const int64_t Mb = (M + 15) / 16;
-  // the halves x = 256 hi + lo, [2, Mb * 16, K] with zero rows past M; each group's sum of activations
+  // the halves x = 256 hi + lo (hi = (x + 128) >> 8, floor division), [2, Mb * 16, K] with zero rows past
+  // M, and each group's sum of activations (exact: below 2^24), in one pass: as tensor ops they cost more
+  // than a pass of a few rows' products (measured: ~0.2 ms a call at 9 rows)
   at::Tensor halves = at::zeros({2, Mb * 16, K}, x_in.options().dtype(at::kChar));
-  at::Tensor hi = x.q.add(128).div(256, "floor");
-  halves[0].narrow(0, 0, M).copy_(hi);
-  halves[1].narrow(0, 0, M).copy_(x.q - hi * 256);
   at::Tensor xsum = at::zeros({Mb * 16, G}, x.scale.options());
-  xsum.narrow(0, 0, M).copy_(x.q.view({M, G, kGroup}).sum(-1, false, at::kFloat));
+  {
+    const int16_t* q = x.q.data_ptr<int16_t>();
+    int8_t *hi = halves.data_ptr<int8_t>(), *lo = hi + Mb * 16 * K;
+    float* sums = xsum.data_ptr<float>();
+    for (int64_t i = 0; i < M * G; i++) {
+      int32_t sum = 0;
+      for (int64_t k = i * kGroup; k < (i + 1) * kGroup; k++) {
+        const int v = q[k], h = (v + 128) >> 8;
+        hi[k] = int8_t(h);
+        lo[k] = int8_t(v - 256 * h);
+        sum += v;
+      }
+      sums[i] = float(sum);
+    }
+  }
   at::Tensor y = at::empty({M, N}, x.scale.options());
   auto wp = w.data_ptr<uint8_t>();
   auto szp = (const uint16_t*)sz.data_ptr();
