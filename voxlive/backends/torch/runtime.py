@@ -21,8 +21,8 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 # Each row of a decoder pass beyond the first, relative to a one-row pass, through the AMX kernels,
 # per weight format: fitted to the full-size model's pass costs for 1..9 rows on a 2-core CPU
-# (README, "Drafts, measured": 9 rows cost 1.01x one row in bf16, 1.20x in int8, 1.39x in int4).
-AMX_ROW_COST = {None: 0.01, "int8": 0.025, "int4": 0.05}
+# (README, "Drafts, measured": 9 rows cost 1.06x one row in bf16, 1.19x in int8, 1.26x in int4).
+AMX_ROW_COST = {None: 0.01, "int8": 0.025, "int4": 0.03}
 
 
 def pick_device(device: str | None) -> torch.device:
