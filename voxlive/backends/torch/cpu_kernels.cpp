@@ -86,13 +86,14 @@ Int16Rows quantize_rows(const at::Tensor& x) {
   at::Tensor q = at::empty({M, K}, xf.options().dtype(at::kShort)), scale = at::empty({M}, xf.options());
   const float* xp = xf.data_ptr<float>();
   int16_t* qp = q.data_ptr<int16_t>();
+  float* sp = scale.data_ptr<float>();
   for (int64_t m = 0; m < M; m++) {
     const float* row = xp + m * K;
     float top = 0;
 #pragma omp simd reduction(max : top)
     for (int64_t k = 0; k < K; k++) top = std::max(top, std::fabs(row[k]));
     const float s = std::max(top, 1e-30f) / kInt16Max;
-    scale.data_ptr<float>()[m] = s;
+    sp[m] = s;
 #pragma omp simd
     for (int64_t k = 0; k < K; k++) qp[m * K + k] = int16_t(std::rint(row[k] / s));
   }
@@ -109,15 +110,13 @@ void for_each_row(int64_t n_rows, int64_t m_rows, const Body& body) {
   });
 }
 
-// Calls f.template operator()<R>() with R = rows, a compile-time constant in 1..kRows.
-template <typename F>
+// Calls f.template operator()<R>() with R = rows, a compile-time constant in 1..Max (Max for more rows).
+template <int Max = kRows, int R = 1, typename F>
 void with_rows(int64_t rows, const F& f) {
-  switch (rows) {
-    case 1: f.template operator()<1>(); break;
-    case 2: f.template operator()<2>(); break;
-    case 3: f.template operator()<3>(); break;
-    default: f.template operator()<4>(); break;
+  if constexpr (R < Max) {
+    if (rows != R) return with_rows<Max, R + 1>(rows, f);
   }
+  f.template operator()<R>();
 }
 
 void check_matrix(const at::Tensor& x, const at::Tensor& w, int64_t k_per_row, int64_t k_multiple, const char* what) {
@@ -412,6 +411,9 @@ at::Tensor linear_bf16_amx(const at::Tensor& x_in, const at::Tensor& w, const c1
 // One tile of weights (16 rows x 64 inputs) meets up to 16 activation rows at once, so a pass of 1 to 16
 // rows reads the weights once at nearly the same cost.
 
+// hi of x = 256 hi + lo: the floor of (x + 128) / 256, so that lo is in [-128, 127].
+inline int high_half(int x) { return (x + 128) >> 8; }
+
 // x [M, K] -> its int16 quantization split into halves, packed as the tiles' B operand:
 // [Mb, K / 64, 2 (hi, lo), 16 input quads, 16 rows, 4], zero rows past M; and the per-row scales.
 struct Int8Halves {
@@ -428,7 +430,7 @@ Int8Halves int8_halves(const at::Tensor& x_in) {
   int8_t* t = tiles.data_ptr<int8_t>();
   for (int64_t m = 0; m < M; m++)
     for (int64_t k = 0; k < K; k++) {
-      const int v = q[m * K + k], hi = (v + 128) >> 8;
+      const int v = q[m * K + k], hi = high_half(v);
       int8_t* at = t + ((m / 16 * Kb + k / 64) * 2) * 1024 + (k % 64 / 4) * 64 + (m % 16) * 4 + k % 4;
       at[0] = int8_t(hi);
       at[1024] = int8_t(v - 256 * hi);
@@ -669,15 +671,6 @@ AMX_TARGET void int4_block(const uint8_t* w, const uint16_t* sz, const int8_t* x
 
 AMX_TARGET void configure_int4_tiles(int64_t rows) { _tile_loadconfig(&kInt4Tiles[rows - 1]); }
 
-// f.template operator()<R>() for R = rows (1 to 16), a compile-time count.
-template <int R = 1, class F>
-void with_int4_rows(int64_t rows, const F& f) {
-  if constexpr (R < 16) {
-    if (rows != R) return with_int4_rows<R + 1>(rows, f);
-  }
-  f.template operator()<R>();
-}
-
 at::Tensor linear_int4_amx(const at::Tensor& x_in, const at::Tensor& w, const at::Tensor& sz) {
   TORCH_CHECK(x_in.dim() == 2 && w.dim() == 4 && w.size(2) == 8 && w.size(3) == 64 && w.is_contiguous() &&
               w.scalar_type() == at::kByte, "linear_int4_amx: x [M, K] and a weight in tile order (int4_tiles)");
@@ -689,9 +682,9 @@ at::Tensor linear_int4_amx(const at::Tensor& x_in, const at::Tensor& w, const at
   TORCH_CHECK(amx_permitted(), "linear_int4_amx: the kernel did not grant the AMX tile registers");
   Int16Rows x = quantize_rows(x_in);
   const int64_t Mb = (M + 15) / 16;
-  // the halves x = 256 hi + lo (hi = (x + 128) >> 8, floor division), [2, Mb * 16, K] with zero rows past
-  // M, and each group's sum of activations (exact: below 2^24), in one pass: as tensor ops they cost more
-  // than a pass of a few rows' products (measured: ~0.2 ms a call at 9 rows)
+  // the halves x = 256 hi + lo (high_half), [2, Mb * 16, K] with zero rows past M, and each group's sum
+  // of activations (exact: below 2^24), in one pass: as tensor ops they cost more than a pass of a few
+  // rows' products (measured: ~0.2 ms a call at 9 rows)
   at::Tensor halves = at::zeros({2, Mb * 16, K}, x_in.options().dtype(at::kChar));
   at::Tensor xsum = at::zeros({Mb * 16, G}, x.scale.options());
   {
@@ -701,7 +694,7 @@ at::Tensor linear_int4_amx(const at::Tensor& x_in, const at::Tensor& w, const at
     for (int64_t i = 0; i < M * G; i++) {
       int32_t sum = 0;
       for (int64_t k = i * kGroup; k < (i + 1) * kGroup; k++) {
-        const int v = q[k], h = (v + 128) >> 8;
+        const int v = q[k], h = high_half(v);
         hi[k] = int8_t(h);
         lo[k] = int8_t(v - 256 * h);
         sum += v;
@@ -722,7 +715,7 @@ at::Tensor linear_int4_amx(const at::Tensor& x_in, const at::Tensor& w, const at
       const int64_t rows = std::min<int64_t>(16, M - mb * 16);
       configure_int4_tiles(rows);
       const int8_t* xh = hp + mb * 16 * K;
-      with_int4_rows(rows, [&]<int R>() {
+      with_rows<16>(rows, [&]<int R>() {
         for (int64_t nb = begin; nb < end; nb++)
           int4_block<R>(wp + nb * G * 512, szp + nb * G * 32, xh, xh + Mb * 16 * K, K, xsp + mb * 16 * G, xs + mb * 16,
                         G, rows, yp + mb * 16 * N + nb * 16, N);
