@@ -16,6 +16,7 @@ import voxlive
 from voxlive.backends.pool import KEY_BLOCK
 from voxlive.drafts import Adaptive, Bigrams, Drafting, Fallback, Fixed, Oracle, PadRuns
 from voxlive.session import decode_available, decode_step, encode_and_prefill
+from voxlive_bench.replay import Replayer
 
 DELAYS = (480, 160, 960)
 
@@ -260,14 +261,52 @@ def test_pad_runs_and_bigrams_guess_from_what_the_stream_said():
 
 def test_adaptive_length_follows_acceptance_and_cost():
     length = Adaptive(row_cost=0.25)
-    assert length.choose(16) > 0  # the prior is worth a try
+    assert length.choose(16, 5) > 0  # the prior is worth a try
     for _ in range(50):
-        length.update(length.choose(8), length.choose(8))  # every draft confirmed
-    assert length.choose(8) == 8 and length.choose(3) == 3
+        length.update(length.choose(8, 5), length.choose(8, 5), 5)  # every draft confirmed
+    assert length.choose(8, 5) == 8 and length.choose(3, 5) == 3
     for _ in range(200):
-        length.update(2, 0)  # every draft wrong
-    assert length.choose(8) == 0
+        length.update(2, 0, 5)  # every draft wrong
+    assert length.choose(8, 5) == 0
     for _ in range(100):
-        length.update(0, 0)  # no drafts: the estimate drifts back to the prior, and it tries again
-    assert length.choose(8) > 0
-    assert Adaptive(row_cost=10.0).choose(8) == 0  # rows too dear for any acceptance below 1
+        length.update(0, 0, 5)  # no drafts: the estimate drifts back to the prior, and it tries again
+    assert length.choose(8, 5) > 0
+    assert Adaptive(row_cost=10.0).choose(8, None) == 0  # rows too dear for any acceptance below 1
+
+
+def test_adaptive_length_learns_each_context_apart():
+    """Drafts after one token always confirmed, after another always wrong: the length is long after
+    the first and nothing after the second, and a context never seen takes the overall estimate."""
+    length = Adaptive(row_cost=0.1)
+    for _ in range(100):
+        length.update(length.choose(8, 32), length.choose(8, 32), 32)  # pads after a pad
+        length.update(length.choose(8, 33), 0, 33)  # a word after the word marker: never guessed
+    assert length.choose(8, 32) == 8
+    assert length.choose(8, 33) == 0
+    assert length.acceptance(7) == length.acceptance(None) < length.acceptance(32)  # the overall one
+
+
+def test_a_stream_stops_drafting_where_its_guesses_never_hold(varied_dir, monkeypatch):
+    """A stream whose every word marker is followed by a text token never said before (so never
+    guessed): once it has learnt that, it feeds at most one draft after the marker (now and then,
+    to try again), while it goes on drafting the pad runs; it emits its script (replayed through the
+    session as in the bench)."""
+    m = voxlive.load(varied_dir, dtype="float32", device="cpu")
+    pad, word, first = m.tokenizer.streaming_pad, m.tokenizer.streaming_word, m.tokenizer.num_special
+    script = []
+    for i in range(40):  # a word marker, a new text token, then pads
+        script += [word, first + i] + [pad] * 6
+    fed_after = []
+    update = Drafting.update
+
+    def watched(self, fed, accepted):
+        fed_after.append((self._after, fed))
+        update(self, fed, accepted)
+
+    monkeypatch.setattr(Drafting, "update", watched)
+    rows = Replayer(m, row_cost=0.1).rows(script, chunk_seconds=30.0)
+    after_word = [fed for after, fed in fed_after if after == word]
+    after_text = [fed for after, fed in fed_after if after is not None and after >= first]
+    assert len(after_word) >= 30 and after_word[0] > 1 and max(after_word[-20:]) <= 1
+    assert sum(after_text[-20:]) > 3 * 20  # each a new token, drafted by the overall estimate: pads
+    assert len(rows) < len(script) / 2  # drafting still pays where it can

@@ -15,7 +15,8 @@ feed). A new strategy is a new class:
 - ``Fallback``: the first drafter's guesses, else the second's;
 - ``Oracle``: known true tokens, each corrupted with a probability (tests and benchmarks);
 - ``Fixed`` and ``Adaptive`` lengths; ``Adaptive`` picks the length with the most expected tokens
-  per unit of pass cost, from the acceptance seen so far and a linear cost model.
+  per unit of pass cost, from the acceptance seen so far after the same token and a linear cost
+  model.
 """
 
 from __future__ import annotations
@@ -128,11 +129,13 @@ class Oracle:
 
 
 class DraftLength(Protocol):
-    def choose(self, room: int) -> int:
-        """How many drafts to feed this step, at most ``room``."""
+    def choose(self, room: int, after: int | None) -> int:
+        """How many drafts to feed this step, at most ``room``; ``after``: the stream's last token,
+        which the drafts follow."""
 
-    def update(self, fed: int, accepted: int) -> None:
-        """A step fed ``fed`` drafts (maybe 0) and the model confirmed the first ``accepted``."""
+    def update(self, fed: int, accepted: int, after: int | None) -> None:
+        """A step fed ``fed`` drafts (maybe 0) after ``after`` (None: it did not draft) and the model
+        confirmed the first ``accepted``."""
 
 
 class Fixed:
@@ -141,11 +144,27 @@ class Fixed:
     def __init__(self, n: int):
         self.n = n
 
-    def choose(self, room: int) -> int:
+    def choose(self, room: int, after: int | None) -> int:
         return min(self.n, room)
 
-    def update(self, fed: int, accepted: int) -> None:
+    def update(self, fed: int, accepted: int, after: int | None) -> None:
         pass
+
+
+class _Counts:
+    """Drafts confirmed and first misses, each observation decaying by ``decay`` per update."""
+
+    __slots__ = ("hits", "misses")
+
+    def __init__(self):
+        self.hits = self.misses = 0.0
+
+    def add(self, fed: int, accepted: int, decay: float) -> None:
+        self.hits = decay * self.hits + accepted
+        self.misses = decay * self.misses + (accepted < fed)
+
+    def rate(self, prior: float, weight: float) -> float:
+        return (self.hits + weight * prior) / (self.hits + self.misses + weight)
 
 
 class Adaptive:
@@ -153,24 +172,30 @@ class Adaptive:
 
     Each draft is taken as accepted with probability ``a`` given the ones before it were, so a pass
     of k drafts yields ``1 + a + ... + a**k`` tokens and costs ``1 + row_cost * k`` one-row passes.
-    ``a`` is estimated from the drafts seen so far, with a prior of ``prior`` (weight 2 drafts)
-    and every observation decaying by ``decay`` per step: a stream whose drafts stopped paying
-    stops drafting, then drifts back to the prior and tries again.
+    ``a`` is estimated per context, the token the drafts follow, because it differs by far between
+    contexts: after a pad the run of pads mostly goes on, after ``[STREAMING_WORD]`` comes a word
+    that is rarely guessed, so the same rows that pay after a pad are wasted there. A context's
+    estimate is its own drafts' outcome with the stream's overall estimate as prior (weight 2
+    drafts), which in turn starts from ``prior`` (weight 2 drafts); a context seen for the first
+    time gets the overall estimate. Every observation decays by ``decay`` per step of its context
+    (and of the whole stream, for the overall one): a context whose drafts stopped paying stops
+    drafting, then drifts back towards the overall estimate and tries again.
     """
 
     def __init__(self, *, row_cost: float = ROW_COST, prior: float = 0.75, decay: float = 0.95, most: int = 16):
         if row_cost < 0:
             raise ValueError(f"row_cost must be >= 0, got {row_cost}")
         self.row_cost, self.prior, self.decay, self.most = row_cost, prior, decay, most
-        self.hits = 0.0  # decayed counts of drafts confirmed ...
-        self.misses = 0.0  # ... and of first misses
+        self.overall = _Counts()
+        self.contexts: dict[int, _Counts] = {}  # one per token drafted after (at most the vocabulary)
 
-    @property
-    def acceptance(self) -> float:
-        return (self.hits + 2 * self.prior) / (self.hits + self.misses + 2)
+    def acceptance(self, after: int | None) -> float:
+        a = self.overall.rate(self.prior, 2)
+        context = self.contexts.get(after)
+        return context.rate(a, 2) if context is not None else a
 
-    def choose(self, room: int) -> int:
-        a = self.acceptance
+    def choose(self, room: int, after: int | None) -> int:
+        a = self.acceptance(after)
         best, best_rate, tokens = 0, 1.0, 1.0
         for k in range(1, min(room, self.most) + 1):
             tokens += a ** k
@@ -179,9 +204,10 @@ class Adaptive:
                 best, best_rate = k, rate
         return best
 
-    def update(self, fed: int, accepted: int) -> None:
-        self.hits = self.decay * self.hits + accepted
-        self.misses = self.decay * self.misses + (accepted < fed)
+    def update(self, fed: int, accepted: int, after: int | None) -> None:
+        self.overall.add(fed, accepted, self.decay)
+        if after is not None:
+            self.contexts.setdefault(after, _Counts()).add(fed, accepted, self.decay)
 
 
 class Drafting:
@@ -189,6 +215,8 @@ class Drafting:
 
     def __init__(self, drafter: Drafter, length: DraftLength):
         self.drafter, self.length = drafter, length
+        self.last: int | None = None  # the stream's last token
+        self._after: int | None = None  # the last token when this step drafted (None: it did not)
 
     @classmethod
     def default(cls, pad_id: int, *, row_cost: float = ROW_COST) -> Drafting:
@@ -197,10 +225,13 @@ class Drafting:
 
     def observe(self, token: int) -> None:
         self.drafter.observe(token)
+        self.last = token
 
     def draft(self, room: int) -> list[int]:
-        n = self.length.choose(room)
+        self._after = self.last
+        n = self.length.choose(room, self._after)
         return self.drafter.draft(n) if n else []
 
     def update(self, fed: int, accepted: int) -> None:
-        self.length.update(fed, accepted)
+        self.length.update(fed, accepted, self._after)
+        self._after = None
