@@ -5,7 +5,8 @@ Random matrices of the full-size decoder's shapes (wq|wk|wv 6144 x 3072, wo 3072
 18432 x 3072, w2 3072 x 9216) for ``--layers`` layers (4: 931 MB in bf16), in bf16, int8 and int4 as
 voxlive stores them; each pass multiplies every matrix by k rows, as a decode step of k positions does.
 Kernels: "rows" are the VNNI / BF16 kernels that take a few rows per pass over a weight row (what int8
-and int4 weights took before the AMX kernels, and still take without AMX), "AMX" the tile kernels.
+and int4 weights took before the AMX kernels, and still take without AMX), "AMX" the AMX path (tile
+kernels; int4's passes of up to 4 rows take vector products of the same tile order there).
 Everything is measured in one process, alternated round by round (the machine may be shared), and
 reported as the median over rounds: with ``--threads 1`` (the default) in one thread's CPU time, which
 other work on a shared machine disturbs least, else in wall time. The memory floor is the pass's
