@@ -297,13 +297,13 @@ def test_a_stream_stops_drafting_where_its_guesses_never_hold(varied_dir, monkey
     for i in range(40):  # a word marker, a new text token, then pads
         script += [word, first + i] + [pad] * 6
     fed_after = []
-    update = Drafting.update
+    update = Adaptive.update
 
-    def watched(self, fed, accepted):
-        fed_after.append((self._after, fed))
-        update(self, fed, accepted)
+    def watched(self, fed, accepted, after):
+        fed_after.append((after, fed))
+        update(self, fed, accepted, after)
 
-    monkeypatch.setattr(Drafting, "update", watched)
+    monkeypatch.setattr(Adaptive, "update", watched)
     rows = Replayer(m, row_cost=0.1).rows(script, chunk_seconds=30.0)
     after_word = [fed for after, fed in fed_after if after == word]
     after_text = [fed for after, fed in fed_after if after is not None and after >= first]

@@ -767,19 +767,16 @@ at::Tensor linear_int4_amx(const at::Tensor& x_in, const at::Tensor& w, const at
       // tiles of exactly the block's rows, and a code path for each count
       const int64_t rows = std::min<int64_t>(16, M - mb * 16);
       const int8_t* xh = hp + mb * 16 * K;
-      if (rows <= kInt4VnniRows) {
-        with_rows<kInt4VnniRows>(rows, [&]<int R>() {
-          for (int64_t nb = begin; nb < end; nb++)
-            int4_block_vnni<R>(wp + nb * G * 512, szp + nb * G * 32, xh, xh + Mb * 16 * K, K, xsp + mb * 16 * G,
-                               xs + mb * 16, G, rows, yp + mb * 16 * N + nb * 16, N);
-        });
-        continue;
-      }
-      configure_int4_tiles(rows);
+      if (rows > kInt4VnniRows) configure_int4_tiles(rows);
       with_rows<16>(rows, [&]<int R>() {
+        // few rows: vector products; more: tiles (only the one taken is instantiated)
+        constexpr auto block = [] {
+          if constexpr (R <= kInt4VnniRows) return &int4_block_vnni<R>;
+          else return &int4_block<R>;
+        }();
         for (int64_t nb = begin; nb < end; nb++)
-          int4_block<R>(wp + nb * G * 512, szp + nb * G * 32, xh, xh + Mb * 16 * K, K, xsp + mb * 16 * G, xs + mb * 16,
-                        G, rows, yp + mb * 16 * N + nb * 16, N);
+          block(wp + nb * G * 512, szp + nb * G * 32, xh, xh + Mb * 16 * K, K, xsp + mb * 16 * G, xs + mb * 16,
+                G, rows, yp + mb * 16 * N + nb * 16, N);
       });
     }
     release_tiles();

@@ -21,10 +21,10 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 # Each row of a decoder pass beyond the first, relative to a one-row pass, through the AMX kernels,
 # per weight format: fitted to the full-size model's pass costs for 1..9 rows on a 2-core CPU
-# (README, "Drafts, measured": 9 rows cost 1.06x one row in bf16, 1.19x in int8). int4's slope is
-# 0.07 since its one-row pass got faster (9 rows: 1.55x), but drafting by that slope costs more:
-# on the replayed speech, each pass at its measured cost, 0.03 takes 675 one-row passes' worth,
-# 0.07 721 and 0.01-0.02 686-700.
+# (README, "Drafts, measured": 9 rows cost 1.06-1.08x one row in bf16, 1.19x in int8). int4's
+# slope is 0.07 since its one-row pass got faster (9 rows: 1.55-1.57x), but drafting by that slope
+# costs more: on the replayed speech, each pass at its measured cost, 0.03 takes 675 one-row
+# passes' worth, 0.07 721 and 0.01-0.02 686-700.
 AMX_ROW_COST = {None: 0.01, "int8": 0.025, "int4": 0.03}
 
 
